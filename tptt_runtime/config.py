@@ -1,0 +1,90 @@
+"""TpttConfig: every knob of a LiZA conversion, validated once, saved as JSON beside the adapter.
+
+The config describes the *semantics* of the converted model (window, sinks, memory operator, mixing); it
+never names a device or a dtype. Equations for each field live in docs/math.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CONFIG_NAME = "tptt_config.json"
+
+GATE_SOURCES = ("k", "v", "kv", "c")
+TRICKS = ("derivative", "rotary", "combined")
+
+
+@dataclass
+class TpttConfig:
+    # softmax branch: the base model's attention over `sinks` first tokens + `window` most recent tokens
+    window: int = 64
+    sinks: int = 4
+    # Memory as Gate: o = (1 - mag_weight) * o_softmax + mag_weight * o_linear (+ cross term if cross_gate)
+    mag_weight: float = 0.0
+    cross_gate: bool = False
+    # linear branch: gated DeltaProduct with `order` Householder steps (virtual tokens) per token
+    order: int = 2
+    trick: str = "derivative"  # how the order-2 virtual tokens are made
+    beta_gate: str = "k"  # write strength from a causal mean pool of k / v / both through a sigmoid, c = 0.5
+    alpha_gate: str = "c"  # decay from the same pools, c = no decay
+    gate_pool: int = 3  # tokens in the causal mean pool of the gates
+    nonlinear_chunk: int = 0  # apply the state nonlinearity after every `nonlinear_chunk` absolute tokens; 0 = linear
+    chunk_size: int = 64  # tokens per chunk in the chunkwise prefill (a speed knob, never changes results)
+    # LoRA adapter on the shared projections (peft); empty target list = no adapter
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=list)
+    # where the weights of the base model came from (informational, part of the fingerprint)
+    base_model: str = ""
+
+    def __post_init__(self):
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
+        if self.sinks < 0:
+            raise ValueError(f"sinks must be >= 0, got {self.sinks}")
+        if not 0.0 <= self.mag_weight <= 1.0:
+            raise ValueError(f"mag_weight must be in [0, 1], got {self.mag_weight}")
+        if self.order not in (1, 2):
+            raise ValueError(f"order must be 1 or 2, got {self.order}")
+        if self.trick not in TRICKS:
+            raise ValueError(f"trick must be one of {TRICKS}, got {self.trick!r}")
+        for name in ("beta_gate", "alpha_gate"):
+            if getattr(self, name) not in GATE_SOURCES:
+                raise ValueError(f"{name} must be one of {GATE_SOURCES}, got {getattr(self, name)!r}")
+        if self.gate_pool < 1:
+            raise ValueError(f"gate_pool must be >= 1, got {self.gate_pool}")
+        if self.nonlinear_chunk < 0:
+            raise ValueError(f"nonlinear_chunk must be >= 0, got {self.nonlinear_chunk}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
+
+    def replace(self, **changes) -> "TpttConfig":
+        """A copy with `changes` applied (None values are ignored), validated again."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TpttConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown TpttConfig fields: {unknown}")
+        return cls(**data)
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / CONFIG_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "TpttConfig":
+        return cls.from_dict(json.loads((Path(directory) / CONFIG_NAME).read_text()))

@@ -1,0 +1,85 @@
+"""What the DeltaProduct memory reads from the shared projections: feature maps, virtual tokens and gates.
+
+Pure tensor functions. Each takes the carry it needs from earlier tokens explicitly (the previous token's
+key/value, the last `gate_pool - 1` gate inputs), so a sequence split into pieces gives the same result as the
+whole sequence. Equations: docs/math.md, section 2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def feature_map(x: torch.Tensor) -> torch.Tensor:
+    """q and k of the memory: L2 norm of SiLU, per head. x: [..., D]."""
+    return F.normalize(F.silu(x.float()), p=2, dim=-1, eps=1e-6)
+
+
+def _rotate_pairs(x: torch.Tensor, angle: float) -> torch.Tensor:
+    """Rotate channel pairs (0, 1), (2, 3), ... by `angle`; an odd last channel is left as is."""
+    if angle == 0.0:
+        return x
+    paired = x.shape[-1] // 2 * 2
+    even, odd = x[..., 0:paired:2], x[..., 1:paired:2]
+    cos, sin = math.cos(angle), math.sin(angle)
+    rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)
+    return torch.cat([rotated, x[..., paired:]], dim=-1)
+
+
+def expand_virtual(x: torch.Tensor, previous: torch.Tensor | None, order: int, trick: str) -> torch.Tensor:
+    """Make `order` virtual tokens per token. x: [B, H, T, D]; previous: [B, H, 1, D], the token before x[:, :, 0]
+    (None or zeros at the start of a sequence). Returns [B, H, T, order, D].
+
+    derivative: (x_t, x_t - x_{t-1});  rotary: (R(2 pi j / n) x_t)_j;  combined: their mean.
+    """
+    if order == 1:
+        return x.unsqueeze(3)
+    if trick == "derivative":
+        return _derivative(x, previous, order)
+    if trick == "rotary":
+        return _rotary(x, order)
+    if trick == "combined":
+        return 0.5 * (_derivative(x, previous, order) + _rotary(x, order))
+    raise ValueError(f"unknown virtual-token trick {trick!r}")
+
+
+def _derivative(x, previous, order):
+    if previous is None:
+        previous = torch.zeros_like(x[:, :, :1])
+    shifted = torch.cat([previous, x[:, :, :-1]], dim=2)
+    return torch.stack([x, x - shifted][:order], dim=3)
+
+
+def _rotary(x, order):
+    return torch.stack([_rotate_pairs(x, 2 * math.pi * j / order) for j in range(order)], dim=3)
+
+
+def causal_mean_pool(m: torch.Tensor, history: torch.Tensor, seen) -> torch.Tensor:
+    """Mean of m over the last `pool` tokens available (fewer at the start of a sequence).
+
+    m: [B, H, T] one value per token; history: [B, H, pool - 1], the values of the tokens before m (oldest
+    first, only the last min(seen, pool - 1) are real); seen: tokens before m[:, :, 0], an int or a [B] tensor.
+    """
+    pool = history.shape[-1] + 1
+    extended = torch.cat([history, m], dim=-1)  # [B, H, pool - 1 + T]
+    seen = torch.as_tensor(seen, device=m.device).reshape(-1, 1, 1)
+    first_real = pool - 1 - seen.clamp(max=pool - 1)  # [B or 1, 1, 1]
+    real = torch.arange(extended.shape[-1], device=m.device) >= first_real
+    sums = (extended * real).unfold(-1, pool, 1).sum(-1)  # [B, H, T]
+    counts = real.to(m.dtype).unfold(-1, pool, 1).sum(-1)
+    return sums / counts
+
+
+def gates(pooled_k: torch.Tensor, pooled_v: torch.Tensor, beta_gate: str, alpha_gate: str):
+    """beta (write strength) and g (log decay) from the pooled gate inputs, each [B, H, T]."""
+    log_sig = {"k": F.logsigmoid(pooled_k), "v": F.logsigmoid(pooled_v)}
+    log_sig["kv"] = log_sig["k"] + log_sig["v"]
+    if beta_gate == "c":
+        beta = torch.full_like(pooled_k, 0.5)
+    else:
+        beta = log_sig[beta_gate].exp()
+    g = torch.zeros_like(pooled_k) if alpha_gate == "c" else log_sig[alpha_gate]
+    return beta, g
