@@ -1,0 +1,166 @@
+"""LiZAttention: one attention layer of a converted model, the pretrained projections shared by two branches.
+
+    softmax branch  the base model's attention over sinks + window (ops/window_attention.py)
+    linear branch   gated DeltaProduct memory over the whole past (ops/delta_product.py)
+    Memory as Gate  o = (1 - mu) o_softmax + mu o_linear (+ (1 - mu) o_softmax * mu o_linear with cross_gate)
+
+The module replaces a Hugging Face attention module in place and keeps its projection submodules under the
+same names (q_proj, k_proj, v_proj, o_proj, q_norm, k_norm), so state dicts and LoRA targets are unchanged.
+Per-forward metadata (which session state, which positions) comes from a `ForwardContext` shared by all
+layers of one model, never through the Hugging Face call signature. Every tensor of a session lives in the
+layer's state dict, whose size is fixed at creation: nothing here grows with the context.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TpttConfig
+from ..ops import delta_product, memory_inputs
+from ..ops import window_attention as window_ops
+
+QUERY_BLOCK = 256  # queries per block in the windowed prefill
+
+
+@dataclass
+class ForwardContext:
+    """What every LiZA layer needs to know about the forward in flight (set by TitansModel around one call)."""
+
+    # per-layer state dicts with a leading batch dim, updated in place; None = stateless forward from token 0
+    layer_states: list[dict[str, torch.Tensor]] | None = None
+    # prefill: absolute position of the first new token (every row starts at the same position)
+    start: int = 0
+    # decode: [B] absolute position of the single new token of each row; None for a prefill
+    positions: torch.Tensor | None = None
+
+
+def _rotary_table(rotary: nn.Module, layer_type: str | None, size: int, like: torch.Tensor):
+    """cos, sin [size, D] for positions 0 .. size-1 from the base model's own rotary module (any rope type)."""
+    positions = torch.arange(size, device=like.device)[None]
+    if "layer_type" in inspect.signature(rotary.forward).parameters:
+        cos, sin = rotary(like, positions, layer_type)
+    else:
+        cos, sin = rotary(like, positions)
+    return cos[0].to(like.dtype), sin[0].to(like.dtype)
+
+
+def _last(history: torch.Tensor, new: torch.Tensor, keep: int) -> torch.Tensor:
+    """The last `keep` values of history followed by new, along the last dim."""
+    return torch.cat([history, new], dim=-1)[..., history.shape[-1] + new.shape[-1] - keep:]
+
+
+class LiZAttention(nn.Module):
+    def __init__(self, base: nn.Module, config: TpttConfig, layer_idx: int, rotary: nn.Module,
+                 context: ForwardContext):
+        super().__init__()
+        self.config, self.layer_idx, self.context = config, layer_idx, context
+        self._rotary = [rotary]  # a list: the model owns the module, we must not register it again
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = base.q_proj, base.k_proj, base.v_proj, base.o_proj
+        self.head_dim = base.head_dim
+        self.num_heads = base.q_proj.out_features // self.head_dim
+        self.num_kv_heads = base.k_proj.out_features // self.head_dim
+        self.scaling = base.scaling
+        base_config = getattr(base, "config", None)
+        self.clip_qkv = getattr(base_config, "clip_qkv", None)
+        self.softcap = getattr(base_config, "attn_logit_softcapping", None)
+        self.layer_type = getattr(base, "layer_type", None)
+        self.q_norm = getattr(base, "q_norm", None)
+        self.k_norm = getattr(base, "k_norm", None)
+        self.per_head_norm = self.q_norm is not None and self.q_norm.weight.numel() == self.head_dim
+        self._table = None
+
+    # ----------------------------------------------------------------------------------------------- state
+    def new_state(self, batch: int, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+        """Zeroed state of this layer for `batch` sessions; its size never changes afterwards."""
+        cfg, heads, dim = self.config, self.num_kv_heads, self.head_dim
+        state = window_ops.new_cache(batch, heads, dim, window=cfg.window, sinks=cfg.sinks, dtype=dtype,
+                                     device=device)
+        f32 = dict(dtype=torch.float32, device=device)
+        state["memory"] = torch.zeros(batch, heads, dim, dim, **f32)
+        state["prev_k"] = torch.zeros(batch, heads, 1, dim, **f32)  # last token's feature-mapped key
+        state["prev_v"] = torch.zeros(batch, heads, 1, dim, **f32)  # last token's value
+        state["gate_k"] = torch.zeros(batch, heads, cfg.gate_pool - 1, **f32)  # last gate inputs
+        state["gate_v"] = torch.zeros(batch, heads, cfg.gate_pool - 1, **f32)
+        return state
+
+    # ----------------------------------------------------------------------------------------------- forward
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        ctx = self.context
+        batch = hidden_states.shape[0]
+        if ctx.layer_states is None:
+            state = self.new_state(batch, hidden_states.dtype, hidden_states.device)
+        else:
+            state = ctx.layer_states[self.layer_idx]
+        q, k, v = self._project(hidden_states)  # q: [B, Hq, T, D]; k, v: [B, Hkv, T, D], before rotary
+        softmax_out = self._softmax_branch(q, k, v, state, ctx)
+        linear_out = self._memory_branch(q, k, v, state, ctx)
+        return self._mix(softmax_out, linear_out), None
+
+    def _project(self, x: torch.Tensor):
+        batch, seq_len, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.q_norm is not None and not self.per_head_norm:  # OLMo2 / OLMoE: norm over all heads
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:  # OLMo / OLMoE
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q, k, v = (t.view(batch, seq_len, -1, self.head_dim) for t in (q, k, v))
+        if self.per_head_norm:  # Qwen3 / Gemma3: norm per head
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _rotary_tables(self, like: torch.Tensor):
+        size = self.config.sinks + self.config.window + QUERY_BLOCK
+        table = self._table
+        if table is None or table[0].device != like.device or table[0].dtype != like.dtype:
+            table = self._table = _rotary_table(self._rotary[0], self.layer_type, size, like)
+        return table
+
+    def _softmax_branch(self, q, k, v, state, ctx: ForwardContext):
+        cos, sin = self._rotary_tables(q)
+        kw = dict(window=self.config.window, sinks=self.config.sinks, scaling=self.scaling, cos=cos, sin=sin,
+                  softcap=self.softcap)
+        if ctx.positions is not None:
+            return window_ops.decode(q, k, v, state, ctx.positions, **kw)
+        return window_ops.prefill(q, k, v, state, ctx.start, block=QUERY_BLOCK, **kw)
+
+    def _memory_branch(self, q, k, v, state, ctx: ForwardContext):
+        cfg = self.config
+        seen = ctx.positions if ctx.positions is not None else ctx.start
+        gate_in_k, gate_in_v = k.float().mean(-1), v.float().mean(-1)  # [B, Hkv, T]
+        pooled_k = memory_inputs.causal_mean_pool(gate_in_k, state["gate_k"], seen)
+        pooled_v = memory_inputs.causal_mean_pool(gate_in_v, state["gate_v"], seen)
+        beta, g = memory_inputs.gates(pooled_k, pooled_v, cfg.beta_gate, cfg.alpha_gate)
+        state["gate_k"] = _last(state["gate_k"], gate_in_k, cfg.gate_pool - 1)
+        state["gate_v"] = _last(state["gate_v"], gate_in_v, cfg.gate_pool - 1)
+
+        q_mem, k_mem, v = memory_inputs.feature_map(q), memory_inputs.feature_map(k), v.float()
+        k_virtual = F.normalize(memory_inputs.expand_virtual(k_mem, state["prev_k"], cfg.order, cfg.trick), dim=-1,
+                                eps=1e-6)
+        v_virtual = memory_inputs.expand_virtual(v, state["prev_v"], cfg.order, cfg.trick)
+        state["prev_k"], state["prev_v"] = k_mem[:, :, -1:], v[:, :, -1:]
+        beta = beta.unsqueeze(-1).expand(*beta.shape, cfg.order)
+        if ctx.positions is not None:
+            out, state["memory"] = delta_product.recurrent_step(
+                q_mem, k_virtual, v_virtual, beta, g, state["memory"], ctx.positions, cfg.nonlinear_chunk)
+        else:
+            out, state["memory"] = delta_product.chunk(
+                q_mem, k_virtual, v_virtual, beta, g, state["memory"], True, cfg.chunk_size, cfg.nonlinear_chunk,
+                offset=ctx.start)
+        return out
+
+    def _mix(self, softmax_out: torch.Tensor, linear_out: torch.Tensor) -> torch.Tensor:
+        batch, heads, seq_len, dim = softmax_out.shape
+        softmax_out = softmax_out.transpose(1, 2).reshape(batch, seq_len, heads * dim)
+        linear_out = linear_out.transpose(1, 2).reshape(batch, seq_len, heads * dim)
+        linear_out = (linear_out * torch.rsqrt(linear_out.pow(2).mean(-1, keepdim=True) + 1e-6))
+        linear_out = linear_out.to(softmax_out.dtype)
+        mu = self.config.mag_weight
+        if not self.config.cross_gate:
+            return self.o_proj((1 - mu) * softmax_out + mu * linear_out)
+        softmax_part, linear_part = (1 - mu) * self.o_proj(softmax_out), mu * self.o_proj(linear_out)
+        return softmax_part + linear_part + softmax_part * linear_part

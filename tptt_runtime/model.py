@@ -1,0 +1,127 @@
+"""TitansModel: a Hugging Face causal LM with LiZA layers, driven over SessionStates by token ids.
+
+    prefill(state, ids)      feed tokens (chunked), return the logits of the last one
+    step(state, token_id)    one decode token
+    decode(states, ids)      one decode token for each of several sessions, in one batched forward
+    forward_full(ids)        all logits of a sequence, no state: the reference semantics
+
+Invariant: for any split of a sequence into prefill pieces and decode steps, the logits equal forward_full's.
+The model knows token ids, never text or HTTP. The Hugging Face model runs its own embeddings, decoder layers
+(MLPs, experts, norms) and head; every attention layer reads its session tensors from the ForwardContext.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+from .config import TpttConfig
+from .convert import inject_liza
+from .layers.liza import ForwardContext
+from .state import SessionState
+
+PREFILL_CHUNK = 2048  # tokens per forward in prefill: bounds activation memory whatever the prompt length
+
+
+class TitansModel:
+    def __init__(self, hf_model: nn.Module, config: TpttConfig, tokenizer=None, name: str = ""):
+        self.hf = hf_model.eval()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.name = name or config.base_model
+        self.context = ForwardContext()
+        self.layers = inject_liza(hf_model, config, self.context)
+        self.vocab_size = hf_model.get_output_embeddings().weight.shape[0]
+        self.fingerprint = fingerprint(hf_model, config)
+
+    @property
+    def device(self) -> torch.device:
+        return self.hf.get_output_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.hf.get_output_embeddings().weight.dtype
+
+    def refresh_fingerprint(self) -> None:
+        """Call after changing weights in place (training): states of the old weights stop being accepted."""
+        self.fingerprint = fingerprint(self.hf, self.config)
+
+    # ------------------------------------------------------------------------------------------ sessions
+    def new_session(self) -> SessionState:
+        layers = [layer.new_state(1, self.dtype, self.device) for layer in self.layers]
+        return SessionState(layers, self.fingerprint)
+
+    def _check(self, state: SessionState) -> None:
+        if state.fingerprint != self.fingerprint:
+            raise ValueError(f"session state was made by model {state.fingerprint[:12]}, "
+                             f"not by this model ({self.fingerprint[:12]})")
+
+    def _ids(self, ids) -> torch.Tensor:
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        if ids.numel() == 0:
+            raise ValueError("no tokens given")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.vocab_size}), got [{int(ids.min())}, {int(ids.max())}]")
+        return ids.to(self.device)
+
+    # ------------------------------------------------------------------------------------------ forwards
+    def _forward(self, ids: torch.Tensor, layer_states, start: int = 0, positions=None, last_only=True):
+        """ids: [B, T]. Sets the context for the LiZA layers around one Hugging Face forward."""
+        self.context.layer_states, self.context.start, self.context.positions = layer_states, start, positions
+        try:
+            out = self.hf(input_ids=ids, use_cache=False, logits_to_keep=1 if last_only else 0)
+        finally:
+            self.context.layer_states, self.context.start, self.context.positions = None, 0, None
+        return out.logits
+
+    @torch.inference_mode()
+    def prefill(self, state: SessionState, ids) -> torch.Tensor:
+        """Feed `ids` to the session; returns the float32 logits [vocab] after the last one."""
+        self._check(state)
+        ids = self._ids(ids)
+        for piece in ids.split(PREFILL_CHUNK):
+            logits = self._forward(piece[None], state.layers, start=state.num_tokens)
+            state.num_tokens += piece.numel()
+        return logits[0, -1].float()
+
+    def step(self, state: SessionState, token_id: int) -> torch.Tensor:
+        """One decode token; returns the float32 logits [vocab] after it."""
+        return self.decode([state], [token_id])[0]
+
+    @torch.inference_mode()
+    def decode(self, states: list[SessionState], token_ids) -> torch.Tensor:
+        """One token for each session in one batched forward (sessions may sit at different positions).
+        Returns float32 logits [len(states), vocab]; each state advances by one token."""
+        for state in states:
+            self._check(state)
+        ids = self._ids(token_ids)
+        if ids.numel() != len(states):
+            raise ValueError(f"{len(states)} sessions but {ids.numel()} tokens")
+        batched = [{name: torch.cat([s.layers[i][name] for s in states]) for name in layer}
+                   for i, layer in enumerate(states[0].layers)] if len(states) > 1 else states[0].layers
+        positions = torch.tensor([s.num_tokens for s in states], device=self.device)
+        logits = self._forward(ids[:, None], batched, positions=positions)
+        for row, state in enumerate(states):
+            if len(states) > 1:
+                state.layers = [{name: t[row:row + 1] for name, t in layer.items()} for layer in batched]
+            state.num_tokens += 1
+        return logits[:, -1].float()
+
+    @torch.inference_mode()
+    def forward_full(self, ids) -> torch.Tensor:
+        """Logits [T, vocab] (float32) of a whole sequence from an empty state: the reference semantics."""
+        return self._forward(self._ids(ids)[None], None, last_only=False)[0].float()
+
+
+def fingerprint(model: nn.Module, config: TpttConfig) -> str:
+    """Identity of weights + adapter + config: sha256 over the config and a fixed strided sample of every
+    parameter's bytes (deterministic across processes and machines, ~10 ms for a 135M model)."""
+    digest = hashlib.sha256(repr(sorted(config.to_dict().items())).encode())
+    for name, param in sorted(model.state_dict().items()):
+        flat = param.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().contiguous()
+        digest.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
