@@ -110,13 +110,17 @@ def load(source: str | Path = "default", *, base: str | Path | None = None, wind
 
     base_dir = _base_directory(base)
     hf_model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir) if _has_tokenizer(base_dir) else None
     model = TitansModel(hf_model, config, tokenizer=tokenizer, name=str(source))
     if adapter_dir is not None:
         _apply_adapter(model, adapter_dir, upstream)
     model.hf.to(device=device, dtype=dtype)
     model.refresh_fingerprint()
     return model
+
+
+def _has_tokenizer(directory: Path) -> bool:
+    return any((directory / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
 
 
 def _apply_adapter(model: TitansModel, directory: Path, upstream: bool) -> None:
