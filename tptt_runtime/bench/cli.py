@@ -1,0 +1,28 @@
+"""`tptt-bench`: benchmarks that always run our runtime and the baseline side by side and report ratios."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="tptt-bench", description=__doc__)
+    sub = parser.add_subparsers(dest="bench", required=True)
+    runtime = sub.add_parser("runtime", help="prefill / decode / memory vs Hugging Face with a full KV cache")
+    runtime.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192, 16384, 32768])
+    runtime.add_argument("--baseline-max", type=int, default=16384,
+                         help="run the baseline only up to this context (it is quadratic)")
+    runtime.add_argument("--decode-tokens", type=int, default=16)
+    runtime.add_argument("--mag-weight", type=float, default=0.5,
+                         help="memory weight; > 0 so the DeltaProduct branch is measured even before training")
+    runtime.add_argument("--out", type=Path, default=Path("bench-results"))
+    args = parser.parse_args(argv)
+    if args.bench == "runtime":
+        from .runtime import run
+
+        run(sorted(args.contexts), args.baseline_max, args.decode_tokens, args.mag_weight, args.out)
+
+
+if __name__ == "__main__":
+    main()
