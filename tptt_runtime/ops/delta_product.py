@@ -40,20 +40,27 @@ def _initial(state: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor) -> to
     return state.float()
 
 
+def _token_update(state, k, v, beta, g):
+    """One token: decay, then its Householder steps. state: [B, Hkv, K, V]; k: [B, Hkv, n, K]; v: [B, Hkv, n, V];
+    beta: [B, Hkv, n]; g: [B, Hkv]."""
+    state = state * g.float().exp()[..., None, None]
+    for j in range(k.shape[2]):
+        key, value = k[:, :, j].float(), v[:, :, j].float()  # [B, Hkv, K], [B, Hkv, V]
+        predicted = torch.einsum("bhk,bhkv->bhv", key, state)
+        write = beta[:, :, j].float()[..., None] * (value - predicted)
+        state = state + torch.einsum("bhk,bhv->bhkv", key, write)
+    return state
+
+
 def naive_recurrent(q, k, v, beta, g, initial_state=None, output_final_state=False, nonlinear_chunk=0, offset=0):
     """The reference: one token, one Householder step at a time. Slow and obviously correct."""
-    batch, kv_heads, seq_len, order, _ = k.shape
+    batch, kv_heads, seq_len, _, _ = k.shape
     groups = q.shape[1] // kv_heads
     state = _initial(initial_state, k, v).clone()
     q = q.float().reshape(batch, kv_heads, groups, seq_len, -1)
     out = q.new_empty(batch, kv_heads, groups, seq_len, v.shape[-1])
     for t in range(seq_len):
-        state = state * g[:, :, t].float().exp()[..., None, None]
-        for j in range(order):
-            key, value = k[:, :, t, j].float(), v[:, :, t, j].float()  # [B, Hkv, K], [B, Hkv, V]
-            predicted = torch.einsum("bhk,bhkv->bhv", key, state)
-            write = beta[:, :, t, j].float()[..., None] * (value - predicted)
-            state = state + torch.einsum("bhk,bhv->bhkv", key, write)
+        state = _token_update(state, k[:, :, t], v[:, :, t], beta[:, :, t], g[:, :, t])
         out[:, :, :, t] = torch.einsum("bhgk,bhkv->bhgv", q[:, :, :, t], state)
         if nonlinear_chunk and (offset + t + 1) % nonlinear_chunk == 0:
             state = memory_nonlinearity(state)
@@ -66,14 +73,9 @@ def recurrent_step(q, k, v, beta, g, initial_state, positions, nonlinear_chunk=0
     Returns (o [B, Hq, 1, V], new state). Rows may sit at different positions: the nonlinearity is applied
     per row with a mask, without a host synchronisation.
     """
-    batch, kv_heads, _, order, _ = k.shape
+    batch, kv_heads = k.shape[:2]
     groups = q.shape[1] // kv_heads
-    state = initial_state.float() * g[:, :, 0].float().exp()[..., None, None]
-    for j in range(order):
-        key, value = k[:, :, 0, j].float(), v[:, :, 0, j].float()
-        predicted = torch.einsum("bhk,bhkv->bhv", key, state)
-        write = beta[:, :, 0, j].float()[..., None] * (value - predicted)
-        state = state + torch.einsum("bhk,bhv->bhkv", key, write)
+    state = _token_update(initial_state.float(), k[:, :, 0], v[:, :, 0], beta[:, :, 0], g[:, :, 0])
     query = q.float().reshape(batch, kv_heads, groups, -1)
     out = torch.einsum("bhgk,bhkv->bhgv", query, state).reshape(batch, kv_heads * groups, 1, -1)
     if nonlinear_chunk:
