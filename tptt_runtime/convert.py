@@ -38,7 +38,7 @@ def _is_attention(module: nn.Module) -> bool:
 def find_attention_modules(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
     """(parent, attribute name, module) of every attention module, in layer order."""
     found = []
-    for parent_name, parent in model.named_modules():
+    for parent in model.modules():
         for name, child in parent.named_children():
             if _is_attention(child) and not isinstance(child, LiZAttention):
                 found.append((parent, name, child))

@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from . import adapters
@@ -87,6 +88,12 @@ def _base_directory(source: str | Path) -> Path:
     return path
 
 
+def load_base_model(source: str | Path = "default") -> nn.Module:
+    """The unconverted Hugging Face model behind `source` ("default", a .gguf file or a model directory),
+    float32, eval mode: the baseline our runtime is compared with."""
+    return AutoModelForCausalLM.from_pretrained(_base_directory(source), dtype=torch.float32).eval()
+
+
 def load(source: str | Path = "default", *, base: str | Path | None = None, window: int | None = None,
          sinks: int | None = None, mag_weight: float | None = None, device: str | torch.device = "cpu",
          dtype: torch.dtype = torch.float32) -> TitansModel:
@@ -109,7 +116,7 @@ def load(source: str | Path = "default", *, base: str | Path | None = None, wind
     config = config.replace(window=window, sinks=sinks, mag_weight=mag_weight)
 
     base_dir = _base_directory(base)
-    hf_model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    hf_model = load_base_model(base_dir)
     tokenizer = AutoTokenizer.from_pretrained(base_dir) if _has_tokenizer(base_dir) else None
     model = TitansModel(hf_model, config, tokenizer=tokenizer, name=str(source))
     if adapter_dir is not None:

@@ -20,7 +20,7 @@ from torch import nn
 from .config import TpttConfig
 from .convert import inject_liza
 from .layers.liza import ForwardContext
-from .state import SessionState
+from .state import SessionState, check_fingerprint
 
 PREFILL_CHUNK = 2048  # tokens per forward in prefill: bounds activation memory whatever the prompt length
 
@@ -54,9 +54,7 @@ class TitansModel:
         return SessionState(layers, self.fingerprint)
 
     def _check(self, state: SessionState) -> None:
-        if state.fingerprint != self.fingerprint:
-            raise ValueError(f"session state was made by model {state.fingerprint[:12]}, "
-                             f"not by this model ({self.fingerprint[:12]})")
+        check_fingerprint(state.fingerprint, self.fingerprint)
 
     def _ids(self, ids) -> torch.Tensor:
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)

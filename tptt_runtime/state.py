@@ -46,9 +46,8 @@ class SessionState:
     def from_bytes(cls, data: bytes, expected_fingerprint: str | None = None) -> "SessionState":
         """Parse a serialized state; with `expected_fingerprint`, refuse one made by another model."""
         metadata, tensors = _parse(data)
-        if expected_fingerprint is not None and metadata["fingerprint"] != expected_fingerprint:
-            raise ValueError(f"session state was made by model {metadata['fingerprint'][:12]}, "
-                             f"not by this model ({expected_fingerprint[:12]})")
+        if expected_fingerprint is not None:
+            check_fingerprint(metadata["fingerprint"], expected_fingerprint)
         layers: list[dict[str, torch.Tensor]] = [{} for _ in range(int(metadata["num_layers"]))]
         for key, tensor in tensors.items():
             index, name = key.split(".", 1)
@@ -57,6 +56,13 @@ class SessionState:
 
     def __repr__(self) -> str:
         return f"SessionState(num_tokens={self.num_tokens}, nbytes={self.nbytes}, layers={len(self.layers)})"
+
+
+def check_fingerprint(state_fingerprint: str, model_fingerprint: str) -> None:
+    """Refuse a state made by another model (weights, adapter or config)."""
+    if state_fingerprint != model_fingerprint:
+        raise ValueError(f"session state was made by model {state_fingerprint[:12]}, "
+                         f"not by this model ({model_fingerprint[:12]})")
 
 
 def _parse(data: bytes) -> tuple[dict[str, str], dict[str, torch.Tensor]]:

@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 import tptt_runtime as tr
-from tptt_runtime.loading import default_gguf, dequantized_gguf
+from tptt_runtime.loading import load_base_model
 
 
 def chat_ids(model, text):
@@ -14,7 +13,7 @@ def chat_ids(model, text):
 
 
 def test_memory_off_and_wide_window_is_the_base_model(default_model):
-    base = AutoModelForCausalLM.from_pretrained(dequantized_gguf(default_gguf()), dtype=torch.float32).eval()
+    base = load_base_model("default")
     wide = tr.load("default", window=256, sinks=0, mag_weight=0.0)
     ids = torch.tensor(chat_ids(default_model, "Tell me about the moon landing in a few sentences."))
     with torch.inference_mode():

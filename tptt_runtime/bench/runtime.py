@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import DynamicCache
 
-from ..loading import default_gguf, dequantized_gguf, load
+from ..loading import load, load_base_model
 
 
 def _timed(fn):
@@ -56,7 +56,7 @@ def measure_baseline(hf_model, prompt: torch.Tensor, decode_tokens: int) -> dict
 def run(contexts: list[int], ours_only_above: int, decode_tokens: int, mag_weight: float, out_dir: Path) -> dict:
     torch.manual_seed(0)
     ours = load("default", mag_weight=mag_weight)
-    baseline = AutoModelForCausalLM.from_pretrained(dequantized_gguf(default_gguf()), dtype=torch.float32).eval()
+    baseline = load_base_model("default")
     rows = []
     for context in tqdm(contexts, desc="contexts"):
         prompt = torch.randint(3, ours.vocab_size, (context,))
@@ -77,12 +77,11 @@ def run(contexts: list[int], ours_only_above: int, decode_tokens: int, mag_weigh
 
 
 def ratios(rows: list[dict]) -> dict:
-    by_context = {row["context"]: row for row in rows}
     out = {}
-    for context, row in by_context.items():
+    for row in rows:
         if "baseline" in row:
             ours, base = row["ours"], row["baseline"]
-            out[f"{context}"] = {"memory_ours_over_baseline": ours["state_bytes"] / base["state_bytes"],
+            out[str(row["context"])] = {"memory_ours_over_baseline": ours["state_bytes"] / base["state_bytes"],
                                  "decode_ours_over_baseline": ours["decode_ms"] / base["decode_ms"],
                                  "prefill_ours_over_baseline": ours["prefill_tok_s"] / base["prefill_tok_s"]}
     first, last = rows[0]["ours"], rows[-1]["ours"]
