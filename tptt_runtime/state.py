@@ -36,16 +36,18 @@ class SessionState:
         layers = [{name: t.clone() for name, t in layer.items()} for layer in self.layers]
         return SessionState(layers, self.fingerprint, self.num_tokens)
 
-    def to_bytes(self) -> bytes:
+    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Flat tensors ("<layer>.<name>") and string metadata: the serialized form before encoding."""
         tensors = {f"{i}.{name}": t.contiguous() for i, layer in enumerate(self.layers) for name, t in layer.items()}
         metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "fingerprint": self.fingerprint,
                     "num_tokens": str(self.num_tokens), "num_layers": str(len(self.layers))}
-        return save_tensors(tensors, metadata=metadata)
+        return tensors, metadata
 
     @classmethod
-    def from_bytes(cls, data: bytes, expected_fingerprint: str | None = None) -> "SessionState":
-        """Parse a serialized state; with `expected_fingerprint`, refuse one made by another model."""
-        metadata, tensors = _parse(data)
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                     expected_fingerprint: str | None = None) -> "SessionState":
+        """Inverse of to_tensors; with `expected_fingerprint`, refuse a state made by another model."""
+        _check_format(metadata)
         if expected_fingerprint is not None:
             check_fingerprint(metadata["fingerprint"], expected_fingerprint)
         layers: list[dict[str, torch.Tensor]] = [{} for _ in range(int(metadata["num_layers"]))]
@@ -53,6 +55,16 @@ class SessionState:
             index, name = key.split(".", 1)
             layers[int(index)][name] = tensor
         return cls(layers, metadata["fingerprint"], int(metadata["num_tokens"]))
+
+    def to_bytes(self) -> bytes:
+        tensors, metadata = self.to_tensors()
+        return save_tensors(tensors, metadata=metadata)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, expected_fingerprint: str | None = None) -> "SessionState":
+        """Parse a serialized state; with `expected_fingerprint`, refuse one made by another model."""
+        metadata, tensors = _parse(data)
+        return cls.from_tensors(tensors, metadata, expected_fingerprint)
 
     def __repr__(self) -> str:
         return f"SessionState(num_tokens={self.num_tokens}, nbytes={self.nbytes}, layers={len(self.layers)})"
@@ -73,9 +85,12 @@ def _parse(data: bytes) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
         tensors = load_tensors(data)
     except (struct.error, ValueError, UnicodeDecodeError, SafetensorError) as error:
         raise ValueError(f"not a TPTT session state ({error})") from None
+    return metadata, tensors
+
+
+def _check_format(metadata: dict[str, str]) -> None:
     if metadata.get("format") != FORMAT:
         raise ValueError("not a TPTT session state (missing format marker)")
     if metadata.get("format_version") != str(FORMAT_VERSION):
         raise ValueError(f"session state format version {metadata.get('format_version')} is not supported "
                          f"(this runtime reads version {FORMAT_VERSION})")
-    return metadata, tensors

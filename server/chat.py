@@ -1,0 +1,75 @@
+"""POST /v1/chat/completions: messages -> the tokenizer's chat template -> engine -> OpenAI chat JSON / SSE."""
+
+from __future__ import annotations
+
+import time
+
+from .errors import APIError
+from .generation import (Choice, Job, chat_messages, check_failed, close_session, json_response, new_choices,
+                         new_id, open_session, render_chat, run, sampling_params, sse, stream_response, usage)
+from .protocol import ChatCompletionRequest
+
+
+async def create_chat_completion(ctx, body: ChatCompletionRequest, owner: str, session_header: str | None):
+    if body.top_logprobs and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+    session = open_session(ctx, body, session_header, owner, kind="chat")
+    messages = (session.messages if session else []) + chat_messages(body.messages)
+    prompt_ids = render_chat(ctx.tokenizer, messages, body)
+    max_tokens = body.max_completion_tokens or body.max_tokens or ctx.settings.max_tokens_limit
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    params = [[sampling_params(body, ctx, max_tokens, i, logprobs) for i in range(body.n)]]
+    job = Job(new_id("chatcmpl"), [prompt_ids], params, owner, session, messages)
+    if body.stream:
+        ctx.check_capacity(body.n)
+        return stream_response(stream_chat(ctx, job, body))
+    choices = new_choices(job)
+    async for index, output in run(ctx, job):
+        check_failed(output)
+        choices[index].add(output)
+    close_session(ctx, job, choices[0])
+    return json_response({
+        "id": job.request_id, "object": "chat.completion", "created": int(time.time()), "model": ctx.model_name,
+        "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                     "logprobs": chat_logprobs(ctx, c.logprobs) if body.logprobs else None,
+                     "finish_reason": c.finish_reason} for c in choices],
+        "usage": usage(choices, job)})
+
+
+def chat_logprobs(ctx, entries) -> dict:
+    def item(token_id: int, logprob: float) -> dict:
+        text = ctx.token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {"content": [{**item(e.token_id, e.logprob),
+                         "top_logprobs": [item(t, lp) for t, lp in e.top.items()]} for e in entries]}
+
+
+async def stream_chat(ctx, job: Job, body: ChatCompletionRequest):
+    choices: list[Choice] = new_choices(job)
+    created = int(time.time())
+
+    def chunk(choice_list: list[dict], **extra) -> dict:
+        return sse({"id": job.request_id, "object": "chat.completion.chunk", "created": created,
+                    "model": ctx.model_name, "choices": choice_list, **extra})
+
+    try:
+        for c in choices:
+            yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}])
+        async for index, output in run(ctx, job):
+            check_failed(output)
+            choices[index].add(output)
+            logprobs = chat_logprobs(ctx, output.logprobs) if body.logprobs and output.logprobs else None
+            if output.text or logprobs:
+                yield chunk([{"index": index, "delta": {"content": output.text}, "logprobs": logprobs,
+                              "finish_reason": None}])
+            if output.finish_reason:
+                yield chunk([{"index": index, "delta": {}, "logprobs": None,
+                              "finish_reason": output.finish_reason}])
+        close_session(ctx, job, choices[0])
+        if body.stream_options and body.stream_options.include_usage:
+            yield chunk([], usage=usage(choices, job))
+    except APIError as error:
+        yield sse(error.body())
+    yield {"data": "[DONE]"}

@@ -1,0 +1,30 @@
+"""`tptt-serve` (also `python -m server`): settings -> model -> app -> uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import torch
+import uvicorn
+
+import tptt_runtime as tr
+
+from .app import create_app
+from .settings import Settings
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        settings = Settings.from_args(argv)
+    except ValueError as error:
+        sys.exit(f"tptt-serve: {error}")
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("tptt-serve").info("loading %s", settings.model)
+    try:
+        model = tr.load(settings.model, device=settings.device, dtype=getattr(torch, settings.dtype))
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"tptt-serve: cannot load {settings.model!r}: {error}")
+    app = create_app(settings, model)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=5)

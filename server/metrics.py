@@ -1,0 +1,100 @@
+"""Prometheus metrics (prefix `tptt_`): vLLM-like request metrics plus what a constant-size state makes visible.
+
+Gauges are read from the engine's stats at scrape time (a custom collector); counters and histograms are
+observed by the routes as outputs stream out. Each app has its own registry, so several servers can live in
+one process (tests).
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+                   20.0, 40.0, 80.0, 160.0)
+BYTES_PER_TOKEN_BUCKETS = tuple(2.0 ** e for e in range(4, 28, 2))  # 16 B .. 64 MiB per token
+
+GAUGES = {  # metric -> (engine stats key, help)
+    "tptt_num_requests_running": ("num_running", "Requests in the running batch"),
+    "tptt_num_requests_waiting": ("num_waiting", "Requests waiting to be scheduled"),
+    "tptt_session_state_bytes": ("session_state_bytes", "Bytes of resident session states (running + snapshots)"),
+    "tptt_kv_cache_equivalent_bytes": ("kv_cache_equivalent_bytes",
+                                       "Bytes a full KV cache would need for the same resident contexts"),
+    "tptt_snapshots_resident": ("snapshots_resident", "State snapshots in memory"),
+    "tptt_snapshots_on_disk": ("snapshots_on_disk", "State snapshots on disk"),
+    "tptt_sessions_resident": ("sessions_resident", "Named sessions whose states are in memory"),
+    "tptt_sessions_on_disk": ("sessions_on_disk", "Named sessions whose states are on disk only"),
+}
+
+
+class EngineGauges:
+    """Collector that turns the engine's latest stats into gauges at scrape time."""
+
+    def __init__(self, stats):
+        self.stats = stats
+
+    def collect(self):
+        stats = self.stats()
+        for name, (key, help_text) in GAUGES.items():
+            yield GaugeMetricFamily(name, help_text, value=stats[key])
+
+
+class Metrics:
+    def __init__(self, stats):
+        self.registry = CollectorRegistry()
+        self.registry.register(EngineGauges(stats))
+        r = self.registry
+        self.prompt_tokens = Counter("tptt_prompt_tokens", "Prompt tokens received", registry=r)
+        self.prompt_tokens_computed = Counter(
+            "tptt_prompt_tokens_computed", "Prompt tokens prefilled (not resumed from a snapshot)", registry=r)
+        self.generation_tokens = Counter("tptt_generation_tokens", "Tokens generated", registry=r)
+        self.prefix_cache_queries = Counter(
+            "tptt_prefix_cache_queries", "Prompt tokens looked up in the state snapshot store", registry=r)
+        self.prefix_cache_hits = Counter(
+            "tptt_prefix_cache_hits", "Prompt tokens resumed from a stored state snapshot", registry=r)
+        self.request_success = Counter(
+            "tptt_request_success", "Finished requests by reason", ["finished_reason"], registry=r)
+        self.ttft = Histogram("tptt_time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS,
+                              registry=r)
+        self.itl = Histogram("tptt_inter_token_latency_seconds", "Time between output tokens",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("tptt_e2e_request_latency_seconds", "Arrival to last token",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("tptt_request_queue_time_seconds", "Arrival to scheduling",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.bytes_per_token = Histogram(
+            "tptt_memory_bytes_per_token", "Session state bytes / context tokens, per finished request",
+            buckets=BYTES_PER_TOKEN_BUCKETS, registry=r)
+
+
+class RequestObserver:
+    """Observes one engine request's outputs into the metrics as they stream out."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+        self.last_token_time: float | None = None
+
+    def observe(self, output) -> None:
+        m, now = self.metrics, time.monotonic()
+        if output.token_ids:
+            m.generation_tokens.inc(len(output.token_ids))
+            if self.last_token_time is None:
+                m.ttft.observe(now - output.arrival_time)
+            else:
+                m.itl.observe(now - self.last_token_time)
+            self.last_token_time = now
+        if output.finish_reason is None:
+            return
+        m.request_success.labels(finished_reason=output.finish_reason).inc()
+        m.prompt_tokens.inc(output.num_prompt_tokens)
+        if output.scheduled_time is not None:
+            m.prompt_tokens_computed.inc(output.num_prompt_tokens - output.num_cached_tokens)
+            m.prefix_cache_queries.inc(output.num_prompt_tokens)
+            m.prefix_cache_hits.inc(output.num_cached_tokens)
+            m.queue_time.observe(output.scheduled_time - output.arrival_time)
+        m.e2e.observe(now - output.arrival_time)
+        context = output.num_prompt_tokens + output.num_output_tokens
+        if output.state_bytes and context:
+            m.bytes_per_token.observe(output.state_bytes / context)

@@ -1,0 +1,108 @@
+"""Server settings: one dataclass, read from CLI flags and TPTT_* environment variables (flags win).
+
+Every field is a flag `--field-name` and an environment variable `TPTT_FIELD_NAME`; the README's settings table is
+this file. List fields (api_key) take a comma-separated environment value and repeatable flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field, fields
+
+from tptt_runtime.engine import EngineConfig
+
+HELP = {
+    "model": "'default' (SmolLM2-135M-Instruct + TPTT adapter), a .gguf file, a Hugging Face dir or an adapter dir",
+    "served_model_name": "name clients put in `model` (default: derived from --model)",
+    "host": "address to bind (0.0.0.0 in containers)",
+    "port": "port to bind",
+    "api_key": "accepted API key(s); none = no authentication. Sessions belong to the key that made them",
+    "device": "torch device (cpu, cuda)",
+    "dtype": "weights dtype (float32, bfloat16, float16); states are always float32",
+    "max_num_seqs": "requests decoded together at most",
+    "max_num_batched_tokens": "tokens per engine step (decode rows + prefill chunks)",
+    "max_waiting": "queued requests beyond which new ones get 429",
+    "max_prompt_tokens": "longest accepted prompt in tokens",
+    "max_tokens_limit": "largest max_tokens a request may ask for (also the chat default)",
+    "prefix_reuse": "resume prompts from stored state snapshots (multi-turn reuse)",
+    "store_bytes": "bytes of resident state snapshots (LRU beyond, spilled to --store-dir)",
+    "store_dir": "directory where snapshots and named sessions spill and persist across restarts",
+    "store_disk_bytes": "cap on unpinned snapshot files in --store-dir (0 = no cap)",
+    "log_level": "debug, info, warning, error",
+    "log_prompts": "log prompt text (off by default: prompts never reach the logs)",
+}
+
+
+@dataclass
+class Settings:
+    model: str = "default"
+    served_model_name: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: list[str] = field(default_factory=list)
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 1024
+    max_waiting: int = 256
+    max_prompt_tokens: int = 65536
+    max_tokens_limit: int = 4096
+    prefix_reuse: bool = True
+    store_bytes: int = 1 << 30
+    store_dir: str = ""
+    store_disk_bytes: int = 0
+    log_level: str = "info"
+    log_prompts: bool = False
+
+    def __post_init__(self):
+        if not 0 < self.port < 65536:
+            raise ValueError("port must be in 1..65535")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError("dtype must be float32, bfloat16 or float16")
+        if self.max_tokens_limit < 1:
+            raise ValueError("max_tokens_limit must be >= 1")
+        self.engine_config()  # validates the engine's share
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+            max_waiting=self.max_waiting, max_prompt_tokens=self.max_prompt_tokens, prefix_reuse=self.prefix_reuse,
+            store_bytes=self.store_bytes, store_dir=self.store_dir or None,
+            store_disk_bytes=self.store_disk_bytes or None)
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None, environ=os.environ) -> "Settings":
+        parser = argparse.ArgumentParser(prog="tptt-serve", description="OpenAI-compatible TPTT server")
+        for f in fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            if f.type == "bool":
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=HELP[f.name])
+            elif f.type == "list[str]":
+                parser.add_argument(flag, action="append", default=None, help=HELP[f.name])
+            else:
+                parser.add_argument(flag, type=int if f.type == "int" else str, default=None, help=HELP[f.name])
+        args = vars(parser.parse_args(argv))
+        values = {}
+        for f in fields(cls):
+            value = args[f.name]
+            if value is None:
+                value = from_env(f.name, f.type, environ)
+            if value is not None:
+                values[f.name] = value
+        return cls(**values)
+
+
+def from_env(name: str, kind: str, environ) -> object:
+    raw = environ.get("TPTT_" + name.upper())
+    if raw is None or raw == "":
+        return None
+    if kind == "bool":
+        if raw.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            raise ValueError(f"TPTT_{name.upper()}={raw!r} is not a boolean")
+        return raw.lower() in ("1", "true", "yes", "on")
+    if kind == "int":
+        return int(raw)
+    if kind == "list[str]":
+        return [item.strip() for item in raw.split(",") if item.strip()]
+    return raw

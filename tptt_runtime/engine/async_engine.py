@@ -1,0 +1,116 @@
+"""AsyncEngine: runs the LLMEngine's step loop on one thread and streams outputs to asyncio callers.
+
+    async for output in engine.submit(request): ...
+
+The model loop is the only thread that touches the model and the scheduler. Callers hand requests and aborts
+over under a condition variable; outputs travel back through each request's asyncio.Queue on the caller's event
+loop (call_soon_threadsafe). Leaving the `async for` early (a client disconnect cancels it) aborts the request,
+and the engine frees its slot at the next step. A full waiting queue raises EngineOverloaded at submission.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+
+from .engine import EngineOverloaded, LLMEngine
+from .request import Request, RequestOutput
+
+log = logging.getLogger(__name__)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self.condition = threading.Condition()
+        self.inbox: list[Request] = []
+        self.aborts: list[str] = []
+        self.listeners: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name="tptt-engine", daemon=True)
+        self.stats = engine.stats()
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.condition:
+            self.stopping = True
+            self.condition.notify()
+        self.thread.join(timeout=30)
+
+    @property
+    def num_waiting(self) -> int:
+        return self.stats["num_waiting"] + len(self.inbox)
+
+    def submit(self, request: Request) -> AsyncIterator[RequestOutput]:
+        """Queue `request` and return the stream of its outputs (ending with the one that has finish_reason).
+        Raises ValueError (a request the model cannot serve) or EngineOverloaded right here, before any output.
+        Closing the stream early aborts the request; a stream never iterated must be aborted by the caller."""
+        queue: asyncio.Queue = asyncio.Queue()
+        self.engine.validate(request)
+        with self.condition:
+            if self.num_waiting >= self.engine.config.max_waiting:
+                raise EngineOverloaded(f"{self.num_waiting} requests are waiting")
+            self.listeners[request.request_id] = (asyncio.get_running_loop(), queue)
+            self.inbox.append(request)
+            self.condition.notify()
+        return self._stream(request.request_id, queue)
+
+    async def _stream(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while not finished:
+                output: RequestOutput = await queue.get()
+                finished = output.finish_reason is not None
+                yield output
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        with self.condition:
+            self.aborts.append(request_id)
+            self.condition.notify()
+
+    # ----------------------------------------------------------------------------------- engine thread
+    def _loop(self) -> None:
+        while True:
+            with self.condition:
+                while not (self.stopping or self.inbox or self.aborts or self.engine.has_work()):
+                    self.condition.wait()
+                if self.stopping:
+                    return
+                inbox, self.inbox = self.inbox, []
+                aborts, self.aborts = self.aborts, []
+            for request in inbox:
+                self._add(request)
+            for request_id in aborts:
+                self.engine.abort(request_id)
+            try:
+                outputs = self.engine.step()
+            except Exception:  # noqa: BLE001 - the loop must survive; the step's requests were already failed
+                log.exception("engine step failed")
+                outputs = []
+            self.stats = self.engine.stats()
+            for output in outputs:
+                self._deliver(output)
+
+    def _add(self, request: Request) -> None:
+        try:
+            self.engine.add_request(request)
+        except (ValueError, EngineOverloaded) as error:
+            log.warning("request %s refused: %s", request.request_id, error)
+            self._deliver(RequestOutput(request.request_id, [], "", [], finish_reason="error", error=str(error)))
+
+    def _deliver(self, output: RequestOutput) -> None:
+        with self.condition:
+            listener = self.listeners.get(output.request_id)
+            if listener is not None and output.finish_reason is not None:
+                del self.listeners[output.request_id]
+        if listener is None:
+            return
+        loop, queue = listener
+        loop.call_soon_threadsafe(queue.put_nowait, output)

@@ -1,0 +1,271 @@
+"""LLMEngine: the synchronous heart of serving. One `step()` = schedule, run the model, postprocess.
+
+The engine owns the model, the scheduler and the session store; it knows token ids (and makes output text with
+the tokenizer for stop strings), never HTTP. `AsyncEngine` (async_engine.py) runs it on its own thread.
+
+Per step:
+    schedule     admit waiting requests (resuming the longest stored snapshot of their prompt), pick decodes and
+                 prefill chunks under the token budget
+    run          prefill chunks one request at a time; one batched decode forward for all decoding requests
+    postprocess  sample every request that has fresh logits, detokenize, apply stop conditions, emit outputs;
+                 store a snapshot after every prompt and at every finish (prefix reuse for the next turn)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..model import TitansModel
+from .request import FinishReason, Request, RequestOutput
+from .sampling import sample, token_logprobs
+from .detokenizer import TextStream
+from .scheduler import ScheduledBatch, Scheduler
+from .store import SessionStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 32                 # requests running at once (decoded together)
+    max_num_batched_tokens: int = 1024     # tokens per step: decode rows + prefill chunks
+    max_waiting: int = 256                 # queued requests beyond which new ones are refused (HTTP 429)
+    max_prompt_tokens: int = 65536         # longest accepted prompt (the state is constant; compute is not)
+    prefix_reuse: bool = True              # resume prompts from stored snapshots
+    store_bytes: int = 1 << 30             # resident snapshot bytes (LRU beyond)
+    store_dir: str | None = None           # spill + persistence directory for snapshots and sessions
+    store_disk_bytes: int | None = None    # cap on unpinned snapshot files
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "max_prompt_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.store_bytes < 0:
+            raise ValueError("store_bytes must be >= 0")
+
+
+class EngineOverloaded(RuntimeError):
+    """The waiting queue is full: retry later."""
+
+
+class LLMEngine:
+    def __init__(self, model: TitansModel, config: EngineConfig | None = None):
+        self.model = model
+        self.config = config or EngineConfig()
+        self.tokenizer = model.tokenizer
+        self.eos_ids = eos_token_ids(model)
+        self.store = SessionStore(model.fingerprint, self.config.store_bytes, self.config.store_dir,
+                                  self.config.store_disk_bytes)
+        self.scheduler = Scheduler(self.config.max_num_seqs, self.config.max_num_batched_tokens, self._admit,
+                                   wait_for_duplicates=self.config.prefix_reuse)
+        self.requests: dict[str, Request] = {}
+
+    # ------------------------------------------------------------------------------------------ API
+    def validate(self, request: Request) -> None:
+        """Raise ValueError for a request the model cannot serve (the HTTP layer turns it into a 400)."""
+        ids = request.prompt_ids
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) > self.config.max_prompt_tokens:
+            raise ValueError(f"the prompt has {len(ids)} tokens; this server accepts at most "
+                             f"{self.config.max_prompt_tokens} (--max-prompt-tokens)")
+        if min(ids) < 0 or max(ids) >= self.model.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.model.vocab_size})")
+        request.params.check_vocab(self.model.vocab_size)
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id} is already in use")
+
+    def add_request(self, request: Request) -> None:
+        self.validate(request)
+        if len(self.scheduler.waiting) >= self.config.max_waiting:
+            raise EngineOverloaded(f"{len(self.scheduler.waiting)} requests are waiting")
+        self.requests[request.request_id] = request
+        self.scheduler.add(request)
+
+    def abort(self, request_id: str) -> None:
+        """Mark for removal; the next step frees its slot and emits its final output."""
+        request = self.requests.get(request_id)
+        if request is not None:
+            request.aborted = True
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        outputs = self._drop_aborted()
+        batch = self.scheduler.schedule()
+        failed = self._run(batch)
+        return outputs + failed + self._postprocess()
+
+    def stats(self) -> dict[str, int]:
+        running = self.scheduler.running
+        store = self.store.stats()
+        running_bytes = sum(r.state.nbytes for r in running if r.state is not None)
+        running_tokens = sum(r.num_computed + max(0, len(r.output_ids) - 1) for r in running)
+        return {
+            "num_running": len(running),
+            "num_waiting": len(self.scheduler.waiting),
+            "session_state_bytes": running_bytes + store["resident_bytes"],
+            "kv_cache_equivalent_bytes": (running_tokens + store["resident_tokens"]) * self.kv_bytes_per_token,
+            **store,
+        }
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.model.kv_cache_bytes_per_token
+
+    # -------------------------------------------------------------------------------------- schedule
+    def _admit(self, request: Request) -> None:
+        """Give a request its state: the longest stored snapshot that prefixes its prompt, or a new one."""
+        request.scheduled_time = time.monotonic()
+        request.text = TextStream(self.tokenizer, request.prompt_ids, request.params.stop)
+        hit = None
+        if self.config.prefix_reuse and not request.wants_prompt_logprobs:
+            hit = self.store.longest_prefix(request.namespace, request.prompt_ids)
+            if hit is not None and hit[2] == len(request.prompt_ids) and hit[1] is None:
+                hit = self.store.longest_prefix(request.namespace, request.prompt_ids, len(request.prompt_ids) - 1)
+        if hit is None:
+            request.state = self.model.new_session()
+            return
+        request.state, logits, request.num_cached = hit
+        request.num_computed = request.num_cached
+        if request.num_cached == len(request.prompt_ids):
+            request.pending_logits = logits
+
+    def _drop_aborted(self) -> list[RequestOutput]:
+        outputs = []
+        for request in [r for r in self.requests.values() if r.aborted and r.finish_reason is None]:
+            request.finish_reason = FinishReason.ABORT
+            outputs.append(self._finish(request))
+        return outputs
+
+    # ------------------------------------------------------------------------------------------- run
+    def _run(self, batch: ScheduledBatch) -> list[RequestOutput]:
+        """Model forwards of one step; a request whose forward fails is finished with an error output."""
+        failed = []
+        for request, num_tokens in batch.prefills:
+            try:
+                self._prefill(request, num_tokens)
+            except Exception as error:  # noqa: BLE001 - reported to that request's client, the engine goes on
+                log.exception("prefill failed for %s", request.request_id)
+                failed.append(self._fail(request, error))
+        if batch.decodes:
+            try:
+                logits = self.model.decode([r.state for r in batch.decodes], [r.output_ids[-1] for r in batch.decodes])
+                for request, row in zip(batch.decodes, logits):
+                    request.pending_logits = row
+            except Exception as error:  # noqa: BLE001
+                log.exception("decode step failed")
+                failed += [self._fail(r, error) for r in batch.decodes]
+        return failed
+
+    def _prefill(self, request: Request, num_tokens: int) -> None:
+        start = request.num_computed
+        ids = request.prompt_ids[start:start + num_tokens]
+        if request.wants_prompt_logprobs:
+            logits = self.model.prefill(request.state, ids, all_logits=True)  # [T, vocab]
+            self._record_prompt_logprobs(request, start, logits)
+            logits = logits[-1]
+        else:
+            logits = self.model.prefill(request.state, ids)
+        request.num_computed += num_tokens
+        if not request.is_prefill:
+            request.pending_logits = logits
+            self._snapshot(request, request.prompt_ids, logits)
+
+    def _record_prompt_logprobs(self, request: Request, start: int, logits: torch.Tensor) -> None:
+        """Logprob of prompt token t+1 under the logits after token t; the first prompt token has none."""
+        if start == 0:
+            request.prompt_logprobs.append(None)
+        logprobs = logits.log_softmax(-1)
+        targets = request.prompt_ids[start + 1:start + 1 + logits.shape[0]]
+        k = request.params.prompt_logprobs
+        request.prompt_logprobs += [token_logprobs(logprobs[i], t, k) for i, t in enumerate(targets)]
+        request.last_prompt_logprobs = logprobs[-1]
+
+    # ----------------------------------------------------------------------------------- postprocess
+    def _postprocess(self) -> list[RequestOutput]:
+        """Every running request with fresh logits (from this step's forwards or a resumed snapshot) advances."""
+        ready = [r for r in self.scheduler.running if r.pending_logits is not None]
+        return [self._advance(request) for request in ready]
+
+    def _advance(self, request: Request) -> RequestOutput:
+        """Sample one token for a request with fresh logits, or finish it."""
+        params, logits = request.params, request.pending_logits
+        if params.max_tokens == 0:
+            request.finish_reason = FinishReason.LENGTH
+            return self._finish(request)
+        token, info = sample(logits, params, request.generator, request.prompt_ids, request.output_ids)
+        request.pending_logits = None
+        request.output_ids.append(token)
+        request.first_token_time = request.first_token_time or time.monotonic()
+        request.last_logits = logits
+        text, stopped = "", False
+        if token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos):
+            stopped = True
+        else:
+            text, stopped = request.text.push(token)
+        if stopped:
+            request.finish_reason = FinishReason.STOP
+        elif len(request.output_ids) >= params.max_tokens:
+            request.finish_reason = FinishReason.LENGTH
+        if request.finish_reason is not None:
+            return self._finish(request, [token], text, [info] if info else [])
+        return self._output(request, [token], text, [info] if info else [])
+
+    def _finish(self, request: Request, token_ids=(), text: str = "", logprobs=()) -> RequestOutput:
+        """Free the request's slot; keep the state it ends with as a snapshot of the ids it consumed."""
+        if request.finish_reason != FinishReason.STOP and request.text is not None:
+            text += request.text.finish()
+        if request.finish_reason in (FinishReason.STOP, FinishReason.LENGTH) and request.output_ids:
+            consumed = request.prompt_ids + request.output_ids[:-1]  # the last sampled token was never fed
+            self._snapshot(request, consumed, request.last_logits, keep_state=True)
+        self.scheduler.finish(request)
+        self.requests.pop(request.request_id, None)
+        output = self._output(request, list(token_ids), text, list(logprobs))
+        request.state = None
+        return output
+
+    def _fail(self, request: Request, error: Exception) -> RequestOutput:
+        request.finish_reason = FinishReason.ERROR
+        self.scheduler.finish(request)
+        self.requests.pop(request.request_id, None)
+        output = self._output(request, [], "", [])
+        output.error = f"{type(error).__name__}: {error}"
+        request.state = None
+        return output
+
+    def _snapshot(self, request: Request, ids: list[int], logits, keep_state: bool = False) -> None:
+        if not self.config.prefix_reuse or request.state is None:
+            return
+        state = request.state if keep_state else request.state.fork()
+        request.snapshot_keys.append(self.store.put(request.namespace, ids, state, logits))
+
+    def _output(self, request: Request, token_ids: list[int], text: str, logprobs: list) -> RequestOutput:
+        first = not request.output_ids[:-1] if token_ids else request.finish_reason is not None
+        return RequestOutput(
+            request_id=request.request_id, token_ids=token_ids, text=text, logprobs=logprobs,
+            finish_reason=request.finish_reason,
+            prompt_logprobs=request.prompt_logprobs if request.wants_prompt_logprobs and first else None,
+            num_prompt_tokens=len(request.prompt_ids), num_cached_tokens=request.num_cached,
+            num_output_tokens=len(request.output_ids),
+            state_bytes=request.state.nbytes if request.state is not None else 0,
+            arrival_time=request.arrival_time, scheduled_time=request.scheduled_time,
+            first_token_time=request.first_token_time,
+            snapshot_keys=list(request.snapshot_keys) if request.finish_reason else [],
+        )
+
+
+def eos_token_ids(model: TitansModel) -> set[int]:
+    """EOS ids from the generation config and the tokenizer (chat models often have several)."""
+    ids = set()
+    generation = getattr(model.hf, "generation_config", None)
+    for source in (getattr(generation, "eos_token_id", None), getattr(model.tokenizer, "eos_token_id", None)):
+        if source is None:
+            continue
+        ids.update(source if isinstance(source, (list, tuple)) else [source])
+    return ids

@@ -1,0 +1,146 @@
+"""Per-request sampling: parameters (validated once) and the sampler that turns one row of logits into a token.
+
+Order of operations on a row of float32 logits, as in vLLM / Hugging Face:
+    logit_bias -> repetition penalty (prompt + output) -> presence / frequency penalties (output)
+    -> temperature -> top_k -> top_p -> min_p -> draw with the request's own generator (or argmax at temperature 0)
+Reported logprobs are those of the model's raw distribution (log_softmax of the unprocessed logits), which is
+what evaluation harnesses score. Each request owns a torch.Generator seeded from `seed`, so its samples do not
+depend on which other requests share the batch.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16                  # tokens to generate at most (0: score the prompt only)
+    temperature: float = 1.0              # 0 = greedy
+    top_p: float = 1.0                    # nucleus mass kept
+    top_k: int = 0                        # keep the k best tokens; 0 or -1 = all
+    min_p: float = 0.0                    # drop tokens whose probability < min_p * the best one's
+    seed: int | None = None               # reproducible draws; None = fresh random seed
+    stop: list[str] = field(default_factory=list)         # stop strings (not included in the output)
+    stop_token_ids: list[int] = field(default_factory=list)  # extra stop tokens (besides EOS)
+    ignore_eos: bool = False
+    presence_penalty: float = 0.0         # OpenAI: subtract once for every token already generated
+    frequency_penalty: float = 0.0        # OpenAI: subtract per occurrence in the output
+    repetition_penalty: float = 1.0       # HF / vLLM: divide positive logits of seen tokens (prompt + output)
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None           # None: none; k >= 0: chosen token's logprob + k top alternatives
+    prompt_logprobs: int | None = None    # same, for every prompt token (needs the whole prompt computed)
+
+    def __post_init__(self):
+        checks = [
+            (self.max_tokens >= 0, "max_tokens must be >= 0"),
+            (0.0 <= self.temperature <= 100.0, "temperature must be in [0, 100]"),
+            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
+            (self.top_k == -1 or self.top_k >= 0, "top_k must be -1, 0 (off) or a positive integer"),
+            (0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]"),
+            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
+            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
+            (0.0 < self.repetition_penalty <= 10.0, "repetition_penalty must be in (0, 10]"),
+            (all(-100.0 <= b <= 100.0 for b in self.logit_bias.values()), "logit_bias values must be in [-100, 100]"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs must be in [0, 20]"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
+            (len(self.stop) <= 16, "at most 16 stop strings"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        if self.top_k == -1:
+            self.top_k = 0
+        if self.seed is None:
+            self.seed = random.getrandbits(63)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Token ids in logit_bias / stop_token_ids must exist."""
+        for token in [*self.logit_bias, *self.stop_token_ids]:
+            if not 0 <= token < vocab_size:
+                raise ValueError(f"token id {token} is out of the vocabulary [0, {vocab_size})")
+
+
+@dataclass
+class TokenLogprobs:
+    """Logprob of one token and the best alternatives at its position (token id -> logprob)."""
+    token_id: int
+    logprob: float
+    top: dict[int, float]
+
+
+def token_logprobs(logprobs: torch.Tensor, token_id: int, k: int) -> TokenLogprobs:
+    """logprobs: [vocab] log_softmax of raw logits. `top` holds the k best tokens plus the chosen one (as
+    vLLM does), with bit-identical values, so "was the chosen token the best" is an exact comparison."""
+    top = {}
+    if k > 0:
+        values, ids = logprobs.topk(k)
+        top = dict(zip(ids.tolist(), values.tolist()))
+        top.setdefault(token_id, float(logprobs[token_id]))
+    return TokenLogprobs(token_id, float(logprobs[token_id]), top)
+
+
+def new_generator(seed: int) -> torch.Generator:
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int],
+                   output_ids: list[int]) -> torch.Tensor:
+    """Apply bias and penalties to one row (a new tensor); logits: [vocab] float32."""
+    logits = logits.clone()
+    if params.logit_bias:
+        ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
+        logits[ids] += torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype)
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long)
+        if seen.numel():
+            picked = logits[seen]
+            logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty,
+                                       picked * params.repetition_penalty)
+    if output_ids and (params.presence_penalty or params.frequency_penalty):
+        counts = torch.bincount(torch.tensor(output_ids), minlength=logits.numel()).to(logits.dtype)
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def truncate(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then top_k / top_p / min_p masks (removed tokens get -inf); logits: [vocab]."""
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.numel():
+        kth = logits.topk(params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = logits.sort(descending=True)
+        probs = sorted_logits.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs
+        drop = mass_before >= params.top_p          # the token that crosses top_p is kept
+        logits = logits.scatter(0, order[drop], float("-inf"))
+    if params.min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
+           prompt_ids: list[int], output_ids: list[int]) -> tuple[int, TokenLogprobs | None]:
+    """One token from one row of raw logits [vocab], and its logprobs when the request asked for them."""
+    processed = process_logits(logits, params, prompt_ids, output_ids)
+    if params.greedy:
+        token = int(processed.argmax())
+    else:
+        probs = truncate(processed, params).softmax(-1)
+        token = int(torch.multinomial(probs, 1, generator=generator))
+    info = None
+    if params.logprobs is not None:
+        info = token_logprobs(logits.log_softmax(-1), token, params.logprobs)
+    return token, info
