@@ -1,0 +1,122 @@
+"""LLMEngine on the real default model: greedy == TitansModel, batching does not change outputs, prefix reuse
+prefills only new tokens, prompt logprobs == forward_full, aborts free their slot."""
+
+import pytest
+import torch
+
+from tptt_runtime.engine import EngineConfig, LLMEngine, Request, SamplingParams
+
+
+def chat_ids(model, *turns):
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+    return list(model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"])
+
+
+def run_all(engine, requests):
+    outputs = {r.request_id: [] for r in requests}
+    for request in requests:
+        engine.add_request(request)
+    while engine.has_work():
+        for output in engine.step():
+            outputs[output.request_id].append(output)
+    return outputs
+
+
+def tokens(outputs):
+    return [t for o in outputs for t in o.token_ids]
+
+
+def reference_greedy(model, ids, n):
+    state, out = model.new_session(), []
+    logits = model.prefill(state, ids)
+    for _ in range(n):
+        out.append(int(logits.argmax()))
+        logits = model.step(state, out[-1])
+    return out
+
+
+def test_greedy_matches_the_model_token_for_token(default_model):
+    ids = chat_ids(default_model, "Write one sentence about the sea.")
+    engine = LLMEngine(default_model, EngineConfig(max_num_batched_tokens=16))  # chunked prefill: 16 per step
+    out = run_all(engine, [Request("r", ids, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))])
+    assert tokens(out["r"]) == reference_greedy(default_model, ids, 12)
+    assert out["r"][-1].finish_reason == "length"
+
+
+def test_concurrent_requests_equal_requests_served_alone(default_model):
+    prompts = [chat_ids(default_model, q) for q in ("Name a fruit.", "Count to five.", "Say hi.", "What is 2+2?")]
+    params = [SamplingParams(temperature=0.9, top_p=0.95, seed=100 + i, max_tokens=10) for i in range(4)]
+    alone = [tokens(run_all(LLMEngine(default_model, EngineConfig(prefix_reuse=False)),
+                            [Request(f"a{i}", p, s)])[f"a{i}"]) for i, (p, s) in enumerate(zip(prompts, params))]
+    together = run_all(LLMEngine(default_model, EngineConfig(prefix_reuse=False)),
+                       [Request(f"t{i}", p, s) for i, (p, s) in enumerate(zip(prompts, params))])
+    assert [tokens(together[f"t{i}"]) for i in range(4)] == alone
+
+
+def test_second_turn_prefills_only_the_new_message(default_model):
+    engine = LLMEngine(default_model)
+    first = chat_ids(default_model, "What is the capital of France?")
+    out = run_all(engine, [Request("t1", first, SamplingParams(temperature=0, max_tokens=30))])["t1"]
+    reply = default_model.tokenizer.decode(tokens(out), skip_special_tokens=True)
+    second = chat_ids(default_model, "What is the capital of France?", reply, "And of Spain?")
+    final = run_all(engine, [Request("t2", second, SamplingParams(temperature=0, max_tokens=5))])["t2"][-1]
+    new_tokens = len(second) - final.num_cached_tokens
+    assert final.num_cached_tokens >= len(first) + len(tokens(out)) - 1
+    template_tokens = 12  # <|im_end|> (sampled, never fed), newlines, role headers
+    assert new_tokens <= len(default_model.tokenizer("And of Spain?")["input_ids"]) + template_tokens
+    # and resuming changes nothing: same tokens as a cold engine
+    cold = run_all(LLMEngine(default_model, EngineConfig(prefix_reuse=False)),
+                   [Request("c", second, SamplingParams(temperature=0, max_tokens=5))])["c"]
+    assert tokens(cold) == tokens(run_all(engine, [Request("t3", second, SamplingParams(temperature=0,
+                                                                                      max_tokens=5))])["t3"])
+
+
+def test_prompt_logprobs_equal_forward_full(default_model):
+    ids = default_model.tokenizer("The quick brown fox jumps over the lazy dog.")["input_ids"]
+    engine = LLMEngine(default_model, EngineConfig(max_num_batched_tokens=4))
+    out = run_all(engine, [Request("p", ids, SamplingParams(max_tokens=0, prompt_logprobs=2))])["p"]
+    entries = out[-1].prompt_logprobs
+    reference = default_model.forward_full(ids).log_softmax(-1)
+    assert entries[0] is None and len(entries) == len(ids)
+    for position, entry in enumerate(entries[1:], start=1):
+        assert entry.token_id == ids[position]
+        assert entry.logprob == pytest.approx(reference[position - 1, ids[position]].item(), abs=2e-3)
+
+
+def test_abort_frees_the_slot_and_the_engine_goes_on(default_model):
+    engine = LLMEngine(default_model)
+    ids = chat_ids(default_model, "Tell me a long story.")
+    engine.add_request(Request("long", ids, SamplingParams(max_tokens=200, seed=1)))
+    engine.step()
+    engine.step()
+    engine.abort("long")
+    finals = [o for o in engine.step() if o.finish_reason]
+    assert [o.finish_reason for o in finals] == ["abort"]
+    assert engine.stats()["num_running"] == 0 and not engine.has_work()
+    out = run_all(engine, [Request("next", ids, SamplingParams(temperature=0, max_tokens=3))])["next"]
+    assert out[-1].finish_reason == "length"
+
+
+def test_stop_strings_and_stop_tokens(default_model):
+    ids = chat_ids(default_model, "What is the capital of France?")
+    greedy = reference_greedy(default_model, ids, 8)
+    text = default_model.tokenizer.decode(greedy, skip_special_tokens=True)
+    engine = LLMEngine(default_model)
+    stop_word = text.split()[2]
+    out = run_all(engine, [Request("s", ids, SamplingParams(temperature=0, max_tokens=8, stop=[stop_word])),
+                           Request("t", ids, SamplingParams(temperature=0, max_tokens=8,
+                                                            stop_token_ids=[greedy[3]]))])
+    assert "".join(o.text for o in out["s"]) == text[:text.index(stop_word)]
+    assert out["s"][-1].finish_reason == "stop"
+    assert tokens(out["t"]) == greedy[:4] and out["t"][-1].finish_reason == "stop"
+
+
+def test_invalid_requests_are_refused(default_model):
+    engine = LLMEngine(default_model, EngineConfig(max_prompt_tokens=8))
+    with pytest.raises(ValueError, match="at most 8"):
+        engine.add_request(Request("a", list(range(9)), SamplingParams()))
+    with pytest.raises(ValueError, match="token ids"):
+        engine.add_request(Request("b", [default_model.vocab_size], SamplingParams()))
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request(Request("c", [], SamplingParams()))
+    assert torch.is_tensor(default_model.forward_full([1, 2]))

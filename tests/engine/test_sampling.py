@@ -1,0 +1,107 @@
+"""Sampler: each transformation against a direct, per-token reference, and seeded reproducibility."""
+
+import math
+
+import pytest
+import torch
+
+from tptt_runtime.engine.sampling import SamplingParams, process_logits, sample, truncate, new_generator
+
+VOCAB = 50
+
+
+def logits(seed=0):
+    torch.manual_seed(seed)
+    return torch.randn(VOCAB) * 3
+
+
+def kept(row: torch.Tensor) -> set[int]:
+    return {i for i, v in enumerate(row.tolist()) if v != float("-inf")}
+
+
+def test_top_k_keeps_exactly_the_k_best():
+    row = logits()
+    expected = set(sorted(range(VOCAB), key=lambda i: -row[i].item())[:7])
+    assert kept(truncate(row, SamplingParams(top_k=7))) == expected
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_p():
+    row = logits(1)
+    probs = row.softmax(-1).tolist()
+    order = sorted(range(VOCAB), key=lambda i: -probs[i])
+    expected, mass = set(), 0.0
+    for i in order:
+        expected.add(i)
+        mass += probs[i]
+        if mass >= 0.8:
+            break
+    assert kept(truncate(row, SamplingParams(top_p=0.8))) == expected
+
+
+def test_min_p_drops_tokens_below_a_fraction_of_the_best():
+    row = logits(2)
+    probs = row.softmax(-1)
+    expected = {i for i in range(VOCAB) if probs[i] >= 0.1 * probs.max()}
+    assert kept(truncate(row, SamplingParams(min_p=0.1))) == expected
+
+
+def test_temperature_scales_logits():
+    row = logits(3)
+    assert torch.allclose(truncate(row, SamplingParams(temperature=0.5)), row / 0.5)
+
+
+def test_penalties_match_their_definitions():
+    row = logits(4)
+    prompt, output = [1, 2], [3, 3, 4]
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=1.5,
+                            logit_bias={5: 10.0})
+    out = process_logits(row, params, prompt, output)
+    for i in range(VOCAB):
+        value = row[i].item() + (10.0 if i == 5 else 0.0)
+        if i in (1, 2, 3, 4):
+            value = value / 1.5 if value > 0 else value * 1.5
+        count = output.count(i)
+        value -= 0.25 * count + (0.5 if count else 0.0)
+        assert math.isclose(out[i].item(), value, rel_tol=1e-6, abs_tol=1e-6)
+
+
+def test_greedy_is_argmax_and_logprobs_are_raw():
+    row = logits(5)
+    token, info = sample(row, SamplingParams(temperature=0, logprobs=3), new_generator(0), [], [])
+    assert token == int(row.argmax())
+    assert math.isclose(info.logprob, row.log_softmax(-1)[token].item(), rel_tol=1e-6)
+    assert len(info.top) == 3 and token in info.top and info.top[token] == info.logprob
+
+
+def test_same_seed_same_draws_different_seed_different_draws():
+    row = logits(6)
+    params = SamplingParams(temperature=1.5, seed=11)
+
+    def draws(seed):
+        generator = new_generator(seed)
+        return [sample(row, params, generator, [], [])[0] for _ in range(30)]
+
+    assert draws(11) == draws(11)
+    assert draws(11) != draws(12)
+
+
+def test_sampling_follows_the_distribution():
+    row = torch.tensor([0.0, math.log(3.0)] + [-1e9] * 3)
+    generator = new_generator(0)
+    counts = torch.zeros(5)
+    for _ in range(2000):
+        counts[sample(row, SamplingParams(), generator, [], [])[0]] += 1
+    assert counts[2:].sum() == 0
+    assert 0.70 < counts[1] / 2000 < 0.80
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(min_p=1.5),
+                                 dict(max_tokens=-1), dict(presence_penalty=3), dict(logprobs=21), dict(stop=[""])])
+def test_invalid_params_are_refused(bad):
+    with pytest.raises(ValueError):
+        SamplingParams(**bad)
+
+
+def test_out_of_vocab_bias_is_refused():
+    with pytest.raises(ValueError, match="vocabulary"):
+        SamplingParams(logit_bias={VOCAB: 1.0}).check_vocab(VOCAB)
