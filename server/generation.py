@@ -21,7 +21,6 @@ from sse_starlette import EventSourceResponse
 from tptt_runtime.engine import EngineOverloaded, FinishReason, Request, RequestOutput, SamplingParams, Session, TokenLogprobs
 
 from .errors import APIError
-from .metrics import RequestObserver
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 
@@ -172,10 +171,8 @@ async def run(ctx, job: Job) -> AsyncIterator[tuple[int, RequestOutput]]:
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, stream) -> None:
-        observer = RequestObserver(ctx.metrics)
         try:
             async for output in stream:
-                observer.observe(output)
                 await queue.put((index, output))
         finally:
             await stream.aclose()

@@ -1,7 +1,7 @@
 """Prometheus metrics (prefix `tptt_`): vLLM-like request metrics plus what a constant-size state makes visible.
 
 Gauges are read from the engine's stats at scrape time (a custom collector); counters and histograms are
-observed by the routes as outputs stream out. Each app has its own registry, so several servers can live in
+observed on the engine thread for every output, so aborted requests count too. Each app has its own registry, so several servers can live in
 one process (tests).
 """
 
@@ -67,34 +67,33 @@ class Metrics:
         self.bytes_per_token = Histogram(
             "tptt_memory_bytes_per_token", "Session state bytes / context tokens, per finished request",
             buckets=BYTES_PER_TOKEN_BUCKETS, registry=r)
+        self.last_token_time: dict[str, float] = {}
 
-
-class RequestObserver:
-    """Observes one engine request's outputs into the metrics as they stream out."""
-
-    def __init__(self, metrics: Metrics):
-        self.metrics = metrics
-        self.last_token_time: float | None = None
 
     def observe(self, output) -> None:
-        m, now = self.metrics, time.monotonic()
+        """Called by the engine thread for every output of every request (aborted ones included)."""
+        now = time.monotonic()
         if output.token_ids:
-            m.generation_tokens.inc(len(output.token_ids))
-            if self.last_token_time is None:
-                m.ttft.observe(now - output.arrival_time)
+            self.generation_tokens.inc(len(output.token_ids))
+            last = self.last_token_time.get(output.request_id)
+            if last is None:
+                self.ttft.observe(now - output.arrival_time)
             else:
-                m.itl.observe(now - self.last_token_time)
-            self.last_token_time = now
-        if output.finish_reason is None:
-            return
-        m.request_success.labels(finished_reason=output.finish_reason).inc()
-        m.prompt_tokens.inc(output.num_prompt_tokens)
+                self.itl.observe(now - last)
+            self.last_token_time[output.request_id] = now
+        if output.finish_reason is not None:
+            self.last_token_time.pop(output.request_id, None)
+            self._observe_finish(output, now)
+
+    def _observe_finish(self, output, now: float) -> None:
+        self.request_success.labels(finished_reason=output.finish_reason).inc()
+        self.prompt_tokens.inc(output.num_prompt_tokens)
         if output.scheduled_time is not None:
-            m.prompt_tokens_computed.inc(output.num_prompt_tokens - output.num_cached_tokens)
-            m.prefix_cache_queries.inc(output.num_prompt_tokens)
-            m.prefix_cache_hits.inc(output.num_cached_tokens)
-            m.queue_time.observe(output.scheduled_time - output.arrival_time)
-        m.e2e.observe(now - output.arrival_time)
+            self.prompt_tokens_computed.inc(output.num_prompt_tokens - output.num_cached_tokens)
+            self.prefix_cache_queries.inc(output.num_prompt_tokens)
+            self.prefix_cache_hits.inc(output.num_cached_tokens)
+            self.queue_time.observe(output.scheduled_time - output.arrival_time)
+        self.e2e.observe(now - output.arrival_time)
         context = output.num_prompt_tokens + output.num_output_tokens
         if output.state_bytes and context:
-            m.bytes_per_token.observe(output.state_bytes / context)
+            self.bytes_per_token.observe(output.state_bytes / context)

@@ -22,8 +22,10 @@ log = logging.getLogger(__name__)
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, observers=()):
+        """`observers`: callables run on the engine thread with every output (metrics)."""
         self.engine = engine
+        self.observers = list(observers)
         self.condition = threading.Condition()
         self.inbox: list[Request] = []
         self.aborts: list[str] = []
@@ -39,7 +41,9 @@ class AsyncEngine:
         with self.condition:
             self.stopping = True
             self.condition.notify()
-        self.thread.join(timeout=30)
+        if self.thread.is_alive():
+            self.thread.join(timeout=30)
+        self.engine.store.flush()
 
     @property
     def num_waiting(self) -> int:
@@ -106,6 +110,8 @@ class AsyncEngine:
             self._deliver(RequestOutput(request.request_id, [], "", [], finish_reason="error", error=str(error)))
 
     def _deliver(self, output: RequestOutput) -> None:
+        for observe in self.observers:
+            observe(output)
         with self.condition:
             listener = self.listeners.get(output.request_id)
             if listener is not None and output.finish_reason is not None:

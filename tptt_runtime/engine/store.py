@@ -11,8 +11,9 @@ Invariants:
 - Resident snapshots stay under `max_bytes` (LRU). Evicted ones are written to `disk_dir` (when set) and read back
   on use; files are written atomically (temp file + rename) with a sha256 of their tensors, re-indexed at start,
   and a file that fails its checksum is reported, renamed `*.corrupt` and never loaded.
-- Named sessions (id, owner, conversation) pin their snapshots: pinned snapshots may leave memory for disk but
-  are never deleted while a session holds them. Session records are small JSON files beside the snapshots.
+- Named sessions (id, owner, conversation) pin their snapshots: they are written to disk when the session is
+  saved (write-through), may leave memory, and are never deleted while a session holds them. Session records
+  are small JSON files beside the snapshots. `flush()` (at shutdown) writes every other resident snapshot.
 
 Thread safety: one lock around every public method (the engine thread and HTTP handlers both call in).
 """
@@ -142,6 +143,7 @@ class SessionStore:
             old = self.sessions.get((session.owner, session.session_id))
             for key in session.snapshots:
                 self._pin(key, +1)
+                self._persist(key)
             for key in old.snapshots if old else ():
                 self._pin(key, -1)
             self.sessions[(session.owner, session.session_id)] = session
@@ -157,6 +159,12 @@ class SessionStore:
             if self.disk_dir:
                 self._session_path(session).unlink(missing_ok=True)
             return True
+
+    def flush(self) -> None:
+        """Write every resident snapshot that is not on disk yet (at shutdown: a restart finds them all)."""
+        with self.lock:
+            for key in list(self.resident):
+                self._persist(key)
 
     # ------------------------------------------------------------------------------------------- stats
     def stats(self) -> dict[str, int]:
@@ -228,6 +236,11 @@ class SessionStore:
             snapshot.pins = max(0, snapshot.pins + delta)
 
     # ----------------------------------------------------------------------------------------- disk
+    def _persist(self, key: str) -> None:
+        snapshot = self.snapshots.get(key)
+        if self.disk_dir and snapshot is not None and snapshot.state is not None and not snapshot.on_disk:
+            self._write_snapshot(snapshot)
+
     def _snapshot_path(self, key: str) -> Path:
         return self.disk_dir / "snapshots" / f"{key}.safetensors"
 
