@@ -54,3 +54,9 @@ def client(base_url):
     import openai
 
     return openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture
+def start_server(default_model):
+    """A context manager starting a private server with the given settings: `with start_server(**s) as (url, app)`."""
+    return lambda **settings: live_server(default_model, **settings)
