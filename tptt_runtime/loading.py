@@ -75,7 +75,7 @@ def dequantized_gguf(path: Path) -> Path:
     return target
 
 
-def _base_directory(source: str | Path) -> Path:
+def base_directory(source: str | Path) -> Path:
     if str(source) == "default":
         return dequantized_gguf(default_gguf())
     path = Path(source)
@@ -91,7 +91,7 @@ def _base_directory(source: str | Path) -> Path:
 def load_base_model(source: str | Path = "default") -> nn.Module:
     """The unconverted Hugging Face model behind `source` ("default", a .gguf file or a model directory),
     float32, eval mode: the baseline our runtime is compared with."""
-    return AutoModelForCausalLM.from_pretrained(_base_directory(source), dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(base_directory(source), dtype=torch.float32).eval()
 
 
 def load(source: str | Path = "default", *, base: str | Path | None = None, window: int | None = None,
@@ -115,7 +115,7 @@ def load(source: str | Path = "default", *, base: str | Path | None = None, wind
         raise ValueError(f"adapter {source} names no base model: pass base=PATH")
     config = config.replace(window=window, sinks=sinks, mag_weight=mag_weight)
 
-    base_dir = _base_directory(base)
+    base_dir = base_directory(base)
     hf_model = load_base_model(base_dir)
     tokenizer = AutoTokenizer.from_pretrained(base_dir) if _has_tokenizer(base_dir) else None
     model = TitansModel(hf_model, config, tokenizer=tokenizer, name=str(source))

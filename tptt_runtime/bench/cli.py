@@ -17,11 +17,20 @@ def main(argv: list[str] | None = None) -> None:
     runtime.add_argument("--mag-weight", type=float, default=0.5,
                          help="memory weight; > 0 so the DeltaProduct branch is measured even before training")
     runtime.add_argument("--out", type=Path, default=Path("bench-results"))
+    server = sub.add_parser("server", help="served throughput (1 vs N streams) and multi-turn time to first token")
+    server.add_argument("--turn-tokens", type=int, default=2048, help="tokens of each long user turn")
+    server.add_argument("--clients", type=int, default=16)
+    server.add_argument("--decode-tokens", type=int, default=64)
+    server.add_argument("--out", type=Path, default=Path("bench-results"))
     args = parser.parse_args(argv)
     if args.bench == "runtime":
         from .runtime import run
 
         run(sorted(args.contexts), args.baseline_max, args.decode_tokens, args.mag_weight, args.out)
+    elif args.bench == "server":
+        from .server import run as run_server
+
+        run_server(args.turn_tokens, args.clients, args.decode_tokens, args.out)
 
 
 if __name__ == "__main__":
