@@ -13,8 +13,8 @@ import time
 from contextlib import asynccontextmanager
 from functools import lru_cache
 
-from fastapi import Depends, FastAPI, Header, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import Depends, FastAPI, Header
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tptt_runtime.engine import AsyncEngine, LLMEngine, Session

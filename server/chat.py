@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 
 from .errors import APIError
-from .generation import (Choice, Job, chat_messages, check_failed, close_session, json_response, new_choices,
-                         new_id, open_session, render_chat, run, sampling_params, sse, stream_response, usage)
+from .generation import (Choice, Job, chat_messages, collect, json_response, new_id, open_session, render_chat,
+                         sampling_params, stream_events, stream_response, usage)
 from .protocol import ChatCompletionRequest
 
 
@@ -23,11 +23,7 @@ async def create_chat_completion(ctx, body: ChatCompletionRequest, owner: str, s
     if body.stream:
         ctx.check_capacity(body.n)
         return stream_response(stream_chat(ctx, job, body))
-    choices = new_choices(job)
-    async for index, output in run(ctx, job):
-        check_failed(output)
-        choices[index].add(output)
-    close_session(ctx, job, choices[0])
+    choices = await collect(ctx, job)
     return json_response({
         "id": job.request_id, "object": "chat.completion", "created": int(time.time()), "model": ctx.model_name,
         "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
@@ -45,31 +41,20 @@ def chat_logprobs(ctx, entries) -> dict:
                          "top_logprobs": [item(t, lp) for t, lp in e.top.items()]} for e in entries]}
 
 
-async def stream_chat(ctx, job: Job, body: ChatCompletionRequest):
-    choices: list[Choice] = new_choices(job)
-    created = int(time.time())
+def stream_chat(ctx, job: Job, body: ChatCompletionRequest):
+    def opening(choice: Choice) -> list[dict]:
+        return [{"index": choice.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                 "finish_reason": None}]
 
-    def chunk(choice_list: list[dict], **extra) -> dict:
-        return sse({"id": job.request_id, "object": "chat.completion.chunk", "created": created,
-                    "model": ctx.model_name, "choices": choice_list, **extra})
+    def entries(choice: Choice, output) -> list[dict]:
+        out = []
+        logprobs = chat_logprobs(ctx, output.logprobs) if body.logprobs and output.logprobs else None
+        if output.text or logprobs:
+            out.append({"index": choice.index, "delta": {"content": output.text}, "logprobs": logprobs,
+                        "finish_reason": None})
+        if output.finish_reason:
+            out.append({"index": choice.index, "delta": {}, "logprobs": None,
+                        "finish_reason": output.finish_reason})
+        return out
 
-    try:
-        for c in choices:
-            yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None}])
-        async for index, output in run(ctx, job):
-            check_failed(output)
-            choices[index].add(output)
-            logprobs = chat_logprobs(ctx, output.logprobs) if body.logprobs and output.logprobs else None
-            if output.text or logprobs:
-                yield chunk([{"index": index, "delta": {"content": output.text}, "logprobs": logprobs,
-                              "finish_reason": None}])
-            if output.finish_reason:
-                yield chunk([{"index": index, "delta": {}, "logprobs": None,
-                              "finish_reason": output.finish_reason}])
-        close_session(ctx, job, choices[0])
-        if body.stream_options and body.stream_options.include_usage:
-            yield chunk([], usage=usage(choices, job))
-    except APIError as error:
-        yield sse(error.body())
-    yield {"data": "[DONE]"}
+    return stream_events(ctx, job, body, "chat.completion.chunk", opening, entries)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 
 from .errors import APIError
-from .generation import (Choice, Job, check_failed, close_session, completion_prompts, json_response, new_choices,
-                         new_id, open_session, run, sampling_params, sse, stream_response, usage)
+from .generation import (Choice, Job, collect, completion_prompts, json_response, new_id, open_session,
+                         sampling_params, stream_events, stream_response, usage)
 from .protocol import CompletionRequest
 
 
@@ -31,11 +31,7 @@ async def create_completion(ctx, body: CompletionRequest, owner: str, session_he
     if body.stream:
         ctx.check_capacity(len(prompts) * body.n)
         return stream_response(stream_completion(ctx, job, body))
-    choices = new_choices(job)
-    async for index, output in run(ctx, job):
-        check_failed(output)
-        choices[index].add(output)
-    close_session(ctx, job, choices[0])
+    choices = await collect(ctx, job)
     return json_response({
         "id": job.request_id, "object": "text_completion", "created": int(time.time()), "model": ctx.model_name,
         "choices": [completion_choice(ctx, c, body.echo, body.logprobs) for c in choices],
@@ -68,35 +64,23 @@ def completion_logprobs(ctx, choice: Choice, echo: bool, token_ids=None, entries
             "text_offset": offsets}
 
 
-async def stream_completion(ctx, job: Job, body: CompletionRequest):
-    choices = new_choices(job)
-    created = int(time.time())
+def stream_completion(ctx, job: Job, body: CompletionRequest):
+    def opening(choice: Choice) -> list[dict]:
+        if not body.echo:
+            return []
+        return [{"index": choice.index, "text": ctx.detokenize(choice.prompt_ids), "logprobs": None,
+                 "finish_reason": None}]
 
-    def chunk(choice_list: list[dict], **extra) -> dict:
-        return sse({"id": job.request_id, "object": "text_completion", "created": created,
-                    "model": ctx.model_name, "choices": choice_list, **extra})
+    def entries(choice: Choice, output) -> list[dict]:
+        logprobs = None
+        if body.logprobs is not None:
+            ids, items = output.token_ids, output.logprobs
+            if body.echo and output.prompt_logprobs is not None:
+                ids, items = choice.prompt_ids + ids, list(output.prompt_logprobs) + items
+            logprobs = completion_logprobs(ctx, choice, False, ids, items)
+        if not (output.text or output.finish_reason or logprobs):
+            return []
+        return [{"index": choice.index, "text": output.text, "logprobs": logprobs,
+                 "finish_reason": output.finish_reason}]
 
-    try:
-        if body.echo:
-            for c in choices:
-                yield chunk([{"index": c.index, "text": ctx.detokenize(c.prompt_ids), "logprobs": None,
-                              "finish_reason": None}])
-        async for index, output in run(ctx, job):
-            check_failed(output)
-            choice = choices[index]
-            choice.add(output)
-            logprobs = None
-            if body.logprobs is not None:
-                ids, entries = output.token_ids, output.logprobs
-                if body.echo and output.prompt_logprobs is not None:
-                    ids, entries = choice.prompt_ids + ids, list(output.prompt_logprobs) + entries
-                logprobs = completion_logprobs(ctx, choice, False, ids, entries)
-            if output.text or output.finish_reason or logprobs:
-                yield chunk([{"index": index, "text": output.text, "logprobs": logprobs,
-                              "finish_reason": output.finish_reason}])
-        close_session(ctx, job, choices[0])
-        if body.stream_options and body.stream_options.include_usage:
-            yield chunk([], usage=usage(choices, job))
-    except APIError as error:
-        yield sse(error.body())
-    yield {"data": "[DONE]"}
+    return stream_events(ctx, job, body, "text_completion", opening, entries)

@@ -21,7 +21,7 @@ from sse_starlette import EventSourceResponse
 from tptt_runtime.engine import EngineOverloaded, FinishReason, Request, RequestOutput, SamplingParams, Session, TokenLogprobs
 
 from .errors import APIError
-from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from .protocol import CompletionRequest, SamplingFields
 
 
 @dataclass
@@ -190,6 +190,43 @@ async def run(ctx, job: Job) -> AsyncIterator[tuple[int, RequestOutput]]:
     finally:
         for task in tasks:
             task.cancel()
+
+
+async def collect(ctx, job: Job) -> list[Choice]:
+    """Run `job` to the end (non-streaming) and record the turn in its session."""
+    choices = new_choices(job)
+    async for index, output in run(ctx, job):
+        check_failed(output)
+        choices[index].add(output)
+    close_session(ctx, job, choices[0])
+    return choices
+
+
+async def stream_events(ctx, job: Job, body: SamplingFields, kind: str, opening, entries):
+    """SSE events of a streaming job: `opening(choice)` and `entries(choice, output)` give the choice objects
+    of the first chunks and of each engine output; then the usage chunk (when asked for) and [DONE]."""
+    choices = new_choices(job)
+    created = int(time.time())
+
+    def chunk(choice_list: list[dict], **extra) -> dict:
+        return sse({"id": job.request_id, "object": kind, "created": created, "model": ctx.model_name,
+                    "choices": choice_list, **extra})
+
+    try:
+        for choice in choices:
+            for entry in opening(choice):
+                yield chunk([entry])
+        async for index, output in run(ctx, job):
+            check_failed(output)
+            choices[index].add(output)
+            for entry in entries(choices[index], output):
+                yield chunk([entry])
+        close_session(ctx, job, choices[0])
+        if body.stream_options and body.stream_options.include_usage:
+            yield chunk([], usage=usage(choices, job))
+    except APIError as error:
+        yield sse(error.body())
+    yield {"data": "[DONE]"}
 
 
 def check_failed(output: RequestOutput) -> None:

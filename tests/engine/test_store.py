@@ -2,7 +2,6 @@
 
 import os
 
-import pytest
 import torch
 
 from tptt_runtime.engine.store import Session, SessionStore

@@ -59,7 +59,7 @@ def test_incremental_equals_full(tiny_pair, pieces):
     dict(beta_gate="c", alpha_gate="k", gate_pool=1),
 ])
 def test_incremental_equals_full_for_each_option(options):
-    from conftest import tiny_model
+    from tests.conftest import tiny_model
 
     model = TitansModel(tiny_model("llama"), TpttConfig(**{"window": 6, "sinks": 1, "mag_weight": 0.7, **options}))
     tokens = ids(29)
@@ -71,7 +71,7 @@ def test_incremental_equals_full_for_each_option(options):
 
 def test_memory_changes_the_output():
     """Guard: with mag_weight > 0 the linear branch really contributes."""
-    from conftest import tiny_model
+    from tests.conftest import tiny_model
 
     tokens = ids(20)
     off = TitansModel(tiny_model("llama"), TpttConfig(window=4, mag_weight=0.0)).forward_full(tokens)
@@ -80,7 +80,7 @@ def test_memory_changes_the_output():
 
 
 def test_batched_decode_equals_one_at_a_time():
-    from conftest import tiny_model
+    from tests.conftest import tiny_model
 
     model = TitansModel(tiny_model("qwen2"), TpttConfig(window=4, sinks=1, mag_weight=0.5, nonlinear_chunk=4))
     tokens = ids(30)

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 import tptt_runtime as tr
-from conftest import tiny_model
+from tests.conftest import tiny_model
 from tptt_runtime import TitansModel, TpttConfig
 from tptt_runtime.adapters import add_lora, save_adapter
 

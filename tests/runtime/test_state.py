@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import tiny_model
+from tests.conftest import tiny_model
 from tptt_runtime import SessionState, TitansModel, TpttConfig
 
 

@@ -185,7 +185,6 @@ class LLMEngine:
         targets = request.prompt_ids[start + 1:start + 1 + logits.shape[0]]
         k = request.params.prompt_logprobs
         request.prompt_logprobs += [token_logprobs(logprobs[i], t, k) for i, t in enumerate(targets)]
-        request.last_prompt_logprobs = logprobs[-1]
 
     # ----------------------------------------------------------------------------------- postprocess
     def _postprocess(self) -> list[RequestOutput]:

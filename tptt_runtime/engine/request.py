@@ -36,6 +36,7 @@ class Request:
     num_computed: int = 0                      # prompt tokens consumed by `state` (cached + prefilled)
     num_cached: int = 0                        # prompt tokens resumed from a snapshot
     pending_logits: torch.Tensor | None = None  # float32 [vocab]: the next token is sampled from these
+    last_logits: torch.Tensor | None = None     # the logits the last output token was sampled from
     output_ids: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     text: TextStream | None = None
