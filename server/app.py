@@ -10,7 +10,7 @@ import hashlib
 import hmac
 import logging
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from functools import lru_cache
 
 from fastapi import Depends, FastAPI, Header
@@ -47,6 +47,7 @@ class ServerContext:
         self.store = self.engine.engine.store
         self.token_text = lru_cache(maxsize=1 << 16)(self._token_text)
         self.started = int(time.time())
+        self.busy_sessions: set[tuple[str, str]] = set()
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
@@ -62,6 +63,20 @@ class ServerContext:
         """Refuse before a stream starts (after that, errors can only travel inside the stream)."""
         if self.engine.num_waiting + num_requests > self.settings.max_waiting:
             raise self.overloaded()
+
+    @contextmanager
+    def session_turn(self, session: Session | None):
+        """One turn at a time per named session: a second concurrent request on it is a 409."""
+        key = session and (session.owner, session.session_id)
+        if key in self.busy_sessions:
+            raise APIError(409, f"session {session.session_id!r} is busy with another request; retry after it",
+                           param="session_id", code="session_busy")
+        if key:
+            self.busy_sessions.add(key)
+        try:
+            yield
+        finally:
+            self.busy_sessions.discard(key)
 
     def check_model(self, name: str | None) -> None:
         if name and name != self.model_name:

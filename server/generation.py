@@ -155,6 +155,12 @@ def close_session(ctx, job: Job, choice: Choice) -> None:
 # -------------------------------------------------------------------------------------------- running
 async def run(ctx, job: Job) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Submit every engine request of `job` and yield (choice index, output) as outputs arrive."""
+    with ctx.session_turn(job.session):
+        async for item in _run(ctx, job):
+            yield item
+
+
+async def _run(ctx, job: Job) -> AsyncIterator[tuple[int, RequestOutput]]:
     requests = job.requests()
     streams = []
     try:

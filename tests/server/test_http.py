@@ -101,6 +101,15 @@ def test_sessions_api(base_url):
     assert_error(post(base_url, CHAT, chat_body(session_id="conv-2", n=2)), 400)
 
 
+def test_one_turn_at_a_time_per_session(base_url):
+    body = chat_body("Tell me a story.", session_id="busy", max_tokens=60, ignore_eos=True)
+    with futures.ThreadPoolExecutor(2) as pool:
+        responses = list(pool.map(lambda _: post(base_url, CHAT, body), range(2)))
+    assert sorted(r.status_code for r in responses) == [200, 409]
+    assert_error(next(r for r in responses if r.status_code == 409), 409)
+    assert httpx.get(base_url + "/v1/sessions/busy").json()["num_messages"] == 2
+
+
 def test_api_keys_and_session_isolation(start_server):
     with start_server(api_key=["key-a", "key-b"]) as (url, _):
         assert_error(post(url, CHAT, chat_body()), 401)
