@@ -5,8 +5,8 @@ through HTTP streaming, as a client sees it:
     decode throughput   one stream vs 16 concurrent streams (aggregate tokens/s), and Hugging Face generate
                         (full KV cache) at batch 1 and 16 in this process
     multi-turn TTFT     a 3-turn chat with `--turn-tokens` user turns: time to first token of turn 3 on the
-                        reusing server vs the same prompt on the server without reuse (cold), and a short
-                        follow-up question as turn 3 (the common chat case)
+                        reusing server vs the same prompt sent cold (to the server without reuse, and to
+                        Hugging Face generate); also with a short follow-up question as turn 3 (the common case)
 Table on stdout, JSON + PNG in --out. Absolute times on shared machines are noise; ratios are the result.
 """
 
@@ -124,6 +124,16 @@ def hf_generate_decode(model, tokenizer, batch: int, max_tokens: int) -> float:
     return batch * (max_tokens - 1) / (total - prefill)
 
 
+def hf_generate_ttft(model, tokenizer, messages: list[dict]) -> float:
+    """Hugging Face generate's time to first token on a prompt sent cold (its prefill + one token)."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        start = time.perf_counter()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False,
+                       pad_token_id=tokenizer.eos_token_id)
+    return time.perf_counter() - start
+
+
 def three_turns(url: str, tokenizer, turn_tokens: int, last_turn: str | None) -> tuple[list[dict], dict]:
     """Turns 1 and 2 on `url`; returns turn 3's messages and turn 3's measurement on the same server."""
     messages = []
@@ -164,6 +174,8 @@ def run(turn_tokens: int, clients: int, decode_tokens: int, out_dir: Path) -> di
     baseline = load_base_model("default")
     hf_single = hf_generate_decode(baseline, tokenizer, 1, decode_tokens)
     hf_many = hf_generate_decode(baseline, tokenizer, clients, decode_tokens)
+    hf_ttft = {"long_turn": hf_generate_ttft(baseline, tokenizer, long_turn3),
+               "short_turn": hf_generate_ttft(baseline, tokenizer, short_turn3)}
     progress.update()
     progress.close()
     results.update({
@@ -171,12 +183,15 @@ def run(turn_tokens: int, clients: int, decode_tokens: int, out_dir: Path) -> di
                          f"hf_generate_{clients}": hf_many,
                          "ours_concurrency_gain": many / single, "hf_concurrency_gain": hf_many / hf_single},
         "turn3_ttft_s": {
-            "long_turn": {"warm": warm_long["ttft_s"], "cold": cold_long["ttft_s"],
+            "long_turn": {"warm": warm_long["ttft_s"], "cold": cold_long["ttft_s"], "hf_cold": hf_ttft["long_turn"],
                           "warm_over_cold": warm_long["ttft_s"] / cold_long["ttft_s"],
+                          "warm_over_hf_cold": warm_long["ttft_s"] / hf_ttft["long_turn"],
                           "prompt_tokens": len(tokenizer.apply_chat_template(long_turn3)["input_ids"]),
                           "cached_tokens": warm_long["cached_tokens"]},
             "short_turn": {"warm": warm_short["ttft_s"], "cold": cold_short["ttft_s"],
+                           "hf_cold": hf_ttft["short_turn"],
                            "warm_over_cold": warm_short["ttft_s"] / cold_short["ttft_s"],
+                           "warm_over_hf_cold": warm_short["ttft_s"] / hf_ttft["short_turn"],
                            "prompt_tokens": len(tokenizer.apply_chat_template(short_turn3)["input_ids"]),
                            "cached_tokens": warm_short["cached_tokens"]}}})
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -193,10 +208,11 @@ def table(results: dict) -> str:
              f"  ours (server)      {d['ours_1']:8.1f}   {d[f'ours_{n}']:10.1f}   {d['ours_concurrency_gain']:5.2f}x",
              f"  HF generate        {d['hf_generate_1']:8.1f}   {d[f'hf_generate_{n}']:10.1f}   "
              f"{d['hf_concurrency_gain']:5.2f}x",
-             "turn-3 time to first token (s)   prompt  cached   warm    cold   warm/cold"]
+             "turn-3 time to first token (s)  prompt  cached   warm    cold  HF cold  warm/cold  warm/HF cold"]
     for name, row in t.items():
-        lines.append(f"  {name:<30} {row['prompt_tokens']:6d}  {row['cached_tokens']:6d}  {row['warm']:6.2f}  "
-                     f"{row['cold']:6.2f}   {row['warm_over_cold']:5.2f}")
+        lines.append(f"  {name:<29} {row['prompt_tokens']:6d}  {row['cached_tokens']:6d}  {row['warm']:6.2f}  "
+                     f"{row['cold']:6.2f}  {row['hf_cold']:7.2f}  {row['warm_over_cold']:9.2f}  "
+                     f"{row['warm_over_hf_cold']:12.2f}")
     return "\n".join(lines)
 
 
@@ -216,8 +232,9 @@ def plot(results: dict, path: Path) -> None:
     left.set_title("concurrent streams")
     names = list(t)
     x = range(len(names))
-    right.bar([i - 0.2 for i in x], [t[k]["warm"] for k in names], 0.4, label="state reuse")
-    right.bar([i + 0.2 for i in x], [t[k]["cold"] for k in names], 0.4, label="cold")
+    right.bar([i - 0.27 for i in x], [t[k]["warm"] for k in names], 0.27, label="ours, state reuse")
+    right.bar(list(x), [t[k]["cold"] for k in names], 0.27, label="ours, cold")
+    right.bar([i + 0.27 for i in x], [t[k]["hf_cold"] for k in names], 0.27, label="HF generate, cold")
     right.set_xticks(list(x), names)
     right.set_ylabel("turn-3 time to first token (s)")
     right.legend()
