@@ -52,6 +52,13 @@ class TitansModel:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         return 2 * cfg.num_hidden_layers * heads * head_dim * self.dtype.itemsize
 
+    def set_mag_weight(self, mag_weight: float) -> None:
+        """Change mu in every LiZA layer (training schedules); states made before are refused afterwards."""
+        self.config = self.config.replace(mag_weight=mag_weight)
+        for layer in self.layers:
+            layer.config = self.config
+        self.refresh_fingerprint()
+
     def refresh_fingerprint(self) -> None:
         """Call after changing weights in place (training): states of the old weights stop being accepted."""
         self.fingerprint = fingerprint(self.hf, self.config)

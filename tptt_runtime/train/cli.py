@@ -1,0 +1,49 @@
+"""`tptt-convert`: base model (local HF dir, .gguf or "default") -> adapter directory, by distillation."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+
+from ..config import TpttConfig
+from .data import DEFAULT_SOURCES
+from .distill import TrainConfig, convert
+from .schedules import SCHEDULES, MagSchedule
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="tptt-convert", description=__doc__)
+    p.add_argument("--base", default="default", help='"default", a .gguf file or a Hugging Face model directory')
+    p.add_argument("--out", required=True, help="adapter directory (checkpoints go there too)")
+    p.add_argument("--window", type=int, default=64)
+    p.add_argument("--sinks", type=int, default=4)
+    p.add_argument("--order", type=int, default=2, choices=(1, 2))
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"])
+    p.add_argument("--schedule", choices=SCHEDULES, default="gradual")
+    p.add_argument("--mag-weight", type=float, default=0.5, help="target (or peak) memory weight mu")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--ce-weight", type=float, default=0.0)
+    p.add_argument("--checkpoint-every", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--text", nargs="+", default=list(DEFAULT_SOURCES), help="glob patterns of training text")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tptt = TpttConfig(window=args.window, sinks=args.sinks, order=args.order, lora_rank=args.lora_rank,
+                      lora_alpha=2 * args.lora_rank, lora_targets=list(args.lora_targets))
+    train = TrainConfig(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
+                        ce_weight=args.ce_weight, checkpoint_every=args.checkpoint_every, seed=args.seed,
+                        schedule=MagSchedule(args.schedule, target=args.mag_weight), text=tuple(args.text))
+    out = convert(args.base, args.out, tptt, train, resume=args.resume, device=args.device)
+    print(f"adapter written to {out}")
+
+
+if __name__ == "__main__":
+    main()

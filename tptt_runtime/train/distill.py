@@ -1,0 +1,167 @@
+"""The conversion run: LoRA on the shared projections, trained to reproduce the base model's own logits.
+
+Loss per step = KL(base || converted) per token (+ `ce_weight` * next-token cross-entropy), with the converted
+model running exactly the serving semantics (window + sinks softmax, DeltaProduct memory, MaG with the
+schedule's weight at that step). Only LoRA weights train. Every `checkpoint_every` steps the LoRA weights,
+optimizer, step and loss history are written atomically to <out>/checkpoint.pt; `resume=True` continues from
+there and, because data order and schedules are functions of the step, ends where an uninterrupted run would.
+The finished adapter is <out>/tptt_config.json + adapter_model.safetensors (loadable by `tptt_runtime.load`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from tqdm import tqdm
+
+from ..adapters import add_lora, save_adapter
+from ..config import TpttConfig
+from ..model import TitansModel
+from . import data
+from .schedules import MagSchedule
+
+log = logging.getLogger(__name__)
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    seq_len: int = 1024
+    batch_size: int = 1
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    ce_weight: float = 0.0                # 0 = pure distillation
+    grad_clip: float = 1.0
+    checkpoint_every: int = 20
+    seed: int = 0
+    schedule: MagSchedule = field(default_factory=MagSchedule)
+    text: tuple[str, ...] = data.DEFAULT_SOURCES
+    max_corpus_tokens: int | None = 4_000_000
+
+    def __post_init__(self):
+        if min(self.steps, self.seq_len, self.batch_size, self.checkpoint_every) < 1 or self.lr <= 0:
+            raise ValueError("steps, seq_len, batch_size, checkpoint_every and lr must be positive")
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ids: torch.Tensor,
+                      ce_weight: float) -> tuple[torch.Tensor, float]:
+    """Mean per-token KL(teacher || student) (+ ce_weight * CE); logits: [B, T, V], ids: [B, T].
+    Returns (loss, KL as a float)."""
+    student = student_logits.float().log_softmax(-1)
+    teacher = teacher_logits.float().log_softmax(-1)
+    kl = F.kl_div(student, teacher, log_target=True, reduction="sum") / ids.numel()
+    loss = kl
+    if ce_weight:
+        loss = loss + ce_weight * F.cross_entropy(student[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    return loss, kl.item()
+
+
+class Trainer:
+    def __init__(self, teacher: torch.nn.Module, student: TitansModel, train: TrainConfig, sequences: torch.Tensor,
+                 out: Path):
+        self.teacher, self.student, self.train, self.sequences, self.out = teacher, student, train, sequences, out
+        add_lora(student.hf, student.config)
+        self.parameters = [p for n, p in student.hf.named_parameters() if "lora_" in n]
+        for name, param in student.hf.named_parameters():
+            param.requires_grad_("lora_" in name)
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=train.lr, weight_decay=0.0)
+        self.order = data.order(len(sequences), train.steps, train.batch_size, train.seed)
+        self.step, self.history = 0, []
+
+    def learning_rate(self, step: int) -> float:
+        """Linear warm-up, then cosine decay to 10 %."""
+        t = self.train
+        if step < t.warmup_steps:
+            return t.lr * (step + 1) / t.warmup_steps
+        progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+        return t.lr * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item()))
+
+    def train_step(self) -> dict:
+        ids = self.sequences[self.order[self.step]].to(self.student.device)  # [B, T]
+        mu = self.train.schedule(self.step, self.train.steps)
+        self.student.set_mag_weight(mu)
+        with torch.no_grad():
+            teacher_logits = self.teacher(input_ids=ids, use_cache=False).logits
+        self.student.hf.train()
+        logits = self.student.hf(input_ids=ids, use_cache=False).logits
+        loss, kl = distillation_loss(logits, teacher_logits, ids, self.train.ce_weight)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate(self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.parameters, self.train.grad_clip)
+        self.optimizer.step()
+        record = {"step": self.step, "kl": kl, "loss": loss.item(), "mag_weight": mu}
+        self.history.append(record)
+        self.step += 1
+        return record
+
+    def run(self) -> list[dict]:
+        bar = tqdm(total=self.train.steps, initial=self.step, desc="tptt-convert", unit="step")
+        while self.step < self.train.steps:
+            record = self.train_step()
+            bar.set_postfix(kl=f"{record['kl']:.3f}", mu=f"{record['mag_weight']:.2f}")
+            bar.update()
+            if self.step % self.train.checkpoint_every == 0 or self.step == self.train.steps:
+                self.save_checkpoint()
+        bar.close()
+        self.student.hf.eval()
+        return self.history
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> None:
+        payload = {"step": self.step, "lora": get_peft_model_state_dict(self.student.hf),
+                   "optimizer": self.optimizer.state_dict(), "history": self.history,
+                   "train": json.dumps(asdict(self.train), default=str)}
+        tmp = self.out / f".{CHECKPOINT}.tmp"
+        torch.save(payload, tmp)
+        os.replace(tmp, self.out / CHECKPOINT)
+
+    def load_checkpoint(self) -> bool:
+        path = self.out / CHECKPOINT
+        if not path.exists():
+            return False
+        payload = torch.load(path, weights_only=False)
+        set_peft_model_state_dict(self.student.hf, payload["lora"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.step, self.history = payload["step"], payload["history"]
+        log.info("resumed %s at step %d", path, self.step)
+        return True
+
+    def save_adapter(self) -> Path:
+        final = self.train.schedule(self.train.steps - 1, self.train.steps)
+        config = self.student.config.replace(mag_weight=final)
+        save_adapter(self.student.hf, config, self.out)
+        (self.out / "training_history.json").write_text(json.dumps(self.history))
+        return self.out
+
+
+def convert(base: str, out: str | Path, tptt: TpttConfig, train: TrainConfig, resume: bool = False,
+            device: str = "cpu") -> Path:
+    """Train an adapter for `base` into `out`; returns the adapter directory."""
+    from transformers import AutoTokenizer
+
+    from ..loading import base_directory, load_base_model
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(train.seed)
+    directory = base_directory(base)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    teacher = load_base_model(directory).to(device)
+    student = TitansModel(load_base_model(directory).to(device), tptt.replace(base_model=str(base)), tokenizer)
+    sequences = data.sequences(tokenizer, train.seq_len, patterns=train.text, max_tokens=train.max_corpus_tokens)
+    log.info("%d training sequences of %d tokens", len(sequences), train.seq_len)
+    trainer = Trainer(teacher, student, train, sequences, out)
+    if resume:
+        trainer.load_checkpoint()
+    trainer.run()
+    return trainer.save_adapter()
