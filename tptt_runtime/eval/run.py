@@ -1,0 +1,185 @@
+"""`tptt-eval`: a converted model against its base, three models side by side, one run.
+
+    base         the unconverted model, full attention (only up to its trained length)
+    window-only  the base weights restricted to the same window + sinks, no memory (mag_weight = 0)
+    converted    the adapter under test
+
+Measures (a) mean KL to the base per token on held-out text at --kl-contexts, (b) passkey retrieval at
+--passkey-contexts (depths 0.1 / 0.5 / 0.9), (c) top-1 agreement with the base's greedy continuation of held-out
+chat prompts (teacher-forced over its first 16 tokens). Table on stdout, JSON + PNG in --out.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..loading import load, load_base_model
+from ..train import data
+from .passkey import passkey_found, passkey_prompt
+
+CHAT_PROMPTS = ["How do I boil an egg?", "Give me three tips for better sleep.", "What is photosynthesis?",
+                "Write a haiku about autumn.", "Explain what a prime number is.", "What should I pack for a hike?",
+                "Why is the sky blue?", "Suggest a name for a black cat.", "How does a bicycle stay upright?",
+                "What is the difference between weather and climate?"]
+DEPTHS = (0.1, 0.5, 0.9)
+AGREEMENT_TOKENS = 16
+
+
+class Base:
+    """The unconverted model with full attention."""
+    name = "base"
+
+    def __init__(self, hf, max_len: int):
+        self.hf, self.max_len = hf, max_len
+
+    @torch.inference_mode()
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        return self.hf(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float()
+
+    @torch.inference_mode()
+    def greedy(self, ids: list[int], n: int) -> list[int]:
+        prompt = torch.tensor([ids])
+        out = self.hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False,
+                               pad_token_id=0)
+        return out[0, len(ids):].tolist()
+
+
+class Converted:
+    """A TitansModel (window-only or with memory), through the serving code paths."""
+
+    def __init__(self, model, name: str):
+        self.model, self.name, self.max_len = model, name, None
+
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        state = self.model.new_session()
+        return self.model.prefill(state, ids, all_logits=True)
+
+    def greedy(self, ids: list[int], n: int) -> list[int]:
+        state, out = self.model.new_session(), []
+        logits = self.model.prefill(state, ids)
+        for _ in range(n):
+            out.append(int(logits.argmax()))
+            logits = self.model.step(state, out[-1])
+        return out
+
+
+def mean_kl(model_logits: torch.Tensor, base_logits: torch.Tensor) -> float:
+    return F.kl_div(model_logits.log_softmax(-1), base_logits.log_softmax(-1), log_target=True,
+                    reduction="sum").item() / base_logits.shape[0]
+
+
+def kl_table(models, base, tokenizer, contexts, per_context: int) -> dict:
+    results = {m.name: {} for m in models}
+    for length in tqdm(contexts, desc="KL"):
+        sequences = data.sequences(tokenizer, length, held_out=True)[:per_context]
+        for ids in sequences.tolist():
+            reference = base.logits(ids)
+            for model in models:
+                results[model.name].setdefault(str(length), []).append(mean_kl(model.logits(ids), reference))
+    return {name: {k: sum(v) / len(v) for k, v in rows.items()} for name, rows in results.items()}
+
+
+def passkey_table(models, tokenizer, contexts, trials: int) -> dict:
+    results = {m.name: {} for m in models}
+    for length in tqdm(contexts, desc="passkey"):
+        for model in models:
+            if model.max_len is not None and length > model.max_len:
+                continue
+            hits = []
+            for trial in range(trials):
+                ids, key = passkey_prompt(tokenizer, length, DEPTHS[trial % len(DEPTHS)], seed=trial)
+                hits.append(passkey_found(tokenizer.decode(model.greedy(ids, 8)), key))
+            results[model.name][str(length)] = sum(hits) / len(hits)
+    return results
+
+
+def agreement_table(models, base, tokenizer) -> dict:
+    results = {m.name: [] for m in models}
+    for prompt in tqdm(CHAT_PROMPTS, desc="agreement"):
+        ids = list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                 add_generation_prompt=True)["input_ids"])
+        reference = base.greedy(ids, AGREEMENT_TOKENS)
+        full = ids + reference
+        for model in models:
+            predicted = model.logits(full)[len(ids) - 1:-1].argmax(-1).tolist()
+            results[model.name].append(sum(p == r for p, r in zip(predicted, reference)) / len(reference))
+    return {name: sum(v) / len(v) for name, v in results.items()}
+
+
+def run(adapter: str, kl_contexts, passkey_contexts, per_context: int, trials: int, out_dir: Path) -> dict:
+    converted = load(adapter)
+    window_only = load("default" if adapter == "default" else converted.config.base_model,
+                       window=converted.config.window, sinks=converted.config.sinks, mag_weight=0.0)
+    tokenizer = converted.tokenizer
+    hf = load_base_model(converted.config.base_model or "default")
+    base = Base(hf, hf.config.max_position_embeddings)
+    models = [base, Converted(window_only, "window-only"), Converted(converted, "converted")]
+    results = {"adapter": adapter, "window": converted.config.window, "sinks": converted.config.sinks,
+               "mag_weight": converted.config.mag_weight,
+               "kl": kl_table(models[1:], base, tokenizer, [c for c in kl_contexts if c <= base.max_len],
+                              per_context),
+               "passkey": passkey_table(models, tokenizer, passkey_contexts, trials),
+               "agreement": agreement_table(models[1:], base, tokenizer)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "eval.json").write_text(json.dumps(results, indent=2))
+    plot(results, out_dir / "eval.png")
+    print(table(results))
+    return results
+
+
+def table(results: dict) -> str:
+    lines = [f"window {results['window']} + {results['sinks']} sinks, mag_weight {results['mag_weight']}",
+             "KL to base (nats/token):"]
+    for name, row in results["kl"].items():
+        lines.append(f"  {name:<12} " + "  ".join(f"{k}: {v:.3f}" for k, v in row.items()))
+    lines.append("passkey accuracy:")
+    for name, row in results["passkey"].items():
+        lines.append(f"  {name:<12} " + "  ".join(f"{k}: {v:.2f}" for k, v in row.items()))
+    lines.append("greedy agreement (first 16 tokens, teacher-forced):")
+    for name, value in results["agreement"].items():
+        lines.append(f"  {name:<12} {value:.2f}")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, row in results["kl"].items():
+        left.plot([int(k) for k in row], list(row.values()), "o-", label=name)
+    left.set_xscale("log", base=2)
+    left.set_xlabel("context tokens")
+    left.set_ylabel("KL to base (nats/token)")
+    left.legend()
+    for name, row in results["passkey"].items():
+        right.plot([int(k) for k in row], list(row.values()), "o-", label=name)
+    right.set_xscale("log", base=2)
+    right.set_xlabel("context tokens")
+    right.set_ylabel("passkey accuracy")
+    right.set_ylim(-0.05, 1.05)
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="tptt-eval", description=__doc__)
+    p.add_argument("adapter", nargs="?", default="default", help='"default" or an adapter directory')
+    p.add_argument("--kl-contexts", type=int, nargs="+", default=[512, 2048, 8192])
+    p.add_argument("--passkey-contexts", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--per-context", type=int, default=2, help="held-out sequences per KL context")
+    p.add_argument("--trials", type=int, default=3, help="passkey prompts per context (depths 0.1, 0.5, 0.9)")
+    p.add_argument("--out", type=Path, default=Path("eval-results"))
+    args = p.parse_args(argv)
+    run(args.adapter, args.kl_contexts, args.passkey_contexts, args.per_context, args.trials, args.out)
