@@ -33,6 +33,23 @@ def test_incremental_equals_full_with_memory_on():
     assert worst <= 2e-3
 
 
+def test_bfloat16_weights_with_float32_memory():
+    """The compose stack serves bfloat16 weights: window cache in bf16, DeltaProduct memory kept in fp32."""
+    model = tr.load("default", dtype=torch.bfloat16, mag_weight=0.5)
+    state = model.new_session()
+    logits = model.prefill(state, list(range(100, 300)))
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    assert state.layers[0]["memory"].dtype == torch.float32 and state.layers[0]["win_k"].dtype == torch.bfloat16
+    model.set_mag_weight(0.0)  # the untrained memory garbles text; the window branch must still answer in bf16
+    state = model.new_session()
+    logits = model.prefill(state, chat_ids(model, "What is the capital of France?"))
+    answer = []
+    for _ in range(8):
+        answer.append(int(logits.argmax()))
+        logits = model.step(state, answer[-1])
+    assert "Paris" in model.tokenizer.decode(answer)
+
+
 def test_answers_a_simple_question(default_model):
     state = default_model.new_session()
     logits = default_model.prefill(state, chat_ids(default_model, "What is the capital of France?"))

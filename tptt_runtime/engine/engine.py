@@ -63,6 +63,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.config.max_num_seqs, self.config.max_num_batched_tokens, self._admit,
                                    wait_for_duplicates=self.config.prefix_reuse)
         self.requests: dict[str, Request] = {}
+        self.kv_bytes_per_token = model.kv_cache_bytes_per_token  # the baseline's bytes per context token
 
     # ------------------------------------------------------------------------------------------ API
     def validate(self, request: Request) -> None:
@@ -113,10 +114,6 @@ class LLMEngine:
             "kv_cache_equivalent_bytes": (running_tokens + store["resident_tokens"]) * self.kv_bytes_per_token,
             **store,
         }
-
-    @property
-    def kv_bytes_per_token(self) -> int:
-        return self.model.kv_cache_bytes_per_token
 
     # -------------------------------------------------------------------------------------- schedule
     def _admit(self, request: Request) -> None:
