@@ -25,7 +25,7 @@ def make_trainer(out, steps, schedule=MagSchedule("constant", target=0.5)):
     torch.manual_seed(0)
     sequences = torch.randint(3, 97, (6, 48))
     student = TitansModel(peaked_model(), TPTT)
-    train = TrainConfig(steps=steps, seq_len=48, lr=3e-2, warmup_steps=1, checkpoint_every=2, schedule=schedule)
+    train = TrainConfig(steps=steps, seq_len=48, lr=1e-2, warmup_steps=1, checkpoint_every=2, schedule=schedule)
     return Trainer(peaked_model(), student, train, sequences, out)
 
 
@@ -42,7 +42,7 @@ def test_a_few_steps_lower_the_distillation_loss(tmp_path):
     ids = trainer.sequences[:2]
     before = held_out_kl(trainer, ids)
     trainer.run()
-    assert held_out_kl(trainer, ids) < 0.8 * before  # measured: 4.96 -> 3.49
+    assert held_out_kl(trainer, ids) < 0.8 * before  # measured: 0.26 -> 0.13
 
 
 def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path):

@@ -157,10 +157,15 @@ class LiZAttention(nn.Module):
         batch, heads, seq_len, dim = softmax_out.shape
         softmax_out = softmax_out.transpose(1, 2).reshape(batch, seq_len, heads * dim)
         linear_out = linear_out.transpose(1, 2).reshape(batch, seq_len, heads * dim)
-        linear_out = (linear_out * torch.rsqrt(linear_out.pow(2).mean(-1, keepdim=True) + 1e-6))
-        linear_out = linear_out.to(softmax_out.dtype)
+        linear_out = linear_out * torch.rsqrt(linear_out.pow(2).mean(-1, keepdim=True) + 1e-6)  # unit RMS
+        linear_out = (linear_out * _rms(softmax_out)).to(softmax_out.dtype)  # ... then the softmax branch's RMS
         mu = self.config.mag_weight
         if not self.config.cross_gate:
             return self.o_proj((1 - mu) * softmax_out + mu * linear_out)
         softmax_part, linear_part = (1 - mu) * self.o_proj(softmax_out), mu * self.o_proj(linear_out)
         return softmax_part + linear_part + softmax_part * linear_part
+
+
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    """Root mean square over the last dim, float32, kept as [..., 1]."""
+    return x.float().pow(2).mean(-1, keepdim=True).sqrt()
