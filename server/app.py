@@ -24,6 +24,7 @@ from . import errors
 from .chat import create_chat_completion
 from .completions import create_completion
 from .errors import APIError
+from .limits import BodyLimit
 from .generation import chat_messages, render_chat
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ForkRequest, TokenizeRequest
@@ -112,6 +113,7 @@ def create_app(settings: Settings, model: TitansModel) -> FastAPI:
                   description="OpenAI-compatible server for TPTT-converted models (constant-size session state)")
     app.state.ctx = ctx
     errors.install(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
 
     def owner(authorization: str | None = Header(default=None)) -> str:
         """The caller's namespace: a hash of its API key (or "anonymous" when the server has no keys)."""

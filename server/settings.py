@@ -29,6 +29,7 @@ HELP = {
     "store_bytes": "bytes of resident state snapshots (LRU beyond, spilled to --store-dir)",
     "store_dir": "directory where snapshots and named sessions spill and persist across restarts",
     "store_disk_bytes": "cap on unpinned snapshot files in --store-dir (0 = no cap)",
+    "max_body_bytes": "largest accepted request body (413 beyond)",
     "log_level": "debug, info, warning, error",
     "log_prompts": "log prompt text (off by default: prompts never reach the logs)",
 }
@@ -52,6 +53,7 @@ class Settings:
     store_bytes: int = 1 << 30
     store_dir: str = ""
     store_disk_bytes: int = 0
+    max_body_bytes: int = 16 << 20
     log_level: str = "info"
     log_prompts: bool = False
 

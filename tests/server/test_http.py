@@ -51,6 +51,17 @@ def test_malformed_json_and_bad_prompts(base_url):
     assert_error(post(base_url, "/v1/completions", {"model": MODEL, "prompt": "x", "suffix": "y"}), 400)
 
 
+def test_oversized_bodies_are_413_and_the_server_goes_on(start_server):
+    with start_server(max_body_bytes=1000) as (url, _):
+        response = post(url, "/v1/completions", {"model": MODEL, "prompt": "x" * 5000})
+        assert_error(response, 413)
+        pieces = [b'{"model": "' + MODEL.encode() + b'", "prompt": "', b"y" * 3000, b'"}']
+        chunked = httpx.post(url + "/v1/completions", content=iter(pieces),  # no Content-Length: chunked
+                             headers={"content-type": "application/json"})
+        assert_error(chunked, 413)
+        assert post(url, "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
 def test_unknown_model_and_unknown_session_are_404(base_url):
     response = post(base_url, CHAT, chat_body() | {"model": "gpt-9"})
     assert_error(response, 404)
