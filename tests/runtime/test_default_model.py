@@ -41,23 +41,21 @@ def test_bfloat16_weights_with_float32_memory():
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
     assert state.layers[0]["memory"].dtype == torch.float32 and state.layers[0]["win_k"].dtype == torch.bfloat16
     model.set_mag_weight(0.0)  # the untrained memory garbles text; the window branch must still answer in bf16
+    assert "Paris" in greedy_answer(model, "What is the capital of France?", 8)
+
+
+def greedy_answer(model, question: str, max_tokens: int) -> str:
     state = model.new_session()
-    logits = model.prefill(state, chat_ids(model, "What is the capital of France?"))
+    logits = model.prefill(state, chat_ids(model, question))
     answer = []
-    for _ in range(8):
+    for _ in range(max_tokens):
         answer.append(int(logits.argmax()))
         logits = model.step(state, answer[-1])
-    assert "Paris" in model.tokenizer.decode(answer)
+    return model.tokenizer.decode(answer)
 
 
 def test_answers_a_simple_question(default_model):
-    state = default_model.new_session()
-    logits = default_model.prefill(state, chat_ids(default_model, "What is the capital of France?"))
-    answer = []
-    for _ in range(10):
-        answer.append(int(logits.argmax()))
-        logits = default_model.step(state, answer[-1])
-    assert "Paris" in default_model.tokenizer.decode(answer)
+    assert "Paris" in greedy_answer(default_model, "What is the capital of France?", 10)
 
 
 @pytest.mark.slow
