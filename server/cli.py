@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         sys.exit(f"tptt-serve: {error}")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
     logging.getLogger("tptt-serve").info("loading %s", settings.model)
     try:
         model = tr.load(settings.model, device=settings.device, dtype=getattr(torch, settings.dtype))

@@ -20,6 +20,7 @@ HELP = {
     "api_key": "accepted API key(s); none = no authentication. Sessions belong to the key that made them",
     "device": "torch device (cpu, cuda)",
     "dtype": "weights dtype (float32, bfloat16, float16); states are always float32",
+    "threads": "torch CPU threads (0 = torch's default; 1 helps on hosts shared with other busy processes)",
     "max_num_seqs": "requests decoded together at most",
     "max_num_batched_tokens": "tokens per engine step (decode rows + prefill chunks)",
     "max_waiting": "queued requests beyond which new ones get 429",
@@ -44,6 +45,7 @@ class Settings:
     api_key: list[str] = field(default_factory=list)
     device: str = "cpu"
     dtype: str = "float32"
+    threads: int = 0
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 1024
     max_waiting: int = 256
@@ -62,6 +64,8 @@ class Settings:
             raise ValueError("port must be in 1..65535")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError("dtype must be float32, bfloat16 or float16")
+        if self.threads < 0:
+            raise ValueError("threads must be >= 0")
         if self.max_tokens_limit < 1:
             raise ValueError("max_tokens_limit must be >= 1")
         self.engine_config()  # validates the engine's share
