@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from .errors import APIError
-from .generation import (Choice, Job, chat_messages, collect, json_response, new_id, open_session, render_chat,
+from .generation import (Choice, Job, chat_messages, collect, new_id, open_session, render_chat,
                          sampling_params, stream_events, stream_response, usage)
 from .protocol import ChatCompletionRequest
 
@@ -24,12 +24,12 @@ async def create_chat_completion(ctx, body: ChatCompletionRequest, owner: str, s
         ctx.check_capacity(body.n)
         return stream_response(stream_chat(ctx, job, body))
     choices = await collect(ctx, job)
-    return json_response({
+    return {
         "id": job.request_id, "object": "chat.completion", "created": int(time.time()), "model": ctx.model_name,
         "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                      "logprobs": chat_logprobs(ctx, c.logprobs) if body.logprobs else None,
                      "finish_reason": c.finish_reason} for c in choices],
-        "usage": usage(choices, job)})
+        "usage": usage(choices, job)}
 
 
 def chat_logprobs(ctx, entries) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from .errors import APIError
-from .generation import (Choice, Job, collect, completion_prompts, json_response, new_id, open_session,
+from .generation import (Choice, Job, collect, completion_prompts, new_id, open_session,
                          sampling_params, stream_events, stream_response, usage)
 from .protocol import CompletionRequest
 
@@ -32,10 +32,10 @@ async def create_completion(ctx, body: CompletionRequest, owner: str, session_he
         ctx.check_capacity(len(prompts) * body.n)
         return stream_response(stream_completion(ctx, job, body))
     choices = await collect(ctx, job)
-    return json_response({
+    return {
         "id": job.request_id, "object": "text_completion", "created": int(time.time()), "model": ctx.model_name,
         "choices": [completion_choice(ctx, c, body.echo, body.logprobs) for c in choices],
-        "usage": usage(choices, job)})
+        "usage": usage(choices, job)}
 
 
 def completion_choice(ctx, choice: Choice, echo: bool, logprobs: int | None) -> dict:

@@ -15,7 +15,6 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
 from tptt_runtime.engine import EngineOverloaded, FinishReason, Request, RequestOutput, SamplingParams, Session, TokenLogprobs
@@ -264,7 +263,3 @@ def new_id(prefix: str) -> str:
 
 def stream_response(events: AsyncIterator[dict]) -> EventSourceResponse:
     return EventSourceResponse(events, ping=15, headers={"Cache-Control": "no-cache"})
-
-
-def json_response(payload: dict) -> JSONResponse:
-    return JSONResponse(payload)

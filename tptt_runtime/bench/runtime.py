@@ -19,6 +19,7 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from ..loading import load, load_base_model
+from . import report
 
 
 def _timed(fn):
@@ -67,12 +68,7 @@ def run(contexts: list[int], ours_only_above: int, decode_tokens: int, mag_weigh
     result = {"model": "default (SmolLM2-135M-Instruct)", "config": ours.config.to_dict(),
               "threads": torch.get_num_threads(), "decode_tokens": decode_tokens, "rows": rows,
               "ratios": ratios(rows)}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "runtime.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(rows, out_dir / "runtime.png")
-    print(table(rows))
-    print(json.dumps(result["ratios"], indent=2))
-    print(f"wrote {out_dir / 'runtime.json'} and {out_dir / 'runtime.png'}")
+    report.write(out_dir, "runtime", result, figure(rows), table(rows) + "\n" + json.dumps(result["ratios"], indent=2))
     return result
 
 
@@ -102,13 +98,8 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+def figure(rows: list[dict]):
+    fig, axes = report.subplots(1, 3, figsize=(15, 4.2))
     panels = [("prefill_tok_s", "prefill tokens/s", 1.0), ("decode_ms", "decode ms/token", 1.0),
               ("state_bytes", "session memory (MB)", 1e-6)]
     for ax, (key, title, scale) in zip(axes, panels):
@@ -125,5 +116,4 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.set_yscale("log")
     axes[0].legend()
     fig.suptitle("SmolLM2-135M-Instruct, CPU, float32: TPTT runtime vs Hugging Face (same process)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    return fig

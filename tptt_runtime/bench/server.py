@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from ..loading import load_base_model
+from . import report
 
 SENTENCES = ["The river ran past the old mill where the miller counted sacks of grain.",
              "In spring the orchards bloomed and the bees worked from dawn until dusk.",
@@ -194,10 +195,7 @@ def run(turn_tokens: int, clients: int, decode_tokens: int, out_dir: Path) -> di
                            "warm_over_hf_cold": warm_short["ttft_s"] / hf_ttft["short_turn"],
                            "prompt_tokens": len(tokenizer.apply_chat_template(short_turn3)["input_ids"]),
                            "cached_tokens": warm_short["cached_tokens"]}}})
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "server.json").write_text(json.dumps(results, indent=2))
-    plot(results, out_dir / "server.png")
-    print(table(results))
+    report.write(out_dir, "server", results, figure(results), table(results))
     return results
 
 
@@ -216,15 +214,10 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def figure(results: dict):
     n = results["clients"]
     d, t = results["decode_tok_s"], results["turn3_ttft_s"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, right) = report.subplots(1, 2, figsize=(11, 4))
     labels = ["ours 1", f"ours {n}", "HF 1", f"HF {n}"]
     left.bar(labels, [d["ours_1"], d[f"ours_{n}"], d["hf_generate_1"], d[f"hf_generate_{n}"]],
              color=["C0", "C0", "C1", "C1"])
@@ -238,6 +231,4 @@ def plot(results: dict, path: Path) -> None:
     right.set_xticks(list(x), names)
     right.set_ylabel("turn-3 time to first token (s)")
     right.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig

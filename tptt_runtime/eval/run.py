@@ -11,13 +11,13 @@ chat prompts (teacher-forced over its first 16 tokens). Table on stdout, JSON + 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..bench import report
 from ..loading import load, load_base_model
 from ..train import data
 from .passkey import passkey_found, passkey_prompt
@@ -125,10 +125,7 @@ def run(adapter: str, kl_contexts, passkey_contexts, per_context: int, trials: i
                               per_context),
                "passkey": passkey_table(models, tokenizer, passkey_contexts, trials),
                "agreement": agreement_table(models[1:], base, tokenizer)}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "eval.json").write_text(json.dumps(results, indent=2))
-    plot(results, out_dir / "eval.png")
-    print(table(results))
+    report.write(out_dir, "eval", results, figure(results), table(results))
     return results
 
 
@@ -146,13 +143,8 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+def figure(results: dict):
+    fig, (left, right) = report.subplots(1, 2, figsize=(11, 4))
     for name, row in results["kl"].items():
         left.plot([int(k) for k in row], list(row.values()), "o-", label=name)
     left.set_xscale("log", base=2)
@@ -166,9 +158,7 @@ def plot(results: dict, path: Path) -> None:
     right.set_ylabel("passkey accuracy")
     right.set_ylim(-0.05, 1.05)
     right.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> None:
