@@ -60,11 +60,6 @@ class ServerContext:
         return APIError(429, "the server is at capacity; retry shortly", code="overloaded",
                         headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
-    def check_capacity(self, num_requests: int) -> None:
-        """Refuse before a stream starts (after that, errors can only travel inside the stream)."""
-        if self.engine.num_waiting + num_requests > self.settings.max_waiting:
-            raise self.overloaded()
-
     @contextmanager
     def session_turn(self, session: Session | None):
         """One turn at a time per named session: a second concurrent request on it is a 409."""

@@ -6,7 +6,7 @@ import time
 
 from .errors import APIError
 from .generation import (Choice, Job, chat_messages, collect, new_id, open_session, render_chat,
-                         sampling_params, stream_events, stream_response, usage)
+                         sampling_params, stream, usage)
 from .protocol import ChatCompletionRequest
 
 
@@ -21,8 +21,7 @@ async def create_chat_completion(ctx, body: ChatCompletionRequest, owner: str, s
     params = [[sampling_params(body, ctx, max_tokens, i, logprobs) for i in range(body.n)]]
     job = Job(new_id("chatcmpl"), [prompt_ids], params, owner, session, messages)
     if body.stream:
-        ctx.check_capacity(body.n)
-        return stream_response(stream_chat(ctx, job, body))
+        return await stream_chat(ctx, job, body)
     choices = await collect(ctx, job)
     return {
         "id": job.request_id, "object": "chat.completion", "created": int(time.time()), "model": ctx.model_name,
@@ -41,7 +40,7 @@ def chat_logprobs(ctx, entries) -> dict:
                          "top_logprobs": [item(t, lp) for t, lp in e.top.items()]} for e in entries]}
 
 
-def stream_chat(ctx, job: Job, body: ChatCompletionRequest):
+async def stream_chat(ctx, job: Job, body: ChatCompletionRequest):
     def opening(choice: Choice) -> list[dict]:
         return [{"index": choice.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                  "finish_reason": None}]
@@ -57,4 +56,4 @@ def stream_chat(ctx, job: Job, body: ChatCompletionRequest):
                         "finish_reason": output.finish_reason})
         return out
 
-    return stream_events(ctx, job, body, "chat.completion.chunk", opening, entries)
+    return await stream(ctx, job, body, "chat.completion.chunk", opening, entries)

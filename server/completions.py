@@ -6,7 +6,7 @@ import time
 
 from .errors import APIError
 from .generation import (Choice, Job, collect, completion_prompts, new_id, open_session,
-                         sampling_params, stream_events, stream_response, usage)
+                         sampling_params, stream, usage)
 from .protocol import CompletionRequest
 
 
@@ -29,8 +29,7 @@ async def create_completion(ctx, body: CompletionRequest, owner: str, session_he
               for _ in prompts]
     job = Job(new_id("cmpl"), prompts, params, owner, session)
     if body.stream:
-        ctx.check_capacity(len(prompts) * body.n)
-        return stream_response(stream_completion(ctx, job, body))
+        return await stream_completion(ctx, job, body)
     choices = await collect(ctx, job)
     return {
         "id": job.request_id, "object": "text_completion", "created": int(time.time()), "model": ctx.model_name,
@@ -64,7 +63,7 @@ def completion_logprobs(ctx, choice: Choice, echo: bool, token_ids=None, entries
             "text_offset": offsets}
 
 
-def stream_completion(ctx, job: Job, body: CompletionRequest):
+async def stream_completion(ctx, job: Job, body: CompletionRequest):
     def opening(choice: Choice) -> list[dict]:
         if not body.echo:
             return []
@@ -83,4 +82,4 @@ def stream_completion(ctx, job: Job, body: CompletionRequest):
         return [{"index": choice.index, "text": output.text, "logprobs": logprobs,
                  "finish_reason": output.finish_reason}]
 
-    return stream_events(ctx, job, body, "text_completion", opening, entries)
+    return await stream(ctx, job, body, "text_completion", opening, entries)

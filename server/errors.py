@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+log = logging.getLogger(__name__)
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
          409: "conflict_error", 413: "invalid_request_error", 429: "rate_limit_error",
          500: "server_error", 503: "service_unavailable_error"}
@@ -52,5 +55,7 @@ def install(app: FastAPI) -> None:
         return APIError(error.status_code, str(error.detail), headers=getattr(error, "headers", None)).response()
 
     @app.exception_handler(Exception)
-    async def unexpected(_: Request, error: Exception):
+    async def unexpected(request: Request, error: Exception):
+        log.error("unhandled %s on %s %s", type(error).__name__, request.method, request.url.path,
+                  exc_info=error)
         return APIError(500, f"internal error: {type(error).__name__}", kind="server_error").response()

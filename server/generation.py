@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -22,6 +24,7 @@ from tptt_runtime.engine import EngineOverloaded, FinishReason, Request, Request
 from .errors import APIError
 from .protocol import CompletionRequest, SamplingFields
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class Choice:
@@ -152,14 +155,30 @@ def close_session(ctx, job: Job, choice: Choice) -> None:
 
 
 # -------------------------------------------------------------------------------------------- running
-async def run(ctx, job: Job) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Submit every engine request of `job` and yield (choice index, output) as outputs arrive."""
+QUEUED = None  # the first item `run` yields: every engine request of the job is queued
+
+
+async def run(ctx, job: Job) -> AsyncIterator[tuple[int, RequestOutput] | None]:
+    """Queue every engine request of `job`, yield QUEUED, then (choice index, output) as outputs arrive.
+    Refusals (409 busy session, 429 overload, 400) raise before QUEUED, so a caller that waits for it can still
+    answer with a status code. Logs one line when queued and one at the end; prompt text only with
+    --log-prompts. Leaving early (a disconnect) aborts what is still running."""
     with ctx.session_turn(job.session):
-        async for item in _run(ctx, job):
-            yield item
+        streams = submit(ctx, job)
+        log_queued(ctx, job)
+        started, tokens, reasons = time.monotonic(), 0, Counter()
+        try:
+            yield QUEUED
+            async for index, output in merge(streams):
+                tokens += len(output.token_ids)
+                reasons.update([output.finish_reason] if output.finish_reason else [])
+                yield index, output
+        finally:
+            log.info("%s: %d tokens in %.2f s, finished %s", job.request_id, tokens, time.monotonic() - started,
+                     dict(reasons) if reasons else "before any output")
 
 
-async def _run(ctx, job: Job) -> AsyncIterator[tuple[int, RequestOutput]]:
+def submit(ctx, job: Job) -> list[AsyncIterator[RequestOutput]]:
     requests = job.requests()
     streams = []
     try:
@@ -173,6 +192,20 @@ async def _run(ctx, job: Job) -> AsyncIterator[tuple[int, RequestOutput]]:
         if isinstance(error, ValueError):
             raise APIError(400, str(error)) from None
         raise
+    return streams
+
+
+def log_queued(ctx, job: Job) -> None:
+    log.info("%s: %d prompt(s) of %s tokens, %d choice(s) each%s", job.request_id, len(job.prompts),
+             "/".join(str(len(p)) for p in job.prompts), len(job.params[0]),
+             f", session {job.session.session_id!r}" if job.session else "")
+    if ctx.settings.log_prompts:
+        for prompt in job.prompts:
+            log.info("%s prompt: %r", job.request_id, ctx.detokenize(prompt))
+
+
+async def merge(streams) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(stream index, output) from several output streams, in arrival order."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, stream) -> None:
@@ -200,18 +233,31 @@ async def _run(ctx, job: Job) -> AsyncIterator[tuple[int, RequestOutput]]:
 async def collect(ctx, job: Job) -> list[Choice]:
     """Run `job` to the end (non-streaming) and record the turn in its session."""
     choices = new_choices(job)
-    async for index, output in run(ctx, job):
+    async for item in run(ctx, job):
+        if item is QUEUED:
+            continue
+        index, output = item
         check_failed(output)
         choices[index].add(output)
     close_session(ctx, job, choices[0])
     return choices
 
 
+async def stream(ctx, job: Job, body: SamplingFields, kind: str, opening, entries) -> EventSourceResponse:
+    """The SSE response of a streaming job, returned once the job is queued (refusals raise before it starts):
+    `opening(choice)` and `entries(choice, output)` give the choice objects of the first chunks and of each
+    engine output; then the usage chunk (when asked for) and [DONE]."""
+    events = stream_events(ctx, job, body, kind, opening, entries)
+    await anext(events)  # queues the job
+    return EventSourceResponse(events, ping=15, headers={"Cache-Control": "no-cache"})
+
+
 async def stream_events(ctx, job: Job, body: SamplingFields, kind: str, opening, entries):
-    """SSE events of a streaming job: `opening(choice)` and `entries(choice, output)` give the choice objects
-    of the first chunks and of each engine output; then the usage chunk (when asked for) and [DONE]."""
     choices = new_choices(job)
     created = int(time.time())
+    outputs = run(ctx, job)
+    await anext(outputs)  # QUEUED, or the refusal raises to `stream`
+    yield None
 
     def chunk(choice_list: list[dict], **extra) -> dict:
         return sse({"id": job.request_id, "object": kind, "created": created, "model": ctx.model_name,
@@ -221,7 +267,7 @@ async def stream_events(ctx, job: Job, body: SamplingFields, kind: str, opening,
         for choice in choices:
             for entry in opening(choice):
                 yield chunk([entry])
-        async for index, output in run(ctx, job):
+        async for index, output in outputs:
             check_failed(output)
             choices[index].add(output)
             for entry in entries(choices[index], output):
@@ -231,6 +277,8 @@ async def stream_events(ctx, job: Job, body: SamplingFields, kind: str, opening,
             yield chunk([], usage=usage(choices, job))
     except APIError as error:
         yield sse(error.body())
+    finally:
+        await outputs.aclose()
     yield {"data": "[DONE]"}
 
 
@@ -259,7 +307,3 @@ def sse(payload: dict) -> dict:
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def stream_response(events: AsyncIterator[dict]) -> EventSourceResponse:
-    return EventSourceResponse(events, ping=15, headers={"Cache-Control": "no-cache"})

@@ -22,6 +22,8 @@ GAUGES = {  # metric -> (engine stats key, help)
     "tptt_session_state_bytes": ("session_state_bytes", "Bytes of resident session states (running + snapshots)"),
     "tptt_kv_cache_equivalent_bytes": ("kv_cache_equivalent_bytes",
                                        "Bytes a full KV cache would need for the same resident contexts"),
+    "tptt_snapshot_resident_bytes": ("resident_bytes", "Bytes of state snapshots in memory (LRU under the budget)"),
+    "tptt_snapshot_budget_bytes": ("budget_bytes", "Budget for resident snapshots (--store-bytes)"),
     "tptt_snapshots_resident": ("snapshots_resident", "State snapshots in memory"),
     "tptt_snapshots_on_disk": ("snapshots_on_disk", "State snapshots on disk"),
     "tptt_sessions_resident": ("sessions_resident", "Named sessions whose states are in memory"),

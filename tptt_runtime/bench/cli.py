@@ -22,6 +22,13 @@ def main(argv: list[str] | None = None) -> None:
     server.add_argument("--clients", type=int, default=16)
     server.add_argument("--decode-tokens", type=int, default=64)
     server.add_argument("--out", type=Path, default=Path("bench-results"))
+    load = sub.add_parser("load", help="bounded load test (loopback): N clients for a while, errors, p50/p99, memory")
+    load.add_argument("--clients", type=int, default=64)
+    load.add_argument("--duration", type=float, default=120.0, help="seconds")
+    load.add_argument("--max-tokens", type=int, default=32)
+    load.add_argument("--store-bytes", type=int, default=64 << 20, help="the server's resident snapshot budget")
+    load.add_argument("--max-waiting", type=int, default=32, help="the server's queue bound (429 beyond)")
+    load.add_argument("--out", type=Path, default=Path("bench-results"))
     args = parser.parse_args(argv)
     if args.bench == "runtime":
         from .runtime import run
@@ -31,6 +38,10 @@ def main(argv: list[str] | None = None) -> None:
         from .server import run as run_server
 
         run_server(args.turn_tokens, args.clients, args.decode_tokens, args.out)
+    elif args.bench == "load":
+        from .load import run as run_load
+
+        run_load(args.clients, args.duration, args.max_tokens, args.store_bytes, args.max_waiting, args.out)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """`tptt-bench server`: the served model under concurrency and multi-turn reuse, against baselines, one run.
 
-Starts `python -m server` as subprocesses on loopback (one with prefix-state reuse, one without) and measures
+Starts `python -m server` as subprocesses (serving.py) on loopback (one with prefix-state reuse, one without) and measures
 through HTTP streaming, as a client sees it:
     decode throughput   one stream vs 16 concurrent streams (aggregate tokens/s), and Hugging Face generate
                         (full KV cache) at batch 1 and 16 in this process
@@ -13,13 +13,8 @@ Table on stdout, JSON + PNG in --out. Absolute times on shared machines are nois
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -28,6 +23,7 @@ from tqdm import tqdm
 
 from ..loading import load_base_model
 from . import report
+from .serving import served
 
 SENTENCES = ["The river ran past the old mill where the miller counted sacks of grain.",
              "In spring the orchards bloomed and the bees worked from dawn until dusk.",
@@ -43,31 +39,6 @@ def filler(tokenizer, tokens: int, seed: int) -> str:
         text += SENTENCES[i % len(SENTENCES)] + " "
         i += 3
     return text
-
-
-@contextmanager
-def served(*flags: str):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "TPTT_LOG_LEVEL": "warning"}
-    process = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port), *flags], env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.5)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
 
 
 def stream_chat(url: str, messages: list[dict], max_tokens: int, **extra) -> dict:
@@ -157,7 +128,8 @@ def run(turn_tokens: int, clients: int, decode_tokens: int, out_dir: Path) -> di
     tokenizer = AutoTokenizer.from_pretrained(directory)
     results = {"turn_tokens": turn_tokens, "clients": clients, "decode_tokens": decode_tokens}
     progress = tqdm(total=6, desc="tptt-bench server")
-    with served() as url:
+    with served() as server:
+        url = server.url
         stream_chat(url, [{"role": "user", "content": "Hi"}], 4)  # warm-up
         single = concurrent_decode(url, 1, decode_tokens)
         progress.update()
@@ -167,7 +139,8 @@ def run(turn_tokens: int, clients: int, decode_tokens: int, out_dir: Path) -> di
         progress.update()
         short_turn3, warm_short = three_turns(url, tokenizer, turn_tokens, "What was the first text about?")
         progress.update()
-    with served("--no-prefix-reuse") as url:
+    with served("--no-prefix-reuse") as server:
+        url = server.url
         stream_chat(url, [{"role": "user", "content": "Hi"}], 4)
         cold_long = stream_chat(url, long_turn3, 32)
         cold_short = stream_chat(url, short_turn3, 32)

@@ -87,10 +87,13 @@ class AsyncEngine:
                     self.condition.wait()
                 if self.stopping:
                     return
-                inbox, self.inbox = self.inbox, []
+                # admitted under the lock, with the count refreshed, so that `submit` never sees a request in
+                # neither the inbox nor the count (it would accept more than the engine will queue)
+                for request in self.inbox:
+                    self._add(request)
+                self.inbox = []
+                self.stats = {**self.stats, "num_waiting": len(self.engine.scheduler.waiting)}
                 aborts, self.aborts = self.aborts, []
-            for request in inbox:
-                self._add(request)
             for request_id in aborts:
                 self.engine.abort(request_id)
             try:

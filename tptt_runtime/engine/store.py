@@ -99,7 +99,8 @@ class SessionStore:
             if old is not None and old.state is not None:
                 self.resident.move_to_end(key)
                 return key
-            snapshot = Snapshot(key, namespace, ids, state, logits, state.nbytes,
+            nbytes = state.nbytes + (logits.numel() * logits.element_size() if logits is not None else 0)
+            snapshot = Snapshot(key, namespace, ids, state, logits, nbytes,
                                 on_disk=old.on_disk if old else False, pins=old.pins if old else 0)
             self._add(snapshot)
             self._make_resident(snapshot)
@@ -174,6 +175,7 @@ class SessionStore:
                 "snapshots_resident": len(resident),
                 "snapshots_on_disk": sum(s.on_disk for s in self.snapshots.values()),
                 "resident_bytes": self.resident_bytes,
+                "budget_bytes": self.max_bytes,
                 "resident_tokens": sum(len(s.ids) for s in resident),
                 "sessions": len(self.sessions),
                 "sessions_resident": (resident_sessions := sum(
@@ -275,7 +277,10 @@ class SessionStore:
         return state, tensors.get("logits")
 
     def _index_disk(self) -> None:
-        """Rebuild the index from the files a previous run left (restart survival)."""
+        """Rebuild the index from the files a previous run left (restart survival); delete the temp files of
+        writes a crash interrupted (they were never renamed, so nothing refers to them)."""
+        for path in self.disk_dir.glob("*/.*.tmp"):
+            path.unlink(missing_ok=True)
         for path in sorted(self.disk_dir.glob("snapshots/*.safetensors")):
             try:
                 with safe_open(path, "pt") as f:
