@@ -38,7 +38,7 @@ class SamplingFields(Body):
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None  # torch.Generator's range
     user: str | None = None
     top_k: Annotated[int, Field(ge=-1)] | None = None
     min_p: Prob | None = None

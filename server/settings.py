@@ -55,7 +55,7 @@ class Settings:
     store_bytes: int = 1 << 30
     store_dir: str = ""
     store_disk_bytes: int = 0
-    max_body_bytes: int = 16 << 20
+    max_body_bytes: int = 8 << 20
     log_level: str = "info"
     log_prompts: bool = False
 
