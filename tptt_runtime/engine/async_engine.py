@@ -32,7 +32,7 @@ class AsyncEngine:
         self.listeners: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="tptt-engine", daemon=True)
-        self.stats = engine.stats()
+        self.stats = engine.load()  # refreshed every step; `full_stats()` adds the store's counts
 
     def start(self) -> None:
         self.thread.start()
@@ -44,6 +44,10 @@ class AsyncEngine:
         if self.thread.is_alive():
             self.thread.join(timeout=30)
         self.engine.store.flush()
+
+    def full_stats(self) -> dict[str, int]:
+        """The latest step's load plus the store's counts now (for /metrics)."""
+        return self.engine.stats(self.stats)
 
     @property
     def num_waiting(self) -> int:
@@ -101,7 +105,7 @@ class AsyncEngine:
             except Exception:  # noqa: BLE001 - the loop must survive; the step's requests were already failed
                 log.exception("engine step failed")
                 outputs = []
-            self.stats = self.engine.stats()
+            self.stats = self.engine.load()
             for output in outputs:
                 self._deliver(output)
 

@@ -102,16 +102,24 @@ class LLMEngine:
         failed = self._run(batch)
         return outputs + failed + self._postprocess()
 
-    def stats(self) -> dict[str, int]:
+    def load(self) -> dict[str, int]:
+        """What the running set holds; cheap (the async engine refreshes it every step)."""
         running = self.scheduler.running
-        store = self.store.stats()
-        running_bytes = sum(r.state.nbytes for r in running if r.state is not None)
-        running_tokens = sum(r.num_computed + max(0, len(r.output_ids) - 1) for r in running)
         return {
             "num_running": len(running),
             "num_waiting": len(self.scheduler.waiting),
-            "session_state_bytes": running_bytes + store["resident_bytes"],
-            "kv_cache_equivalent_bytes": (running_tokens + store["resident_tokens"]) * self.kv_bytes_per_token,
+            "running_state_bytes": sum(r.state.nbytes for r in running if r.state is not None),
+            "running_tokens": sum(r.num_computed + max(0, len(r.output_ids) - 1) for r in running),
+        }
+
+    def stats(self, load: dict[str, int] | None = None) -> dict[str, int]:
+        """`load` (default: now) plus the store's counts; walks the store, so it is read at scrape time."""
+        load = load or self.load()
+        store = self.store.stats()
+        return {
+            **load,
+            "session_state_bytes": load["running_state_bytes"] + store["resident_bytes"],
+            "kv_cache_equivalent_bytes": (load["running_tokens"] + store["resident_tokens"]) * self.kv_bytes_per_token,
             **store,
         }
 
