@@ -98,6 +98,8 @@ class LiZAttention(nn.Module):
             state = ctx.layer_states[self.layer_idx]
         q, k, v = self._project(hidden_states)  # q: [B, Hq, T, D]; k, v: [B, Hkv, T, D], before rotary
         softmax_out = self._softmax_branch(q, k, v, state, ctx)
+        if self.config.mag_weight == 0.0:  # the memory cannot contribute: not computed, its state stays empty
+            return self.o_proj(_merge_heads(softmax_out)), None
         linear_out = self._memory_branch(q, k, v, state, ctx)
         return self._mix(softmax_out, linear_out), None
 
@@ -154,9 +156,7 @@ class LiZAttention(nn.Module):
         return out
 
     def _mix(self, softmax_out: torch.Tensor, linear_out: torch.Tensor) -> torch.Tensor:
-        batch, heads, seq_len, dim = softmax_out.shape
-        softmax_out = softmax_out.transpose(1, 2).reshape(batch, seq_len, heads * dim)
-        linear_out = linear_out.transpose(1, 2).reshape(batch, seq_len, heads * dim)
+        softmax_out, linear_out = _merge_heads(softmax_out), _merge_heads(linear_out)
         linear_out = linear_out * torch.rsqrt(linear_out.pow(2).mean(-1, keepdim=True) + 1e-6)  # unit RMS
         linear_out = (linear_out * _rms(softmax_out)).to(softmax_out.dtype)  # ... then the softmax branch's RMS
         mu = self.config.mag_weight
@@ -164,6 +164,12 @@ class LiZAttention(nn.Module):
             return self.o_proj((1 - mu) * softmax_out + mu * linear_out)
         softmax_part, linear_part = (1 - mu) * self.o_proj(softmax_out), mu * self.o_proj(linear_out)
         return softmax_part + linear_part + softmax_part * linear_part
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, T, D] -> [B, T, H * D]"""
+    batch, heads, seq_len, dim = x.shape
+    return x.transpose(1, 2).reshape(batch, seq_len, heads * dim)
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:
