@@ -87,6 +87,7 @@ class TitansModel:
             out = self.hf(input_ids=ids, use_cache=False, logits_to_keep=1 if last_only else 0)
         finally:
             self.context.layer_states, self.context.start, self.context.positions = None, 0, None
+            self.context.memo.clear()
         return out.logits
 
     @torch.inference_mode()

@@ -102,3 +102,14 @@ def test_causal_mean_pool_split_equals_whole_and_reference():
     first = mi.causal_mean_pool(m[..., :1], torch.zeros(2, 3, 2), 0)
     rest = mi.causal_mean_pool(m[..., 1:], torch.cat([torch.zeros(2, 3, 1), m[..., :1]], -1), torch.tensor([1, 1]))
     torch.testing.assert_close(torch.cat([first, rest], -1), whole)
+
+
+def test_causal_mean_pool_one_token_at_a_time_equals_whole():
+    """The decode shape (one value per row, rows at their own positions) against the whole-sequence pool."""
+    m = torch.randn(2, 3, 10)
+    whole = mi.causal_mean_pool(m, torch.zeros(2, 3, 2), 0)
+    history, steps = torch.zeros(2, 3, 2), []
+    for t in range(10):
+        steps.append(mi.causal_mean_pool(m[..., t:t + 1], history, torch.tensor([t, t])))
+        history = torch.cat([history, m[..., t:t + 1]], -1)[..., 1:]
+    torch.testing.assert_close(torch.cat(steps, -1), whole)

@@ -24,12 +24,17 @@ def reference(q, k, v, window, sinks, scaling):
     for t in range(seq_len):
         visible = sorted(set(range(min(sinks, t + 1))) | set(range(max(sinks, t - window + 1), t + 1)))
         ranks = torch.arange(len(visible))
-        keys = wa.rope(k[:, :, visible], ranks.expand(batch, -1), cos, sin)
-        query = wa.rope(q[:, :, t:t + 1], ranks[-1:].expand(batch, -1), cos, sin)
+        keys = wa.apply_rotary(k[:, :, visible], wa.rotary_factors(ranks.expand(batch, -1), cos, sin))
+        query = wa.apply_rotary(q[:, :, t:t + 1], wa.rotary_factors(ranks[-1:].expand(batch, -1), cos, sin))
         for h in range(q_heads):
             logits = query[:, h] @ keys[:, h // groups].transpose(-1, -2) * scaling
             out[:, h, t] = (logits.softmax(-1) @ v[:, h // groups, visible])[:, 0]
     return out
+
+
+def decode(q, k, v, cache, positions, *, window, sinks, scaling, cos, sin):
+    plan = wa.decode_plan(positions, window=window, sinks=sinks, cos=cos, sin=sin)
+    return wa.decode(q, k, v, cache, plan, scaling=scaling)
 
 
 def random_qkv(batch=2, q_heads=4, kv_heads=2, seq_len=40, dim=8, seed=0):
@@ -63,8 +68,19 @@ def test_pieces_and_decode_match_whole(window, sinks):
                                cache, start, **kw))
         start += size
     for t in range(start, 31):
-        outs.append(wa.decode(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], cache,
-                              torch.full((2,), t), **kw))
+        outs.append(decode(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], cache, torch.full((2,), t), **kw))
+    torch.testing.assert_close(torch.cat(outs, 2), reference(q, k, v, window, sinks, 0.3), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window,sinks", [(4, 0), (3, 2), (5, 6)])
+def test_decode_from_an_empty_cache_matches_reference(window, sinks):
+    """Every token decoded, the sinks included (their keys also land in ring slots that stay masked)."""
+    q, k, v = random_qkv(seq_len=20)
+    cos, sin = rotary_table(sinks + window + 256, q.shape[-1])
+    cache = wa.new_cache(2, 2, 8, window=window, sinks=sinks, dtype=torch.float32, device="cpu")
+    kw = dict(window=window, sinks=sinks, scaling=0.3, cos=cos, sin=sin)
+    outs = [decode(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], cache, torch.full((2,), t), **kw)
+            for t in range(20)]
     torch.testing.assert_close(torch.cat(outs, 2), reference(q, k, v, window, sinks, 0.3), atol=1e-5, rtol=1e-5)
 
 
@@ -74,21 +90,21 @@ def test_decode_rows_at_different_positions():
     q, k, v = random_qkv(batch=2, seq_len=12)
     cos, sin = rotary_table(sinks + window + 256, 8)
     kw = dict(window=window, sinks=sinks, scaling=0.3, cos=cos, sin=sin)
-    lengths = [3, 9]
+    lengths = [1, 9]  # row 0's new token is a sink, row 1's goes to the ring
     caches = []
     for row, n in enumerate(lengths):
         cache = wa.new_cache(1, 2, 8, window=window, sinks=sinks, dtype=torch.float32, device="cpu")
         wa.prefill(q[row:row + 1, :, :n], k[row:row + 1, :, :n], v[row:row + 1, :, :n], cache, 0, **kw)
         caches.append(cache)
-    alone = [wa.decode(q[r:r + 1, :, n:n + 1], k[r:r + 1, :, n:n + 1], v[r:r + 1, :, n:n + 1],
-                       {name: t.clone() for name, t in caches[r].items()}, torch.tensor([n]), **kw)
+    alone = [decode(q[r:r + 1, :, n:n + 1], k[r:r + 1, :, n:n + 1], v[r:r + 1, :, n:n + 1],
+                    {name: t.clone() for name, t in caches[r].items()}, torch.tensor([n]), **kw)
              for r, n in enumerate(lengths)]
     batched = {name: torch.cat([c[name] for c in caches]) for name in caches[0]}
     idx = torch.tensor(lengths)
     qb = torch.stack([q[r, :, n] for r, n in enumerate(lengths)])[:, :, None]
     kb = torch.stack([k[r, :, n] for r, n in enumerate(lengths)])[:, :, None]
     vb = torch.stack([v[r, :, n] for r, n in enumerate(lengths)])[:, :, None]
-    together = wa.decode(qb, kb, vb, batched, idx, **kw)
+    together = decode(qb, kb, vb, batched, idx, **kw)
     torch.testing.assert_close(together, torch.cat(alone), atol=1e-6, rtol=1e-6)
 
 

@@ -14,7 +14,7 @@ layer's state dict, whose size is fixed at creation: nothing here grows with the
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,14 @@ class ForwardContext:
     start: int = 0
     # decode: [B] absolute position of the single new token of each row; None for a prefill
     positions: torch.Tensor | None = None
+    # what the first layer computed from positions alone, for the others (see `shared`)
+    memo: dict = field(default_factory=dict)
+
+    def shared(self, key, compute):
+        """`compute()` once per forward for every layer asking with the same key (position geometry)."""
+        if key not in self.memo:
+            self.memo[key] = compute()
+        return self.memo[key]
 
 
 def _rotary_table(rotary: nn.Module, layer_type: str | None, size: int, like: torch.Tensor):
@@ -124,11 +132,13 @@ class LiZAttention(nn.Module):
 
     def _softmax_branch(self, q, k, v, state, ctx: ForwardContext):
         cos, sin = self._rotary_tables(q)
-        kw = dict(window=self.config.window, sinks=self.config.sinks, scaling=self.scaling, cos=cos, sin=sin,
-                  softcap=self.softcap)
+        window, sinks = self.config.window, self.config.sinks
         if ctx.positions is not None:
-            return window_ops.decode(q, k, v, state, ctx.positions, **kw)
-        return window_ops.prefill(q, k, v, state, ctx.start, block=QUERY_BLOCK, **kw)
+            plan = ctx.shared(("decode", self.layer_type, q.dtype), lambda: window_ops.decode_plan(
+                ctx.positions, window=window, sinks=sinks, cos=cos, sin=sin))
+            return window_ops.decode(q, k, v, state, plan, scaling=self.scaling, softcap=self.softcap)
+        return window_ops.prefill(q, k, v, state, ctx.start, window=window, sinks=sinks, scaling=self.scaling,
+                                  cos=cos, sin=sin, softcap=self.softcap, block=QUERY_BLOCK)
 
     def _memory_branch(self, q, k, v, state, ctx: ForwardContext):
         cfg = self.config

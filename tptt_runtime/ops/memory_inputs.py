@@ -64,6 +64,9 @@ def causal_mean_pool(m: torch.Tensor, history: torch.Tensor, seen) -> torch.Tens
     first, only the last min(seen, pool - 1) are real); seen: tokens before m[:, :, 0], an int or a [B] tensor.
     """
     pool = history.shape[-1] + 1
+    if m.shape[-1] == 1 and torch.is_tensor(seen):  # decode: history slots not real yet hold zeros (states
+        count = seen.clamp(max=pool - 1).to(m.dtype).reshape(-1, 1, 1) + 1  # start zeroed, real values shift in)
+        return (history.sum(-1, keepdim=True) + m) / count
     extended = torch.cat([history, m], dim=-1)  # [B, H, pool - 1 + T]
     seen = torch.as_tensor(seen, device=m.device).reshape(-1, 1, 1)
     first_real = pool - 1 - seen.clamp(max=pool - 1)  # [B or 1, 1, 1]

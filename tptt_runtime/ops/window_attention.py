@@ -15,6 +15,7 @@ Keys are stored before rotary; positions of the slots are derived from the token
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -24,9 +25,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-second, first], dim=-1)
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding (rotate-half convention). x: [B, H, N, D]; positions: [B, N]; cos, sin: [P, D]."""
-    c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # [B, 1, N, D]
+def rotary_factors(positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, 1, N, D] at `positions` [B, N] from tables [P, D]."""
+    return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+
+
+def apply_rotary(x: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotary embedding (rotate-half convention) of x [B, H, N, D] with factors from `rotary_factors`."""
+    c, s = factors
     return x * c + rotate_half(x) * s
 
 
@@ -44,41 +50,59 @@ def ring_positions(num_tokens: torch.Tensor, sinks: int, window: int) -> torch.T
     return torch.where(position >= sinks, position, -1)
 
 
-def window_attention(q, q_pos, sink_k, sink_v, sink_pos, win_k, win_v, win_pos, *, window, sinks, scaling, cos,
-                     sin, softcap=None):
-    """Attention of queries over explicit sink keys and window keys, each with absolute positions.
+@dataclass
+class Layout:
+    """Where the queries and keys of one attention call sit: the visibility mask and the rotary factors. It
+    depends on positions only, so every layer of one forward shares it (layers differ in q, k, v alone)."""
+    q_win: tuple[torch.Tensor, torch.Tensor]         # rotary of the queries against window keys [B, 1, Tq, D]
+    k_win: tuple[torch.Tensor, torch.Tensor]         # rotary of the window keys [B, 1, N, D]
+    q_sink: tuple[torch.Tensor, torch.Tensor] | None  # the same against sink keys (None without sinks)
+    k_sink: tuple[torch.Tensor, torch.Tensor] | None
+    mask: torch.Tensor                                # [B, 1, 1, Tq, S + N]: which keys each query sees
 
-    q: [B, Hq, Tq, D] before rotary, q_pos: [B, Tq] consecutive positions;
-    sink_k, sink_v: [B, Hkv, S, D], sink_pos: [B, S];  win_k, win_v: [B, Hkv, N, D], win_pos: [B, N]
-    (-1 marks an empty slot; keys outside the query's window are masked, so extra keys are harmless).
-    cos, sin: [P, D] with P >= max(sinks + window, window + Tq). Returns [B, Hq, Tq, D].
-    """
-    batch, q_heads, q_len, head_dim = q.shape
-    kv_heads = win_k.shape[1]
-    groups = q_heads // kv_heads
+
+def layout(q_pos, sink_pos, win_pos, *, window, sinks, cos, sin) -> Layout:
+    """q_pos: [B, Tq] consecutive positions; sink_pos: [B, S], win_pos: [B, N] (-1 marks an empty slot; keys
+    outside the query's window are masked, so extra keys are harmless). cos, sin: [P, D] with
+    P >= max(sinks + window, window + Tq)."""
     # window part: shift positions so the first query sits at window - 1 (all positions >= 0, < window + Tq)
     base = q_pos[:, :1] - window + 1
-    q_win = rope(q, q_pos - base, cos, sin)
-    k_win = rope(win_k, (win_pos - base).clamp(min=0), cos, sin)
-    scores = [_grouped_scores(q_win, k_win, groups)]
-    key_pos = win_pos[:, None, :]
-    query_pos = q_pos[:, :, None]
-    masks = [(key_pos >= sinks) & (key_pos <= query_pos) & (key_pos > query_pos - window)]  # [B, Tq, N]
-    values = [win_v]
+    key_pos, query_pos = win_pos[:, None, :], q_pos[:, :, None]
+    mask = (key_pos >= sinks) & (key_pos <= query_pos) & (key_pos > query_pos - window)  # [B, Tq, N]
+    q_sink = k_sink = None
     if sinks:
-        q_sink = rope(q, q_pos.clamp(max=sinks + window - 1), cos, sin)
-        k_sink = rope(sink_k, sink_pos.clamp(min=0), cos, sin)
-        scores.insert(0, _grouped_scores(q_sink, k_sink, groups))
+        q_sink = rotary_factors(q_pos.clamp(max=sinks + window - 1), cos, sin)
+        k_sink = rotary_factors(sink_pos.clamp(min=0), cos, sin)
         sink_key_pos = sink_pos[:, None, :]
-        masks.insert(0, (sink_key_pos >= 0) & (sink_key_pos <= query_pos))
+        mask = torch.cat([(sink_key_pos >= 0) & (sink_key_pos <= query_pos), mask], dim=-1)
+    return Layout(rotary_factors(q_pos - base, cos, sin), rotary_factors((win_pos - base).clamp(min=0), cos, sin),
+                  q_sink, k_sink, mask[:, None, None])
+
+
+def attend(q, sink_k, sink_v, win_k, win_v, lay: Layout, *, scaling, softcap=None) -> torch.Tensor:
+    """Attention of q [B, Hq, Tq, D] (before rotary) over sink keys [B, Hkv, S, D] and window keys
+    [B, Hkv, N, D] placed by `lay`. Returns [B, Hq, Tq, D]."""
+    batch, q_heads, q_len, head_dim = q.shape
+    groups = q_heads // win_k.shape[1]
+    scores = [_grouped_scores(apply_rotary(q, lay.q_win), apply_rotary(win_k, lay.k_win), groups)]
+    values = [win_v]
+    if lay.q_sink is not None:
+        scores.insert(0, _grouped_scores(apply_rotary(q, lay.q_sink), apply_rotary(sink_k, lay.k_sink), groups))
         values.insert(0, sink_v)
     logits = torch.cat(scores, dim=-1) * scaling  # [B, Hkv, G, Tq, S + N]
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
-    mask = torch.cat(masks, dim=-1)[:, None, None]
-    probs = logits.masked_fill(~mask, -math.inf).softmax(dim=-1)
+    probs = logits.masked_fill(~lay.mask, -math.inf).softmax(dim=-1)
     out = probs @ torch.cat(values, dim=2).unsqueeze(2)  # [B, Hkv, G, Tq, D]
     return out.reshape(batch, q_heads, q_len, head_dim)
+
+
+def window_attention(q, q_pos, sink_k, sink_v, sink_pos, win_k, win_v, win_pos, *, window, sinks, scaling, cos,
+                     sin, softcap=None):
+    """Attention of queries over explicit sink keys and window keys, each with absolute positions (`layout`
+    and `attend` in one call)."""
+    lay = layout(q_pos, sink_pos, win_pos, window=window, sinks=sinks, cos=cos, sin=sin)
+    return attend(q, sink_k, sink_v, win_k, win_v, lay, scaling=scaling, softcap=softcap)
 
 
 def _grouped_scores(q: torch.Tensor, k: torch.Tensor, groups: int) -> torch.Tensor:
@@ -125,22 +149,41 @@ def prefill(q, k, v, cache, start: int, *, window, sinks, scaling, cos, sin, sof
     return out
 
 
-def decode(q, k, v, cache, positions, *, window, sinks, scaling, cos, sin, softcap=None):
-    """One new token per row at `positions` [B] (rows may differ): store it in `cache`, then attend.
-    q: [B, Hq, 1, D]; k, v: [B, Hkv, 1, D]."""
-    rows = torch.arange(q.shape[0], device=q.device)
-    key, value = k[:, :, 0], v[:, :, 0]  # [B, Hkv, D]
-    if sinks:
-        in_sinks = (positions < sinks)[:, None, None]
-        slot = positions.clamp(max=sinks - 1)
-        cache["sink_k"][rows, :, slot] = torch.where(in_sinks, key, cache["sink_k"][rows, :, slot])
-        cache["sink_v"][rows, :, slot] = torch.where(in_sinks, value, cache["sink_v"][rows, :, slot])
-    in_ring = (positions >= sinks)[:, None, None]
-    slot = torch.remainder(positions - sinks, window)
-    cache["win_k"][rows, :, slot] = torch.where(in_ring, key, cache["win_k"][rows, :, slot])
-    cache["win_v"][rows, :, slot] = torch.where(in_ring, value, cache["win_v"][rows, :, slot])
+@dataclass
+class DecodePlan:
+    """Cache slots and layout of one decode step (one new token per row), shared by every layer."""
+    rows: torch.Tensor             # [B]
+    ring_slot: torch.Tensor        # [B] window slot of each row's new token
+    sink_slot: torch.Tensor        # [B] sink slot of the rows still filling their sinks (clamped)
+    in_sinks: torch.Tensor | None  # [B, 1, 1] rows whose new token is a sink; None when no row's is
+    layout: Layout
+
+
+def decode_plan(positions, *, window, sinks, cos, sin) -> DecodePlan:
+    """`positions` [B]: the absolute position of each row's new token."""
     count = positions + 1
-    return window_attention(
-        q, positions[:, None], cache["sink_k"], cache["sink_v"], sink_positions(count, sinks), cache["win_k"],
-        cache["win_v"], ring_positions(count, sinks, window), window=window, sinks=sinks, scaling=scaling, cos=cos,
-        sin=sin, softcap=softcap)
+    in_sinks = None
+    if sinks and bool((positions < sinks).any()):  # one host sync per step, not per layer
+        in_sinks = (positions < sinks)[:, None, None]
+    lay = layout(positions[:, None], sink_positions(count, sinks), ring_positions(count, sinks, window),
+                 window=window, sinks=sinks, cos=cos, sin=sin)
+    return DecodePlan(torch.arange(positions.shape[0], device=positions.device),
+                      torch.remainder(positions - sinks, window), positions.clamp(max=max(sinks - 1, 0)), in_sinks,
+                      lay)
+
+
+def decode(q, k, v, cache, plan: DecodePlan, *, scaling, softcap=None):
+    """One new token per row, placed by `plan` (`decode_plan`; rows may sit at different positions): store it
+    in `cache`, then attend. q: [B, Hq, 1, D]; k, v: [B, Hkv, 1, D].
+
+    The new key always goes to its ring slot, even for a position that is a sink: that slot then holds a
+    position below `sinks` until the ring reaches it, and `ring_positions` marks such slots empty."""
+    rows, key, value = plan.rows, k[:, :, 0], v[:, :, 0]  # [B, Hkv, D]
+    if plan.in_sinks is not None:
+        slot = plan.sink_slot
+        cache["sink_k"][rows, :, slot] = torch.where(plan.in_sinks, key, cache["sink_k"][rows, :, slot])
+        cache["sink_v"][rows, :, slot] = torch.where(plan.in_sinks, value, cache["sink_v"][rows, :, slot])
+    cache["win_k"][rows, :, plan.ring_slot] = key
+    cache["win_v"][rows, :, plan.ring_slot] = value
+    return attend(q, cache["sink_k"], cache["sink_v"], cache["win_k"], cache["win_v"], plan.layout,
+                  scaling=scaling, softcap=softcap)
