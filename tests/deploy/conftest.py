@@ -44,6 +44,16 @@ def prom_query(api: str, expr: str) -> dict:
         return json.load(error)
 
 
+def query_until_data(prometheus: str, expr: str, limit_s: float = 15.0) -> dict:
+    """The answer to `expr`, asked again for a while when it is empty: on a loaded machine one scrape can miss
+    its 1 s timeout, and Prometheus then marks every series stale until the next scrape succeeds."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        answer = prom_query(prometheus, expr)
+        if answer["status"] != "success" or answer["data"]["result"] or time.monotonic() > deadline:
+            return answer
+        time.sleep(0.5)
+
 def located(binary: str) -> str | None:
     return shutil.which(binary) or (f"/usr/bin/{binary}" if os.path.exists(f"/usr/bin/{binary}") else None)
 

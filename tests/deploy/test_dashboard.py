@@ -8,7 +8,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.deploy.conftest import DASHBOARD, DOCKER, load_yaml, prom_query
+from tests.deploy.conftest import DASHBOARD, DOCKER, load_yaml, prom_query, query_until_data
 
 METRIC = re.compile(r"\btptt_[a-z0-9_]+")
 RATE_INTERVAL = "30s"  # what Grafana's $__rate_interval becomes for a 1 s scrape interval and short ranges
@@ -86,9 +86,10 @@ def test_every_metric_in_the_dashboard_is_served(dashboard, deploy_server):
 
 def test_every_query_is_valid_promql_with_data(dashboard, prometheus):
     for expr in exprs(dashboard):
-        answer = prom_query(prometheus, expr.replace("$__rate_interval", RATE_INTERVAL))
+        answer = query_until_data(prometheus, expr.replace("$__rate_interval", RATE_INTERVAL))
         assert answer["status"] == "success", (expr, answer)
         assert answer["data"]["result"], f"no data for {expr}"
+
 
 
 def test_an_invalid_query_is_rejected(prometheus):

@@ -2,7 +2,7 @@
 
 import urllib.parse
 
-from tests.deploy.conftest import get_json, prom_query
+from tests.deploy.conftest import get_json, query_until_data
 
 
 def test_prometheus_has_the_servers_series(prometheus, deploy_server):
@@ -16,12 +16,12 @@ def test_prometheus_has_the_servers_series(prometheus, deploy_server):
 
 
 def test_scraped_values_reflect_the_traffic(prometheus):
-    (up,) = prom_query(prometheus, 'up{job="tptt-serve"}')["data"]["result"]
+    (up,) = query_until_data(prometheus, 'up{job="tptt-serve"}')["data"]["result"]
     assert up["value"][1] == "1"
-    (tokens,) = prom_query(prometheus, "tptt_generation_tokens_total")["data"]["result"]
+    (tokens,) = query_until_data(prometheus, "tptt_generation_tokens_total")["data"]["result"]
     assert float(tokens["value"][1]) > 0
-    (state,) = prom_query(prometheus, "tptt_session_state_bytes")["data"]["result"]
-    (kv,) = prom_query(prometheus, "tptt_kv_cache_equivalent_bytes")["data"]["result"]
+    (state,) = query_until_data(prometheus, "tptt_session_state_bytes")["data"]["result"]
+    (kv,) = query_until_data(prometheus, "tptt_kv_cache_equivalent_bytes")["data"]["result"]
     assert float(state["value"][1]) > 0 and float(kv["value"][1]) > 0
-    (hits,) = prom_query(prometheus, "tptt_prefix_cache_hits_total")["data"]["result"]
+    (hits,) = query_until_data(prometheus, "tptt_prefix_cache_hits_total")["data"]["result"]
     assert float(hits["value"][1]) > 0, "the second turns should have resumed a snapshot"
