@@ -6,14 +6,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
 import time
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from functools import lru_cache
 
-from fastapi import Depends, FastAPI, Header
+from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -32,6 +33,8 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_SECONDS = 1
+DISCONNECT_POLL_SECONDS = 0.5
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client left; nobody receives it
 
 
 class ServerContext:
@@ -95,6 +98,22 @@ def model_name(source: str, model: TitansModel) -> str:
     return model.name.rstrip("/").split("/")[-1] or "tptt-model"
 
 
+async def cancel_on_disconnect(request: Request, work):
+    """Await `work`, cancelling it if the client leaves first. A streaming request returns its response at once
+    (the stream notices a disconnect itself); a non-streaming one would otherwise keep its engine requests
+    running for nobody until they finish. Cancelling aborts them at the next engine step."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
 def create_app(settings: Settings, model: TitansModel) -> FastAPI:
     ctx = ServerContext(settings, model)
 
@@ -143,16 +162,16 @@ def create_app(settings: Settings, model: TitansModel) -> FastAPI:
                 "max_model_len": settings.max_prompt_tokens}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, who: str = Depends(owner),
+    async def completions(request: Request, body: CompletionRequest, who: str = Depends(owner),
                           x_session_id: str | None = Header(default=None)):
         ctx.check_model(body.model)
-        return await create_completion(ctx, body, who, x_session_id)
+        return await cancel_on_disconnect(request, create_completion(ctx, body, who, x_session_id))
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, who: str = Depends(owner),
+    async def chat_completions(request: Request, body: ChatCompletionRequest, who: str = Depends(owner),
                                x_session_id: str | None = Header(default=None)):
         ctx.check_model(body.model)
-        return await create_chat_completion(ctx, body, who, x_session_id)
+        return await cancel_on_disconnect(request, create_chat_completion(ctx, body, who, x_session_id))
 
     # ------------------------------------------------------------------------- tokenizer (vLLM shapes)
     @app.post("/tokenize")

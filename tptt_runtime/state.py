@@ -26,10 +26,8 @@ class SessionState:
         self.layers = layers
         self.fingerprint = fingerprint
         self.num_tokens = num_tokens
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.values())
+        # fixed at creation: layers may be swapped for same-shaped views (batched decode), never resized
+        self.nbytes = sum(t.numel() * t.element_size() for layer in layers for t in layer.values())
 
     def fork(self) -> "SessionState":
         """An independent copy: continuing one never changes the other."""

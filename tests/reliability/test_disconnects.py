@@ -68,3 +68,12 @@ def test_the_server_serves_after_the_storm(stormed):
     url, _, _ = stormed
     reply = httpx.post(url + "/v1/completions", json={"prompt": "Hello", "max_tokens": 3}, timeout=60)
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
+
+
+def test_a_non_streaming_client_that_leaves_is_aborted(stormed):
+    """Nothing reads a non-streaming request's output until it ends: the server must notice the client left."""
+    url, app, _ = stormed
+    body = {"messages": [{"role": "user", "content": "Count slowly."}], "max_tokens": 2000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/chat/completions", json=body, timeout=2.0)
+    wait_until_idle(app, timeout_s=20)  # 2000 tokens would take minutes on a CPU
