@@ -5,7 +5,7 @@ client gets the same 413."""
 
 from __future__ import annotations
 
-import json
+from .errors import APIError
 
 
 class BodyLimit:
@@ -17,7 +17,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._refuse(send)
+            return await self._refuse(scope, receive, send)
         received, exceeded, started = 0, False, False
 
         async def limited_receive():
@@ -42,11 +42,8 @@ class BodyLimit:
             if not exceeded:
                 raise
         if exceeded and not started:
-            await self._refuse(send)
+            await self._refuse(scope, receive, send)
 
-    async def _refuse(self, send) -> None:
-        body = json.dumps({"error": {"message": f"request body over {self.max_bytes} bytes (--max-body-bytes)",
-                                     "type": "invalid_request_error", "param": None, "code": "413"}}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+    async def _refuse(self, scope, receive, send) -> None:
+        error = APIError(413, f"request body over {self.max_bytes} bytes (--max-body-bytes)")
+        await error.response()(scope, receive, send)

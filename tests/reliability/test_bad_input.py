@@ -7,9 +7,8 @@ import logging
 import httpx
 import pytest
 
-from tests.server.conftest import live_server
+from tests.server.conftest import MODEL, assert_error, chat_body, live_server
 
-MODEL = "smollm2-135m-instruct-tptt"
 MARKER = "zebra-quartz-4417"
 
 
@@ -20,18 +19,8 @@ def strict_server(default_model):
         yield url
 
 
-def assert_error(response, status):
-    assert response.status_code == status, response.text[:300]
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-
-
 def post_raw(url, path, content: bytes):
     return httpx.post(url + path, content=content, headers={"content-type": "application/json"}, timeout=120)
-
-
-def chat(content, **extra):
-    return {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 2, **extra}
 
 
 def test_invalid_utf8_is_400(strict_server):
@@ -52,7 +41,7 @@ def test_deeply_nested_json_is_400(strict_server):
 
 def test_prompts_over_the_limit_are_400(strict_server):
     long_text = "word " * 200
-    response = httpx.post(strict_server + "/v1/chat/completions", json=chat(long_text), timeout=60)
+    response = httpx.post(strict_server + "/v1/chat/completions", json=chat_body(long_text), timeout=60)
     assert_error(response, 400)
     assert "64" in response.json()["error"]["message"]
     assert_error(httpx.post(strict_server + "/v1/completions", json={"prompt": long_text}, timeout=60), 400)
@@ -63,7 +52,7 @@ def test_prompts_over_the_limit_are_400(strict_server):
                                    {"stop": ["x"] * 10**4}, {"seed": 2**80}, {"max_tokens": "many"},
                                    {"logit_bias": {"5": 10**9}}, {"top_p": 0}, {"min_p": 2}])
 def test_absurd_sampling_values_are_400(strict_server, extra):
-    assert_error(httpx.post(strict_server + "/v1/chat/completions", json=chat("hi", **extra), timeout=60), 400)
+    assert_error(httpx.post(strict_server + "/v1/chat/completions", json=chat_body("hi", **extra), timeout=60), 400)
 
 
 def test_unknown_content_part_is_400(strict_server):
@@ -72,15 +61,15 @@ def test_unknown_content_part_is_400(strict_server):
 
 
 def test_still_serves_after_bad_input(strict_server):
-    reply = httpx.post(strict_server + "/v1/chat/completions", json=chat("Say hi."), timeout=60)
+    reply = httpx.post(strict_server + "/v1/chat/completions", json=chat_body("Say hi."), timeout=60)
     assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] is not None
 
 
 def requests_with_marker(url):
-    httpx.post(url + "/v1/chat/completions", json=chat(f"Remember {MARKER}."), timeout=60).raise_for_status()
+    httpx.post(url + "/v1/chat/completions", json=chat_body(f"Remember {MARKER}."), timeout=60).raise_for_status()
     httpx.post(url + "/v1/completions", json={"prompt": f"Code {MARKER}", "max_tokens": 2, "stream": True},
                timeout=60).raise_for_status()
-    httpx.post(url + "/v1/chat/completions", json=chat(f"{MARKER}", temperature=99), timeout=60)  # a 400
+    httpx.post(url + "/v1/chat/completions", json=chat_body(f"{MARKER}", temperature=99), timeout=60)  # a 400
 
 
 @pytest.mark.parametrize("log_prompts", [False, True])

@@ -11,6 +11,18 @@ import uvicorn
 from server.app import create_app
 from server.settings import Settings
 
+MODEL = "smollm2-135m-instruct-tptt"  # the default model's served name
+
+
+def assert_error(response, status):
+    """`response` is an OpenAI error object with HTTP `status`."""
+    assert response.status_code == status, response.text[:300]
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+
+
+def chat_body(content="Say hi.", **extra):
+    return {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 4, **extra}
 
 
 def free_port() -> int:

@@ -6,22 +6,13 @@ import concurrent.futures as futures
 import httpx
 import pytest
 
-MODEL = "smollm2-135m-instruct-tptt"
+from tests.server.conftest import MODEL, assert_error, chat_body
+
 CHAT = "/v1/chat/completions"
 
 
 def post(base_url, path, body=None, **kwargs):
     return httpx.post(base_url + path, json=body, timeout=120, **kwargs)
-
-
-def assert_error(response, status):
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-
-
-def chat_body(content="Say hi.", **extra):
-    return {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 4, **extra}
 
 
 @pytest.mark.parametrize("body, param", [

@@ -8,7 +8,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-MODEL = "smollm2-135m-instruct-tptt"  # the default model's served name
+from tests.server.conftest import MODEL
+
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
