@@ -3,7 +3,8 @@ checkpoints written by the upstream `tptt` package (TpttModel.save_pretrained).
 
 An adapter directory holds:
     tptt_config.json            TpttConfig (window, sinks, memory operator, MaG, LoRA shape, base model)
-    adapter_model.safetensors   LoRA weights, keys as peft names them without the adapter name
+    adapter_model.safetensors   LoRA weights, keys as peft names them without the adapter name, and the
+                                learned memory gates (`*.mag_gate.*`) when the config has mag_gate "learned"
 """
 
 from __future__ import annotations
@@ -39,22 +40,51 @@ def merge_lora(hf_model: nn.Module) -> None:
                 setattr(parent, name, child.get_base_layer())
 
 
+def _is_gate(name: str) -> bool:
+    return ".mag_gate." in name
+
+
+def trainable_names(hf_model: nn.Module) -> list[str]:
+    """Parameters an adapter trains and stores: LoRA weights and learned memory gates."""
+    return [name for name, _ in hf_model.named_parameters() if "lora_" in name or _is_gate(name)]
+
+
+def adapter_state_dict(hf_model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor an adapter stores (see the module docstring), detached and contiguous."""
+    has_lora = any("lora_" in name for name, _ in hf_model.named_parameters())
+    weights = dict(get_peft_model_state_dict(hf_model)) if has_lora else {}
+    weights.update({name: p for name, p in hf_model.named_parameters() if _is_gate(name)})
+    return {k: v.detach().contiguous() for k, v in weights.items()}
+
+
+def load_adapter_state_dict(hf_model: nn.Module, weights: dict[str, torch.Tensor], origin: str) -> None:
+    """Inverse of adapter_state_dict. Gates are skipped when the model has none (a constant mu was asked for)."""
+    gates = {k: v for k, v in weights.items() if _is_gate(k)}
+    lora = {k: v for k, v in weights.items() if not _is_gate(k)}
+    if lora:
+        unexpected = getattr(set_peft_model_state_dict(hf_model, lora), "unexpected_keys", [])
+        if unexpected:
+            raise ValueError(f"adapter {origin} has weights this model does not: {unexpected[:3]} ...")
+    params = dict(hf_model.named_parameters())
+    model_gates = [name for name in params if _is_gate(name)]
+    if model_gates and sorted(model_gates) != sorted(gates):
+        raise ValueError(f"adapter {origin} lacks the learned memory gates its config asks for")
+    with torch.no_grad():
+        for name in model_gates:
+            params[name].copy_(gates[name])
+
+
 def save_adapter(hf_model: nn.Module, config: TpttConfig, directory: str | Path) -> Path:
     directory = Path(directory)
     config.save(directory)
-    weights = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(hf_model).items()}
-    save_file(weights, directory / ADAPTER_WEIGHTS)
+    save_file(adapter_state_dict(hf_model), directory / ADAPTER_WEIGHTS)
     return directory
 
 
 def load_adapter_weights(hf_model: nn.Module, directory: str | Path) -> None:
     path = Path(directory) / ADAPTER_WEIGHTS
-    if not path.exists():
-        return
-    result = set_peft_model_state_dict(hf_model, load_file(path))
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
-        raise ValueError(f"adapter {path} has weights this model does not: {unexpected[:3]} ...")
+    if path.exists():
+        load_adapter_state_dict(hf_model, load_file(path), str(path))
 
 
 # ------------------------------------------------------------------------------------ upstream tptt import

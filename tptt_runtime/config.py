@@ -15,6 +15,7 @@ CONFIG_NAME = "tptt_config.json"
 
 GATE_SOURCES = ("k", "v", "kv", "c")
 TRICKS = ("derivative", "rotary", "combined")
+MAG_GATES = ("constant", "learned")
 
 
 @dataclass
@@ -22,8 +23,11 @@ class TpttConfig:
     # softmax branch: the base model's attention over `sinks` first tokens + `window` most recent tokens
     window: int = 64
     sinks: int = 4
-    # Memory as Gate: o = (1 - mag_weight) * o_softmax + mag_weight * o_linear (+ cross term if cross_gate)
+    # Memory as Gate: o = (1 - mu) * o_softmax + mu * o_linear (+ cross term if cross_gate), where mu is
+    # constant: mag_weight everywhere; learned: sigmoid(W x_t + b) per head and token from the layer's input,
+    # trained with the adapter and initialised at mag_weight (W = 0)
     mag_weight: float = 0.0
+    mag_gate: str = "constant"
     cross_gate: bool = False
     # linear branch: gated DeltaProduct with `order` Householder steps (virtual tokens) per token
     order: int = 2
@@ -48,6 +52,12 @@ class TpttConfig:
             raise ValueError(f"sinks must be >= 0, got {self.sinks}")
         if not 0.0 <= self.mag_weight <= 1.0:
             raise ValueError(f"mag_weight must be in [0, 1], got {self.mag_weight}")
+        if self.mag_gate not in MAG_GATES:
+            raise ValueError(f"mag_gate must be one of {MAG_GATES}, got {self.mag_gate!r}")
+        if self.mag_gate == "learned" and not 0.0 < self.mag_weight < 1.0:
+            raise ValueError(f"a learned mag_gate starts at mag_weight, which must be in (0, 1), got {self.mag_weight}")
+        if self.mag_gate == "learned" and self.cross_gate:
+            raise ValueError("a learned mag_gate mixes per head, before o_proj; cross_gate mixes after it")
         if self.order not in (1, 2):
             raise ValueError(f"order must be 1 or 2, got {self.order}")
         if self.trick not in TRICKS:

@@ -91,3 +91,23 @@ def test_batched_decode_equals_one_at_a_time():
     together = model.decode(states, [int(tokens[s.num_tokens]) for s in states])
     torch.testing.assert_close(together, torch.stack(alone), atol=TOL, rtol=0)
     assert [s.num_tokens for s in states] == [4, 10, 15]
+
+
+def test_learned_gate_starts_as_the_constant_and_stays_exact_incrementally():
+    """mag_gate "learned" with W = 0 is the constant mu it was initialised at; with random W (mu then varies per
+    head and token) any split into prefill pieces and decode steps still gives forward_full's logits."""
+    from tests.conftest import tiny_model
+
+    tokens = ids(29)
+    constant = TitansModel(tiny_model("llama"), TpttConfig(window=6, sinks=1, mag_weight=0.3)).forward_full(tokens)
+    learned = TitansModel(tiny_model("llama"), TpttConfig(window=6, sinks=1, mag_weight=0.3, mag_gate="learned"))
+    torch.testing.assert_close(learned.forward_full(tokens), constant, atol=TOL, rtol=0)
+
+    with torch.no_grad():
+        for layer in learned.layers:
+            layer.mag_gate.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(layer.layer_idx))
+    full = learned.forward_full(tokens)
+    assert (full - constant).abs().max() > 1e-3  # the gate really varies
+    rows, _ = incremental_logits(learned, tokens, (11, 2))
+    for position, logits in rows.items():
+        torch.testing.assert_close(logits, full[position], atol=TOL, rtol=0)

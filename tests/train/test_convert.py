@@ -81,3 +81,28 @@ def test_schedules():
     values = [cyclic(s, 101) for s in range(101)]
     assert min(values) >= 0.1 - 1e-9 and max(values) <= 0.6 + 1e-9 and abs(values[25] - 0.6) < 1e-6
     assert MagSchedule("constant", target=0.3)(7, 10) == 0.3
+
+
+def test_learned_gates_train_and_round_trip(tmp_path):
+    """With mag_gate "learned" the gates train with the LoRA weights, are saved in the adapter and loaded back;
+    asking load() for a constant mag_weight drops them."""
+    torch.manual_seed(0)
+    config = TPTT.replace(mag_gate="learned", mag_weight=0.1)
+    student = TitansModel(peaked_model(), config)
+    train = TrainConfig(steps=4, seq_len=48, lr=1e-2, warmup_steps=1, checkpoint_every=2)
+    trainer = Trainer(peaked_model(), student, train, torch.randint(3, 97, (6, 48)), tmp_path / "adapter")
+    trainer.out.mkdir()
+    trainer.run()
+    assert all(layer.mag_gate.weight.abs().max() > 0 for layer in student.layers)  # the gates moved
+    assert trainer.history[-1]["mag_weight"] != 0.1
+    trainer.save_adapter()
+    base_dir = tmp_path / "base"
+    peaked_model().save_pretrained(base_dir)
+    ids = trainer.sequences[0]
+    with torch.no_grad():
+        expected = student.hf(input_ids=ids[None]).logits[0]
+    loaded = tr.load(trainer.out, base=base_dir)
+    assert loaded.config.mag_gate == "learned"
+    torch.testing.assert_close(loaded.forward_full(ids), expected, atol=1e-4, rtol=0)
+    constant = tr.load(trainer.out, base=base_dir, mag_weight=0.1)
+    assert constant.config.mag_gate == "constant" and all(layer.mag_gate is None for layer in constant.layers)

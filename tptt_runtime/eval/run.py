@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..bench import report
-from ..loading import load, load_base_model
+from ..loading import base_directory, load, load_base_model
 from ..train import data
 from .passkey import passkey_found, passkey_prompt
 
@@ -113,8 +113,8 @@ def agreement_table(models, base, tokenizer) -> dict:
 
 def run(adapter: str, kl_contexts, passkey_contexts, per_context: int, trials: int, out_dir: Path) -> dict:
     converted = load(adapter)
-    window_only = load("default" if adapter == "default" else converted.config.base_model,
-                       window=converted.config.window, sinks=converted.config.sinks, mag_weight=0.0)
+    base_dir = str(base_directory(converted.config.base_model or "default"))  # the base weights, no adapter
+    window_only = load(base_dir, window=converted.config.window, sinks=converted.config.sinks, mag_weight=0.0)
     tokenizer = converted.tokenizer
     hf = load_base_model(converted.config.base_model or "default")
     base = Base(hf, hf.config.max_position_embeddings)

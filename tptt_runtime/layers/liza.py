@@ -2,7 +2,8 @@
 
     softmax branch  the base model's attention over sinks + window (ops/window_attention.py)
     linear branch   gated DeltaProduct memory over the whole past (ops/delta_product.py)
-    Memory as Gate  o = (1 - mu) o_softmax + mu o_linear (+ (1 - mu) o_softmax * mu o_linear with cross_gate)
+    Memory as Gate  o = (1 - mu) o_softmax + mu o_linear (+ (1 - mu) o_softmax * mu o_linear with cross_gate),
+                    mu constant, or learned per head and token (the only parameters this module adds)
 
 The module replaces a Hugging Face attention module in place and keeps its projection submodules under the
 same names (q_proj, k_proj, v_proj, o_proj, q_norm, k_norm), so state dicts and LoRA targets are unchanged.
@@ -14,6 +15,7 @@ layer's state dict, whose size is fixed at creation: nothing here grows with the
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -81,6 +83,7 @@ class LiZAttention(nn.Module):
         self.k_norm = getattr(base, "k_norm", None)
         self.per_head_norm = self.q_norm is not None and self.q_norm.weight.numel() == self.head_dim
         self._table = None
+        self.mag_gate = _learned_gate(base.q_proj, self.num_heads, config) if config.mag_gate == "learned" else None
 
     # ----------------------------------------------------------------------------------------------- state
     def new_state(self, batch: int, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
@@ -106,10 +109,16 @@ class LiZAttention(nn.Module):
             state = ctx.layer_states[self.layer_idx]
         q, k, v = self._project(hidden_states)  # q: [B, Hq, T, D]; k, v: [B, Hkv, T, D], before rotary
         softmax_out = self._softmax_branch(q, k, v, state, ctx)
-        if self.config.mag_weight == 0.0:  # the memory cannot contribute: not computed, its state stays empty
-            return self.o_proj(_merge_heads(softmax_out)), None
+        if self.mag_gate is None and self.config.mag_weight == 0.0:  # the memory cannot contribute: not
+            return self.o_proj(_merge_heads(softmax_out)), None  # computed, its state stays empty
         linear_out = self._memory_branch(q, k, v, state, ctx)
-        return self._mix(softmax_out, linear_out), None
+        return self._mix(softmax_out, linear_out, self._memory_weight(hidden_states)), None
+
+    def _memory_weight(self, hidden_states: torch.Tensor):
+        """mu: a float, or [B, T, Hq * D] (one value per head and token, repeated over the head's channels)."""
+        if self.mag_gate is None:
+            return self.config.mag_weight
+        return torch.sigmoid(self.mag_gate(hidden_states)).repeat_interleave(self.head_dim, dim=-1)
 
     def _project(self, x: torch.Tensor):
         batch, seq_len, _ = x.shape
@@ -165,15 +174,23 @@ class LiZAttention(nn.Module):
                 offset=ctx.start)
         return out
 
-    def _mix(self, softmax_out: torch.Tensor, linear_out: torch.Tensor) -> torch.Tensor:
+    def _mix(self, softmax_out: torch.Tensor, linear_out: torch.Tensor, mu) -> torch.Tensor:
         softmax_out, linear_out = _merge_heads(softmax_out), _merge_heads(linear_out)
         linear_out = linear_out * torch.rsqrt(linear_out.pow(2).mean(-1, keepdim=True) + 1e-6)  # unit RMS
         linear_out = (linear_out * _rms(softmax_out)).to(softmax_out.dtype)  # ... then the softmax branch's RMS
-        mu = self.config.mag_weight
         if not self.config.cross_gate:
             return self.o_proj((1 - mu) * softmax_out + mu * linear_out)
         softmax_part, linear_part = (1 - mu) * self.o_proj(softmax_out), mu * self.o_proj(linear_out)
         return softmax_part + linear_part + softmax_part * linear_part
+
+
+def _learned_gate(like: nn.Linear, heads: int, config: TpttConfig) -> nn.Linear:
+    """Hidden state -> one memory-weight logit per head; starts as the constant config.mag_weight."""
+    gate = nn.Linear(like.in_features, heads, device=like.weight.device, dtype=like.weight.dtype)
+    with torch.no_grad():
+        gate.weight.zero_()
+        gate.bias.fill_(math.log(config.mag_weight / (1 - config.mag_weight)))
+    return gate
 
 
 def _merge_heads(x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from ..config import TpttConfig
+from ..config import MAG_GATES, TpttConfig
 from .data import DEFAULT_SOURCES
 from .distill import TrainConfig, convert
 from .schedules import SCHEDULES, MagSchedule
@@ -23,11 +23,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--lora-targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"])
     p.add_argument("--schedule", choices=SCHEDULES, default="gradual")
-    p.add_argument("--mag-weight", type=float, default=0.5, help="target (or peak) memory weight mu")
+    p.add_argument("--mag-weight", type=float, default=0.5,
+                   help="target (or peak) memory weight mu; with --mag-gate learned, its initial value")
+    p.add_argument("--mag-gate", choices=MAG_GATES, default="constant",
+                   help="learned: mu per head and token from the layer input, trained (the schedule is unused)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--gate-lr", type=float, default=1e-2, help="learning rate of learned MaG gates")
     p.add_argument("--ce-weight", type=float, default=0.0)
     p.add_argument("--checkpoint-every", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
@@ -37,8 +41,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     tptt = TpttConfig(window=args.window, sinks=args.sinks, order=args.order, lora_rank=args.lora_rank,
-                      lora_alpha=2 * args.lora_rank, lora_targets=list(args.lora_targets))
-    train = TrainConfig(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
+                      lora_alpha=2 * args.lora_rank, lora_targets=list(args.lora_targets), mag_gate=args.mag_gate,
+                      mag_weight=args.mag_weight if args.mag_gate == "learned" else 0.0)
+    train = TrainConfig(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, gate_lr=args.gate_lr,
                         ce_weight=args.ce_weight, checkpoint_every=args.checkpoint_every, seed=args.seed,
                         schedule=MagSchedule(args.schedule, target=args.mag_weight), text=tuple(args.text))
     out = convert(args.base, args.out, tptt, train, resume=args.resume, device=args.device)

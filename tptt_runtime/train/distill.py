@@ -2,7 +2,7 @@
 
 Loss per step = KL(base || converted) per token (+ `ce_weight` * next-token cross-entropy), with the converted
 model running exactly the serving semantics (window + sinks softmax, DeltaProduct memory, MaG with the
-schedule's weight at that step). Only LoRA weights train. Every `checkpoint_every` steps the LoRA weights,
+schedule's weight at that step, or learned gates). Only LoRA weights and learned gates (at `gate_lr`) train. Every `checkpoint_every` steps the LoRA weights,
 optimizer, step and loss history are written atomically to <out>/checkpoint.pt; `resume=True` continues from
 there and, because data order and schedules are functions of the step, ends where an uninterrupted run would.
 The finished adapter is <out>/tptt_config.json + adapter_model.safetensors (loadable by `tptt_runtime.load`).
@@ -18,10 +18,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm import tqdm
 
-from ..adapters import add_lora, save_adapter
+from ..adapters import add_lora, adapter_state_dict, load_adapter_state_dict, save_adapter, trainable_names
 from ..config import TpttConfig
 from ..model import TitansModel
 from . import data
@@ -37,6 +36,7 @@ class TrainConfig:
     seq_len: int = 1024
     batch_size: int = 1
     lr: float = 1e-3
+    gate_lr: float = 1e-2                 # learned MaG gates: a few parameters that must move far
     warmup_steps: int = 10
     ce_weight: float = 0.0                # 0 = pure distillation
     grad_clip: float = 1.0
@@ -64,15 +64,33 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return loss, kl.item()
 
 
+def _param_groups(named: dict[str, torch.nn.Parameter], trainable: list[str], train: TrainConfig) -> list[dict]:
+    """LoRA at lr; gate biases at gate_lr; gate weights at gate_lr / sqrt(fan_in), so that one Adam step moves
+    a gate's logit W x about as far as its bias whatever the hidden size."""
+    groups = {}
+    for name in trainable:
+        param = named[name]
+        if "lora_" in name:
+            scale = 1.0
+        else:
+            scale = train.gate_lr / train.lr / (param.shape[-1] ** 0.5 if param.dim() == 2 else 1.0)
+        groups.setdefault(scale, []).append(param)
+    return [{"params": params, "lr_scale": scale} for scale, params in groups.items()]
+
+
 class Trainer:
     def __init__(self, teacher: torch.nn.Module, student: TitansModel, train: TrainConfig, sequences: torch.Tensor,
                  out: Path):
         self.teacher, self.student, self.train, self.sequences, self.out = teacher, student, train, sequences, out
-        add_lora(student.hf, student.config)
-        self.parameters = [p for n, p in student.hf.named_parameters() if "lora_" in n]
-        for name, param in student.hf.named_parameters():
-            param.requires_grad_("lora_" in name)
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=train.lr, weight_decay=0.0)
+        if student.config.lora_targets:
+            add_lora(student.hf, student.config)
+        trainable = trainable_names(student.hf)
+        named = dict(student.hf.named_parameters())
+        for name, param in named.items():
+            param.requires_grad_(name in trainable)
+        self.parameters = [named[name] for name in trainable]
+        self.learned_gate = student.config.mag_gate == "learned"
+        self.optimizer = torch.optim.AdamW(_param_groups(named, trainable, train), lr=train.lr, weight_decay=0.0)
         self.order = data.order(len(sequences), train.steps, train.batch_size, train.seed)
         self.step, self.history = 0, []
 
@@ -86,23 +104,30 @@ class Trainer:
 
     def train_step(self) -> dict:
         ids = self.sequences[self.order[self.step]].to(self.student.device)  # [B, T]
-        mu = self.train.schedule(self.step, self.train.steps)
-        self.student.set_mag_weight(mu)
+        if not self.learned_gate:
+            self.student.set_mag_weight(self.train.schedule(self.step, self.train.steps))
         with torch.no_grad():
             teacher_logits = self.teacher(input_ids=ids, use_cache=False).logits
         self.student.hf.train()
         logits = self.student.hf(input_ids=ids, use_cache=False).logits
         loss, kl = distillation_loss(logits, teacher_logits, ids, self.train.ce_weight)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.learning_rate(self.step)
+            group["lr"] = self.learning_rate(self.step) * group["lr_scale"]
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.parameters, self.train.grad_clip)
         self.optimizer.step()
-        record = {"step": self.step, "kl": kl, "loss": loss.item(), "mag_weight": mu}
+        record = {"step": self.step, "kl": kl, "loss": loss.item(), "mag_weight": self.mean_memory_weight()}
         self.history.append(record)
         self.step += 1
         return record
+
+    def mean_memory_weight(self) -> float:
+        """mu for a constant gate; for learned gates, sigmoid of their mean bias (what mu is where W x = 0)."""
+        if not self.learned_gate:
+            return self.student.config.mag_weight
+        biases = torch.cat([layer.mag_gate.bias.detach() for layer in self.student.layers])
+        return torch.sigmoid(biases).mean().item()
 
     def run(self) -> list[dict]:
         bar = tqdm(total=self.train.steps, initial=self.step, desc="tptt-convert", unit="step")
@@ -118,7 +143,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
-        payload = {"step": self.step, "lora": get_peft_model_state_dict(self.student.hf),
+        payload = {"step": self.step, "adapter": adapter_state_dict(self.student.hf),
                    "optimizer": self.optimizer.state_dict(), "history": self.history,
                    "train": json.dumps(asdict(self.train), default=str)}
         tmp = self.out / f".{CHECKPOINT}.tmp"
@@ -130,15 +155,16 @@ class Trainer:
         if not path.exists():
             return False
         payload = torch.load(path, weights_only=False)
-        set_peft_model_state_dict(self.student.hf, payload["lora"])
+        load_adapter_state_dict(self.student.hf, payload["adapter"], str(path))
         self.optimizer.load_state_dict(payload["optimizer"])
         self.step, self.history = payload["step"], payload["history"]
         log.info("resumed %s at step %d", path, self.step)
         return True
 
     def save_adapter(self) -> Path:
-        final = self.train.schedule(self.train.steps - 1, self.train.steps)
-        config = self.student.config.replace(mag_weight=final)
+        config = self.student.config
+        if not self.learned_gate:
+            config = config.replace(mag_weight=self.train.schedule(self.train.steps - 1, self.train.steps))
         save_adapter(self.student.hf, config, self.out)
         (self.out / "training_history.json").write_text(json.dumps(self.history))
         return self.out
