@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from . import adapters
 from .config import CONFIG_NAME, TpttConfig
+from .layers.fused import fuse_projections
 from .model import TitansModel
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ def load(source: str | Path = "default", *, base: str | Path | None = None, wind
     if adapter_dir is not None:
         _apply_adapter(model, adapter_dir, upstream)
     model.hf.to(device=device, dtype=dtype)
+    fuse_projections(model.hf, model.layers)
     model.refresh_fingerprint()
     return model
 

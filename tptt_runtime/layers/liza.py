@@ -83,6 +83,8 @@ class LiZAttention(nn.Module):
         self.k_norm = getattr(base, "k_norm", None)
         self.per_head_norm = self.q_norm is not None and self.q_norm.weight.numel() == self.head_dim
         self._table = None
+        self.register_buffer("qkv_weight", None, persistent=False)  # q, k, v in one matmul (layers/fused.py)
+        self.register_buffer("qkv_bias", None, persistent=False)
         self.mag_gate = _learned_gate(base.q_proj, self.num_heads, config) if config.mag_gate == "learned" else None
 
     # ----------------------------------------------------------------------------------------------- state
@@ -122,7 +124,11 @@ class LiZAttention(nn.Module):
 
     def _project(self, x: torch.Tensor):
         batch, seq_len, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qkv_weight is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            sizes = (self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features)
+            q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(sizes, dim=-1)
         if self.q_norm is not None and not self.per_head_norm:  # OLMo2 / OLMoE: norm over all heads
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:  # OLMo / OLMoE
@@ -152,14 +158,11 @@ class LiZAttention(nn.Module):
     def _memory_branch(self, q, k, v, state, ctx: ForwardContext):
         cfg = self.config
         seen = ctx.positions if ctx.positions is not None else ctx.start
-        gate_in_k, gate_in_v = k.float().mean(-1), v.float().mean(-1)  # [B, Hkv, T]
-        pooled_k = memory_inputs.causal_mean_pool(gate_in_k, state["gate_k"], seen)
-        pooled_v = memory_inputs.causal_mean_pool(gate_in_v, state["gate_v"], seen)
+        pooled_k = self._pooled_gate_input(k, state, "gate_k", seen)
+        pooled_v = self._pooled_gate_input(v, state, "gate_v", seen) if "v" in cfg.beta_gate + cfg.alpha_gate else None
         beta, g = memory_inputs.gates(pooled_k, pooled_v, cfg.beta_gate, cfg.alpha_gate)
-        state["gate_k"] = _last(state["gate_k"], gate_in_k, cfg.gate_pool - 1)
-        state["gate_v"] = _last(state["gate_v"], gate_in_v, cfg.gate_pool - 1)
 
-        q_mem, k_mem, v = memory_inputs.feature_map(q), memory_inputs.feature_map(k), v.float()
+        q_mem, k_mem, v = memory_inputs.feature_map(q), memory_inputs.feature_map(k), _f32(v)
         k_virtual = F.normalize(memory_inputs.expand_virtual(k_mem, state["prev_k"], cfg.order, cfg.trick), dim=-1,
                                 eps=1e-6)
         v_virtual = memory_inputs.expand_virtual(v, state["prev_v"], cfg.order, cfg.trick)
@@ -174,12 +177,20 @@ class LiZAttention(nn.Module):
                 offset=ctx.start)
         return out
 
+    def _pooled_gate_input(self, x: torch.Tensor, state, name: str, seen) -> torch.Tensor:
+        """Causal mean pool of x's per-token channel mean [B, Hkv, T]; keeps the last inputs in state[name]."""
+        gate_in = _f32(x).mean(-1)
+        pooled = memory_inputs.causal_mean_pool(gate_in, state[name], seen)
+        state[name] = _last(state[name], gate_in, self.config.gate_pool - 1)
+        return pooled
+
     def _mix(self, softmax_out: torch.Tensor, linear_out: torch.Tensor, mu) -> torch.Tensor:
         softmax_out, linear_out = _merge_heads(softmax_out), _merge_heads(linear_out)
-        linear_out = linear_out * torch.rsqrt(linear_out.pow(2).mean(-1, keepdim=True) + 1e-6)  # unit RMS
-        linear_out = (linear_out * _rms(softmax_out)).to(softmax_out.dtype)  # ... then the softmax branch's RMS
-        if not self.config.cross_gate:
-            return self.o_proj((1 - mu) * softmax_out + mu * linear_out)
+        channels = linear_out.shape[-1]
+        softmax_rms = torch.linalg.vector_norm(_f32(softmax_out), dim=-1, keepdim=True) / math.sqrt(channels)
+        linear_out = (F.rms_norm(linear_out, (channels,), eps=1e-6) * softmax_rms).to(softmax_out.dtype)  # the
+        if not self.config.cross_gate:  # memory read at the softmax branch's RMS: two signals of the same size
+            return self.o_proj(torch.lerp(softmax_out, linear_out, mu))
         softmax_part, linear_part = (1 - mu) * self.o_proj(softmax_out), mu * self.o_proj(linear_out)
         return softmax_part + linear_part + softmax_part * linear_part
 
@@ -193,12 +204,11 @@ def _learned_gate(like: nn.Linear, heads: int, config: TpttConfig) -> nn.Linear:
     return gate
 
 
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float32 else x.float()
+
+
 def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     """[B, H, T, D] -> [B, T, H * D]"""
     batch, heads, seq_len, dim = x.shape
     return x.transpose(1, 2).reshape(batch, seq_len, heads * dim)
-
-
-def _rms(x: torch.Tensor) -> torch.Tensor:
-    """Root mean square over the last dim, float32, kept as [..., 1]."""
-    return x.float().pow(2).mean(-1, keepdim=True).sqrt()

@@ -7,7 +7,7 @@ Pure tensor functions; nothing here knows about layers, models or sessions. All 
     k:     [B, Hkv, T, n, K]  n = order virtual keys per token, unit L2 norm
     v:     [B, Hkv, T, n, V]  virtual values
     beta:  [B, Hkv, T, n]     write strength of each Householder step
-    g:     [B, Hkv, T]        log decay (<= 0), applied once per token before its first step
+    g:     [B, Hkv, T]        log decay (<= 0), applied once per token before its first step; None = no decay
     state: [B, Hkv, K, V]     float32
 
 Per token t (docs/math.md, section 2):  S <- exp(g_t) S;  for j in 1..n:  S <- S + beta k (v - k^T S)^T;
@@ -40,15 +40,20 @@ def _initial(state: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor) -> to
     return state.float()
 
 
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float32 else x.float()
+
+
 def _token_update(state, k, v, beta, g):
-    """One token: decay, then its Householder steps. state: [B, Hkv, K, V]; k: [B, Hkv, n, K]; v: [B, Hkv, n, V];
-    beta: [B, Hkv, n]; g: [B, Hkv]."""
-    state = state * g.float().exp()[..., None, None]
+    """One token: decay, then its Householder steps. state: [B, Hkv, K, V] float32; k: [B, Hkv, n, K];
+    v: [B, Hkv, n, V]; beta: [B, Hkv, n]; g: [B, Hkv] or None. Returns a new tensor (state is not modified)."""
+    if g is not None:
+        state = state * _f32(g).exp()[..., None, None]
+    keys, values, beta = _f32(k).unsqueeze(-1), _f32(v).unsqueeze(-2), _f32(beta)[..., None, None]
     for j in range(k.shape[2]):
-        key, value = k[:, :, j].float(), v[:, :, j].float()  # [B, Hkv, K], [B, Hkv, V]
-        predicted = torch.einsum("bhk,bhkv->bhv", key, state)
-        write = beta[:, :, j].float()[..., None] * (value - predicted)
-        state = state + torch.einsum("bhk,bhv->bhkv", key, write)
+        key = keys[:, :, j]  # [B, Hkv, K, 1]
+        predicted = key.transpose(-1, -2) @ state  # [B, Hkv, 1, V]
+        state = state + key * (beta[:, :, j] * (values[:, :, j] - predicted))
     return state
 
 
@@ -60,7 +65,7 @@ def naive_recurrent(q, k, v, beta, g, initial_state=None, output_final_state=Fal
     q = q.float().reshape(batch, kv_heads, groups, seq_len, -1)
     out = q.new_empty(batch, kv_heads, groups, seq_len, v.shape[-1])
     for t in range(seq_len):
-        state = _token_update(state, k[:, :, t], v[:, :, t], beta[:, :, t], g[:, :, t])
+        state = _token_update(state, k[:, :, t], v[:, :, t], beta[:, :, t], None if g is None else g[:, :, t])
         out[:, :, :, t] = torch.einsum("bhgk,bhkv->bhgv", q[:, :, :, t], state)
         if nonlinear_chunk and (offset + t + 1) % nonlinear_chunk == 0:
             state = memory_nonlinearity(state)
@@ -75,9 +80,8 @@ def recurrent_step(q, k, v, beta, g, initial_state, positions, nonlinear_chunk=0
     """
     batch, kv_heads = k.shape[:2]
     groups = q.shape[1] // kv_heads
-    state = _token_update(initial_state.float(), k[:, :, 0], v[:, :, 0], beta[:, :, 0], g[:, :, 0])
-    query = q.float().reshape(batch, kv_heads, groups, -1)
-    out = torch.einsum("bhgk,bhkv->bhgv", query, state).reshape(batch, kv_heads * groups, 1, -1)
+    state = _token_update(_f32(initial_state), k[:, :, 0], v[:, :, 0], beta[:, :, 0], None if g is None else g[:, :, 0])
+    out = (_f32(q).reshape(batch, kv_heads, groups, -1) @ state).reshape(batch, kv_heads * groups, 1, -1)
     if nonlinear_chunk:
         at_boundary = ((positions + 1) % nonlinear_chunk == 0)[:, None, None, None]
         state = torch.where(at_boundary, memory_nonlinearity(state), state)
@@ -104,6 +108,8 @@ def chunk(q, k, v, beta, g, initial_state=None, output_final_state=False, chunk_
     """
     if nonlinear_chunk:
         chunk_size = math.gcd(chunk_size, nonlinear_chunk)
+    if g is None:
+        g = torch.zeros(beta.shape[:3], device=beta.device)
     batch, kv_heads, seq_len, order, key_dim = k.shape
     value_dim, groups = v.shape[-1], q.shape[1] // kv_heads
     lead = offset % chunk_size

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 def feature_map(x: torch.Tensor) -> torch.Tensor:
     """q and k of the memory: L2 norm of SiLU, per head. x: [..., D]."""
-    return F.normalize(F.silu(x.float()), p=2, dim=-1, eps=1e-6)
+    return F.normalize(F.silu(x if x.dtype == torch.float32 else x.float()), p=2, dim=-1, eps=1e-6)
 
 
 def _rotate_pairs(x: torch.Tensor, angle: float) -> torch.Tensor:
@@ -49,7 +49,7 @@ def expand_virtual(x: torch.Tensor, previous: torch.Tensor | None, order: int, t
 def _derivative(x, previous, order):
     if previous is None:
         previous = torch.zeros_like(x[:, :, :1])
-    shifted = torch.cat([previous, x[:, :, :-1]], dim=2)
+    shifted = previous if x.shape[2] == 1 else torch.cat([previous, x[:, :, :-1]], dim=2)
     return torch.stack([x, x - shifted][:order], dim=3)
 
 
@@ -76,13 +76,18 @@ def causal_mean_pool(m: torch.Tensor, history: torch.Tensor, seen) -> torch.Tens
     return sums / counts
 
 
-def gates(pooled_k: torch.Tensor, pooled_v: torch.Tensor, beta_gate: str, alpha_gate: str):
-    """beta (write strength) and g (log decay) from the pooled gate inputs, each [B, H, T]."""
-    log_sig = {"k": F.logsigmoid(pooled_k), "v": F.logsigmoid(pooled_v)}
-    log_sig["kv"] = log_sig["k"] + log_sig["v"]
+def gates(pooled_k: torch.Tensor | None, pooled_v: torch.Tensor | None, beta_gate: str, alpha_gate: str):
+    """beta (write strength) and g (log decay, None for no decay) from the pooled gate inputs, each [B, H, T]
+    (pooled_v may be None when neither gate reads v)."""
+    pooled = {"k": pooled_k, "v": pooled_v}
     if beta_gate == "c":
         beta = torch.full_like(pooled_k, 0.5)
+    elif beta_gate == "kv":
+        beta = torch.sigmoid(pooled_k) * torch.sigmoid(pooled_v)
     else:
-        beta = log_sig[beta_gate].exp()
-    g = torch.zeros_like(pooled_k) if alpha_gate == "c" else log_sig[alpha_gate]
-    return beta, g
+        beta = torch.sigmoid(pooled[beta_gate])
+    if alpha_gate == "c":
+        return beta, None
+    if alpha_gate == "kv":
+        return beta, F.logsigmoid(pooled_k) + F.logsigmoid(pooled_v)
+    return beta, F.logsigmoid(pooled[alpha_gate])

@@ -20,20 +20,18 @@ from dataclasses import dataclass
 import torch
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat([-second, first], dim=-1)
-
-
 def rotary_factors(positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [B, 1, N, D] at `positions` [B, N] from tables [P, D]."""
-    return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+    """cos and signed sin [B, 1, N, D] at `positions` [B, N] from tables [P, D]: rotate-half rotary is then
+    x * cos + roll(x, D / 2) * signed_sin, the sign of the first half folded into the factor once per layout."""
+    half = sin.shape[-1] // 2
+    s = sin[positions]
+    return cos[positions].unsqueeze(1), torch.cat([-s[..., :half], s[..., half:]], dim=-1).unsqueeze(1)
 
 
 def apply_rotary(x: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Rotary embedding (rotate-half convention) of x [B, H, N, D] with factors from `rotary_factors`."""
-    c, s = factors
-    return x * c + rotate_half(x) * s
+    c, signed_s = factors
+    return x * c + x.roll(x.shape[-1] // 2, dims=-1) * signed_s
 
 
 def sink_positions(num_tokens: torch.Tensor, sinks: int) -> torch.Tensor:
