@@ -20,7 +20,7 @@ from torch import nn
 from .config import TpttConfig
 from .convert import inject_liza
 from .layers.liza import ForwardContext
-from .state import SessionState, check_fingerprint
+from .state import DecodeBatch, SessionState, check_fingerprint
 
 PREFILL_CHUNK = 2048  # tokens per forward in prefill: bounds activation memory whatever the prompt length
 
@@ -32,6 +32,7 @@ class TitansModel:
         self.tokenizer = tokenizer
         self.name = name or config.base_model
         self.context = ForwardContext()
+        self._decode_batch: DecodeBatch | None = None  # sessions of the last batched decode step, stacked
         self.layers = inject_liza(hf_model, config, self.context)
         self.vocab_size = hf_model.get_output_embeddings().weight.shape[0]
         self.fingerprint = fingerprint(hf_model, config)
@@ -116,15 +117,25 @@ class TitansModel:
         ids = self._ids(token_ids)
         if ids.numel() != len(states):
             raise ValueError(f"{len(states)} sessions but {ids.numel()} tokens")
-        batched = [{name: torch.cat([s.layers[i][name] for s in states]) for name in layer}
-                   for i, layer in enumerate(states[0].layers)] if len(states) > 1 else states[0].layers
         positions = torch.tensor([s.num_tokens for s in states], device=self.device)
-        logits = self._forward(ids[:, None], batched, positions=positions)
-        for row, state in enumerate(states):
-            if len(states) > 1:
-                state.layers = [{name: t[row:row + 1] for name, t in layer.items()} for layer in batched]
+        if len(states) == 1:
+            logits = self._forward(ids[:, None], states[0].layers, positions=positions)
+        else:
+            batch = self._stacked(states)
+            logits = self._forward(ids[:, None], batch.layers, positions=positions)
+            batch.attach()
+        for state in states:
             state.num_tokens += 1
         return logits[:, -1].float()
+
+    def _stacked(self, states: list[SessionState]) -> DecodeBatch:
+        """The DecodeBatch of the last step when the same sessions decode again, else a new one (one copy)."""
+        if self._decode_batch is not None and self._decode_batch.holds(states):
+            return self._decode_batch
+        rows = [s.row_views() for s in states]
+        layers = [{name: torch.cat([r[i][name] for r in rows]) for name in rows[0][i]} for i in range(len(rows[0]))]
+        self._decode_batch = DecodeBatch(layers, list(states))
+        return self._decode_batch
 
     @torch.inference_mode()
     def forward_full(self, ids) -> torch.Tensor:

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from tptt_runtime import TitansModel, TpttConfig
+from tptt_runtime.state import SessionState
 from tptt_runtime.layers.liza import LiZAttention
 
 TOL = 1e-4
@@ -111,3 +112,42 @@ def test_learned_gate_starts_as_the_constant_and_stays_exact_incrementally():
     rows, _ = incremental_logits(learned, tokens, (11, 2))
     for position, logits in rows.items():
         torch.testing.assert_close(logits, full[position], atol=TOL, rtol=0)
+
+
+def test_sessions_decoding_together_over_many_steps_match_their_forward_full():
+    """Batched decode keeps the stacked states between steps while the same sessions decode (no copy per step);
+    sessions leaving and joining, a fork and a serialization mid-batch must not disturb anyone's logits."""
+    from tests.conftest import tiny_model
+
+    model = TitansModel(tiny_model("llama"), TpttConfig(window=4, sinks=1, mag_weight=0.5))
+    streams = [ids(24, seed=s) for s in range(4)]
+    full = [model.forward_full(t) for t in streams]
+    states = [model.new_session() for _ in streams]
+    for state, n in zip(states, (2, 5, 7, 3)):
+        model.prefill(state, streams[states.index(state)][:n])
+
+    def decode(members):
+        logits = model.decode([states[m] for m in members], [int(streams[m][states[m].num_tokens]) for m in members])
+        for m, row in zip(members, logits):
+            torch.testing.assert_close(row, full[m][states[m].num_tokens - 1], atol=TOL, rtol=0)
+
+    decode([0, 1, 2])
+    batch = model._decode_batch
+    decode([0, 1, 2])
+    assert model._decode_batch is batch  # same sessions again: the stacked tensors were reused in place
+    snapshot = states[1].fork()
+    blob = states[2].to_bytes()
+    decode([0, 1, 2])
+    decode([0, 2])  # 1 leaves
+    decode([0, 2, 3])  # 3 joins
+    assert model._decode_batch is not batch
+    decode([0, 2, 3])
+    finished = states[0].own()
+    assert all(t.untyped_storage().nbytes() == t.nbytes for layer in finished.layers for t in layer.values())
+    decode([2, 3])
+    decode([1])  # the session that left resumes alone from its own (copied-out) row
+    resumed = SessionState.from_bytes(blob, model.fingerprint)
+    torch.testing.assert_close(model.step(resumed, int(streams[2][resumed.num_tokens])),
+                               full[2][resumed.num_tokens - 1], atol=TOL, rtol=0)
+    torch.testing.assert_close(model.step(snapshot, int(streams[1][snapshot.num_tokens])),
+                               full[1][snapshot.num_tokens - 1], atol=TOL, rtol=0)

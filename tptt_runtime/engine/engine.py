@@ -246,7 +246,7 @@ class LLMEngine:
     def _snapshot(self, request: Request, ids: list[int], logits, keep_state: bool = False) -> None:
         if not self.config.prefix_reuse or request.state is None:
             return
-        state = request.state if keep_state else request.state.fork()
+        state = request.state.own() if keep_state else request.state.fork()
         request.snapshot_keys.append(self.store.put(request.namespace, ids, state, logits))
 
     def _output(self, request: Request, token_ids: list[int], text: str, logprobs: list) -> RequestOutput:
