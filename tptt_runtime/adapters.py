@@ -4,7 +4,8 @@ checkpoints written by the upstream `tptt` package (TpttModel.save_pretrained).
 An adapter directory holds:
     tptt_config.json            TpttConfig (window, sinks, memory operator, MaG, LoRA shape, base model)
     adapter_model.safetensors   LoRA weights, keys as peft names them without the adapter name, and the
-                                learned memory gates (`*.mag_gate.*`) when the config has mag_gate "learned"
+                                memory's own parameters when the config learns them: gates (`*.mag_gate.*`,
+                                mag_gate "learned") and feature maps (`*.memory_map.*`, feature_map "learned")
 """
 
 from __future__ import annotations
@@ -40,38 +41,40 @@ def merge_lora(hf_model: nn.Module) -> None:
                 setattr(parent, name, child.get_base_layer())
 
 
-def _is_gate(name: str) -> bool:
-    return ".mag_gate." in name
+def _is_memory_param(name: str) -> bool:
+    return ".mag_gate." in name or ".memory_map." in name
 
 
 def trainable_names(hf_model: nn.Module) -> list[str]:
-    """Parameters an adapter trains and stores: LoRA weights and learned memory gates."""
-    return [name for name, _ in hf_model.named_parameters() if "lora_" in name or _is_gate(name)]
+    """Parameters an adapter trains and stores: LoRA weights and the memory's own parameters."""
+    return [name for name, _ in hf_model.named_parameters() if "lora_" in name or _is_memory_param(name)]
 
 
 def adapter_state_dict(hf_model: nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor an adapter stores (see the module docstring), detached and contiguous."""
     has_lora = any("lora_" in name for name, _ in hf_model.named_parameters())
     weights = dict(get_peft_model_state_dict(hf_model)) if has_lora else {}
-    weights.update({name: p for name, p in hf_model.named_parameters() if _is_gate(name)})
+    weights.update({name: p for name, p in hf_model.named_parameters() if _is_memory_param(name)})
     return {k: v.detach().contiguous() for k, v in weights.items()}
 
 
 def load_adapter_state_dict(hf_model: nn.Module, weights: dict[str, torch.Tensor], origin: str) -> None:
-    """Inverse of adapter_state_dict. Gates are skipped when the model has none (a constant mu was asked for)."""
-    gates = {k: v for k, v in weights.items() if _is_gate(k)}
-    lora = {k: v for k, v in weights.items() if not _is_gate(k)}
+    """Inverse of adapter_state_dict. Memory parameters the model lacks are skipped (a constant mu was asked
+    for: loading(mag_weight=...)); ones it has must all be there."""
+    memory = {k: v for k, v in weights.items() if _is_memory_param(k)}
+    lora = {k: v for k, v in weights.items() if not _is_memory_param(k)}
     if lora:
         unexpected = getattr(set_peft_model_state_dict(hf_model, lora), "unexpected_keys", [])
         if unexpected:
             raise ValueError(f"adapter {origin} has weights this model does not: {unexpected[:3]} ...")
     params = dict(hf_model.named_parameters())
-    model_gates = [name for name in params if _is_gate(name)]
-    if model_gates and sorted(model_gates) != sorted(gates):
-        raise ValueError(f"adapter {origin} lacks the learned memory gates its config asks for")
+    wanted = [name for name in params if _is_memory_param(name)]
+    missing = [name for name in wanted if name not in memory]
+    if missing:
+        raise ValueError(f"adapter {origin} lacks memory parameters its config asks for: {missing[:3]} ...")
     with torch.no_grad():
-        for name in model_gates:
-            params[name].copy_(gates[name])
+        for name in wanted:
+            params[name].copy_(memory[name])
 
 
 def save_adapter(hf_model: nn.Module, config: TpttConfig, directory: str | Path) -> Path:

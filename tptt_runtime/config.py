@@ -16,6 +16,7 @@ CONFIG_NAME = "tptt_config.json"
 GATE_SOURCES = ("k", "v", "kv", "c")
 TRICKS = ("derivative", "rotary", "combined")
 MAG_GATES = ("constant", "learned")
+FEATURE_MAPS = ("fixed", "learned")
 
 
 @dataclass
@@ -32,6 +33,8 @@ class TpttConfig:
     # linear branch: gated DeltaProduct with `order` Householder steps (virtual tokens) per token
     order: int = 2
     trick: str = "derivative"  # how the order-2 virtual tokens are made
+    feature_map: str = "fixed"  # memory q, k: normalize(silu(x)); learned: a D x D map per layer first (identity
+                                # at the start, trained with the adapter)
     beta_gate: str = "k"  # write strength from a causal mean pool of k / v / both through a sigmoid, c = 0.5
     alpha_gate: str = "c"  # decay from the same pools, c = no decay
     gate_pool: int = 3  # tokens in the causal mean pool of the gates
@@ -58,6 +61,8 @@ class TpttConfig:
             raise ValueError(f"a learned mag_gate starts at mag_weight, which must be in (0, 1), got {self.mag_weight}")
         if self.mag_gate == "learned" and self.cross_gate:
             raise ValueError("a learned mag_gate mixes per head, before o_proj; cross_gate mixes after it")
+        if self.feature_map not in FEATURE_MAPS:
+            raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {self.feature_map!r}")
         if self.order not in (1, 2):
             raise ValueError(f"order must be 1 or 2, got {self.order}")
         if self.trick not in TRICKS:

@@ -151,3 +151,33 @@ def test_sessions_decoding_together_over_many_steps_match_their_forward_full():
                                full[2][resumed.num_tokens - 1], atol=TOL, rtol=0)
     torch.testing.assert_close(model.step(snapshot, int(streams[1][snapshot.num_tokens])),
                                full[1][snapshot.num_tokens - 1], atol=TOL, rtol=0)
+
+
+def test_far_attention_splits_full_attention_at_the_window():
+    """The attention-transfer targets: for every query, (1 - lam) * attention over window + sinks
+    + lam * o_far equals full causal attention; checked per query with plain softmax."""
+    from tests.conftest import tiny_model
+    from tptt_runtime.layers.liza import _far_attention, _rotary_table
+    from tptt_runtime.ops import window_attention as wa
+
+    config = TpttConfig(window=4, sinks=2, mag_weight=0.5)
+    layer = TitansModel(tiny_model("llama"), config).layers[0]
+    gen = torch.Generator().manual_seed(0)
+    seq_len, dim = 13, layer.head_dim
+    q = torch.randn(1, layer.num_heads, seq_len, dim, generator=gen)
+    k = torch.randn(1, layer.num_kv_heads, seq_len, dim, generator=gen)
+    v = torch.randn(1, layer.num_kv_heads, seq_len, dim, generator=gen)
+    o_far, lam = _far_attention(q, k, v, layer, config)
+    cos, sin = _rotary_table(layer._rotary[0], None, seq_len, q)
+    factors = wa.rotary_factors(torch.arange(seq_len)[None], cos, sin)
+    qr, kr = wa.apply_rotary(q, factors), wa.apply_rotary(k, factors)
+    groups = layer.num_heads // layer.num_kv_heads
+    for h in range(layer.num_heads):
+        for t in range(seq_len):
+            scores = (kr[0, h // groups, :t + 1] @ qr[0, h, t]) * layer.scaling
+            full = scores.softmax(-1) @ v[0, h // groups, :t + 1]
+            near = [j for j in range(t + 1) if j < config.sinks or j > t - config.window]
+            o_near = scores[near].softmax(-1) @ v[0, h // groups, near]
+            mixed = (1 - lam[0, h, t]) * o_near + lam[0, h, t] * o_far[0, h, t]
+            torch.testing.assert_close(mixed, full, atol=1e-5, rtol=0)
+            assert (lam[0, h, t] == 0) == (len(near) == t + 1)

@@ -41,6 +41,8 @@ class ForwardContext:
     positions: torch.Tensor | None = None
     # what the first layer computed from positions alone, for the others (see `shared`)
     memo: dict = field(default_factory=dict)
+    # training, attention transfer: each layer appends its loss against full attention (`transfer_loss`)
+    transfer: list | None = None
 
     def shared(self, key, compute):
         """`compute()` once per forward for every layer asking with the same key (position geometry)."""
@@ -86,6 +88,7 @@ class LiZAttention(nn.Module):
         self.register_buffer("qkv_weight", None, persistent=False)  # q, k, v in one matmul (layers/fused.py)
         self.register_buffer("qkv_bias", None, persistent=False)
         self.mag_gate = _learned_gate(base.q_proj, self.num_heads, config) if config.mag_gate == "learned" else None
+        self.memory_map = _identity_map(self.head_dim, base.q_proj) if config.feature_map == "learned" else None
 
     # ----------------------------------------------------------------------------------------------- state
     def new_state(self, batch: int, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
@@ -111,6 +114,8 @@ class LiZAttention(nn.Module):
             state = ctx.layer_states[self.layer_idx]
         q, k, v = self._project(hidden_states)  # q: [B, Hq, T, D]; k, v: [B, Hkv, T, D], before rotary
         softmax_out = self._softmax_branch(q, k, v, state, ctx)
+        if ctx.transfer is not None:
+            ctx.transfer.append(self.transfer_loss(hidden_states, q, k, v))
         if self.mag_gate is None and self.config.mag_weight == 0.0:  # the memory cannot contribute: not
             return self.o_proj(_merge_heads(softmax_out)), None  # computed, its state stays empty
         linear_out = self._memory_branch(q, k, v, state, ctx)
@@ -162,6 +167,8 @@ class LiZAttention(nn.Module):
         pooled_v = self._pooled_gate_input(v, state, "gate_v", seen) if "v" in cfg.beta_gate + cfg.alpha_gate else None
         beta, g = memory_inputs.gates(pooled_k, pooled_v, cfg.beta_gate, cfg.alpha_gate)
 
+        if self.memory_map is not None:
+            q, k = self.memory_map(q), self.memory_map(k)
         q_mem, k_mem, v = memory_inputs.feature_map(q), memory_inputs.feature_map(k), _f32(v)
         k_virtual = F.normalize(memory_inputs.expand_virtual(k_mem, state["prev_k"], cfg.order, cfg.trick), dim=-1,
                                 eps=1e-6)
@@ -176,6 +183,25 @@ class LiZAttention(nn.Module):
                 q_mem, k_virtual, v_virtual, beta, g, state["memory"], True, cfg.chunk_size, cfg.nonlinear_chunk,
                 offset=ctx.start)
         return out
+
+    def transfer_loss(self, hidden_states, q, k, v) -> torch.Tensor:
+        """Attention transfer (training, stage 1): how far the memory's own parameters are from what full
+        softmax attention needs of them. Full attention splits exactly into
+            o_full = (1 - lam) o_window + lam o_far,  lam = softmax mass beyond the window and sinks,
+        so the memory read should point where o_far points (MSE of per-head unit-RMS vectors, weighted by lam)
+        and a learned gate should say lam (cross-entropy against it). Inputs are detached: only the memory's
+        parameters (feature map, gate) get gradients, whatever the surrounding forward does."""
+        with torch.enable_grad():
+            q, k, v, hidden_states = (t.detach() for t in (q, k, v, hidden_states))
+            o_far, lam = _far_attention(q, k, v, self, self.config)  # [B, Hq, T, D], [B, Hq, T]
+            memory = self._memory_branch(q, k, v, self.new_state(q.shape[0], q.dtype, q.device), ForwardContext())
+            dim = (memory.shape[-1],)
+            error = (F.rms_norm(memory, dim, eps=1e-6) - F.rms_norm(o_far, dim, eps=1e-6)).pow(2).mean(-1)
+            loss = (error * lam).sum() / lam.sum().clamp(min=1e-6)
+            if self.mag_gate is not None:
+                logits = self.mag_gate(hidden_states).transpose(1, 2)  # [B, Hq, T]
+                loss = loss + F.binary_cross_entropy_with_logits(logits, lam)
+            return loss
 
     def _pooled_gate_input(self, x: torch.Tensor, state, name: str, seen) -> torch.Tensor:
         """Causal mean pool of x's per-token channel mean [B, Hkv, T]; keeps the last inputs in state[name]."""
@@ -206,6 +232,35 @@ def _learned_gate(like: nn.Linear, heads: int, config: TpttConfig) -> nn.Linear:
 
 def _f32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float32 else x.float()
+
+
+def _identity_map(dim: int, like: nn.Linear) -> nn.Linear:
+    map_ = nn.Linear(dim, dim, bias=False, device=like.weight.device, dtype=like.weight.dtype)
+    with torch.no_grad():
+        map_.weight.copy_(torch.eye(dim))
+    return map_
+
+
+def _far_attention(q, k, v, layer: LiZAttention, config: TpttConfig):
+    """Full causal softmax attention (absolute rotary positions) split at the window: the output over keys
+    beyond the window and sinks alone, and the share of the softmax mass they hold (0 where there are none)."""
+    batch, q_heads, seq_len, dim = q.shape
+    groups = q_heads // k.shape[1]
+    cos, sin = _rotary_table(layer._rotary[0], layer.layer_type, seq_len, q)
+    factors = window_ops.rotary_factors(torch.arange(seq_len, device=q.device)[None], cos, sin)
+    q, k = window_ops.apply_rotary(q, factors), window_ops.apply_rotary(k, factors)
+    logits = (q.reshape(batch, -1, groups, seq_len, dim) @ k.unsqueeze(2).transpose(-1, -2)) * layer.scaling
+    if layer.softcap:
+        logits = torch.tanh(logits / layer.softcap) * layer.softcap
+    position = torch.arange(seq_len, device=q.device)
+    causal = position[None, :] <= position[:, None]
+    far = causal & (position[None, :] <= position[:, None] - config.window) & (position[None, :] >= config.sinks)
+    all_mass = logits.masked_fill(~causal, -math.inf).logsumexp(-1)
+    far_logits = logits.masked_fill(~far, -math.inf)
+    lam = (far_logits.logsumexp(-1) - all_mass).exp()  # exp(-inf) = 0 where no key is far
+    probs = torch.nan_to_num(far_logits.softmax(-1))  # rows without far keys: all -inf -> nan -> 0
+    o_far = probs @ v.unsqueeze(2)
+    return o_far.reshape(batch, q_heads, seq_len, dim), lam.reshape(batch, q_heads, seq_len)
 
 
 def _merge_heads(x: torch.Tensor) -> torch.Tensor:

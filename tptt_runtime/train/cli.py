@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from ..config import MAG_GATES, TpttConfig
+from ..config import FEATURE_MAPS, MAG_GATES, TpttConfig
 from .data import DEFAULT_SOURCES
 from .distill import TrainConfig, convert
 from .schedules import SCHEDULES, MagSchedule
@@ -31,7 +31,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--gate-lr", type=float, default=1e-2, help="learning rate of learned MaG gates")
+    p.add_argument("--gate-lr", type=float, default=1e-2,
+                   help="learning rate of the memory's own parameters (learned gates and feature maps)")
+    p.add_argument("--feature-map", choices=FEATURE_MAPS, default="fixed",
+                   help="learned: a D x D map per layer before the memory's feature map")
+    p.add_argument("--transfer-steps", type=int, default=0,
+                   help="stage 1: steps of attention transfer (memory vs full attention) before distillation")
     p.add_argument("--ce-weight", type=float, default=0.0)
     p.add_argument("--checkpoint-every", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
@@ -42,8 +47,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     tptt = TpttConfig(window=args.window, sinks=args.sinks, order=args.order, lora_rank=args.lora_rank,
                       lora_alpha=2 * args.lora_rank, lora_targets=list(args.lora_targets), mag_gate=args.mag_gate,
+                      feature_map=args.feature_map,
                       mag_weight=args.mag_weight if args.mag_gate == "learned" else 0.0)
-    train = TrainConfig(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, gate_lr=args.gate_lr,
+    train = TrainConfig(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
+                        gate_lr=args.gate_lr, transfer_steps=args.transfer_steps,
                         ce_weight=args.ce_weight, checkpoint_every=args.checkpoint_every, seed=args.seed,
                         schedule=MagSchedule(args.schedule, target=args.mag_weight), text=tuple(args.text))
     out = convert(args.base, args.out, tptt, train, resume=args.resume, device=args.device)

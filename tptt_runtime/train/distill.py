@@ -1,8 +1,14 @@
 """The conversion run: LoRA on the shared projections, trained to reproduce the base model's own logits.
 
-Loss per step = KL(base || converted) per token (+ `ce_weight` * next-token cross-entropy), with the converted
-model running exactly the serving semantics (window + sinks softmax, DeltaProduct memory, MaG with the
-schedule's weight at that step, or learned gates). Only LoRA weights and learned gates (at `gate_lr`) train. Every `checkpoint_every` steps the LoRA weights,
+Stage 1 (the first `transfer_steps` steps, optional): attention transfer. Every LiZA layer compares its memory
+with full softmax attention over the same q, k, v (`LiZAttention.transfer_loss`): the memory read should
+reproduce the attention output over the keys beyond the window, a learned gate the share of attention they
+get. Only the memory's own parameters move (learned feature maps and gates); no teacher forward is needed.
+
+Stage 2, loss per step = KL(base || converted) per token (+ `ce_weight` * next-token cross-entropy), with the
+converted model running exactly the serving semantics (window + sinks softmax, DeltaProduct memory, MaG with
+the schedule's weight at that step, or learned gates). LoRA weights train at `lr`, the memory's own
+parameters at `gate_lr`. Every `checkpoint_every` steps the LoRA weights,
 optimizer, step and loss history are written atomically to <out>/checkpoint.pt; `resume=True` continues from
 there and, because data order and schedules are functions of the step, ends where an uninterrupted run would.
 The finished adapter is <out>/tptt_config.json + adapter_model.safetensors (loadable by `tptt_runtime.load`).
@@ -36,7 +42,8 @@ class TrainConfig:
     seq_len: int = 1024
     batch_size: int = 1
     lr: float = 1e-3
-    gate_lr: float = 1e-2                 # learned MaG gates: a few parameters that must move far
+    gate_lr: float = 1e-2                 # the memory's own parameters (gates, feature maps)
+    transfer_steps: int = 0               # stage 1 (attention transfer) steps, counted in `steps`
     warmup_steps: int = 10
     ce_weight: float = 0.0                # 0 = pure distillation
     grad_clip: float = 1.0
@@ -49,6 +56,8 @@ class TrainConfig:
     def __post_init__(self):
         if min(self.steps, self.seq_len, self.batch_size, self.checkpoint_every) < 1 or self.lr <= 0:
             raise ValueError("steps, seq_len, batch_size, checkpoint_every and lr must be positive")
+        if not 0 <= self.transfer_steps < self.steps:
+            raise ValueError("transfer_steps must be in [0, steps)")
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ids: torch.Tensor,
@@ -90,6 +99,9 @@ class Trainer:
             param.requires_grad_(name in trainable)
         self.parameters = [named[name] for name in trainable]
         self.learned_gate = student.config.mag_gate == "learned"
+        if train.transfer_steps and not self.learned_gate and student.config.feature_map != "learned":
+            raise ValueError("attention transfer trains the memory's own parameters: it needs a learned mag_gate "
+                             "or feature_map")
         self.optimizer = torch.optim.AdamW(_param_groups(named, trainable, train), lr=train.lr, weight_decay=0.0)
         self.order = data.order(len(sequences), train.steps, train.batch_size, train.seed)
         self.step, self.history = 0, []
@@ -106,11 +118,11 @@ class Trainer:
         ids = self.sequences[self.order[self.step]].to(self.student.device)  # [B, T]
         if not self.learned_gate:
             self.student.set_mag_weight(self.train.schedule(self.step, self.train.steps))
-        with torch.no_grad():
-            teacher_logits = self.teacher(input_ids=ids, use_cache=False).logits
         self.student.hf.train()
-        logits = self.student.hf(input_ids=ids, use_cache=False).logits
-        loss, kl = distillation_loss(logits, teacher_logits, ids, self.train.ce_weight)
+        if self.step < self.train.transfer_steps:
+            loss, kl = self._transfer_loss(ids), None
+        else:
+            loss, kl = self._distillation_loss(ids)
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate(self.step) * group["lr_scale"]
         self.optimizer.zero_grad(set_to_none=True)
@@ -121,6 +133,23 @@ class Trainer:
         self.history.append(record)
         self.step += 1
         return record
+
+    def _distillation_loss(self, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+        with torch.no_grad():
+            teacher_logits = self.teacher(input_ids=ids, use_cache=False).logits
+        logits = self.student.hf(input_ids=ids, use_cache=False).logits
+        return distillation_loss(logits, teacher_logits, ids, self.train.ce_weight)
+
+    def _transfer_loss(self, ids: torch.Tensor) -> torch.Tensor:
+        """Mean over layers of their attention-transfer losses; the forward itself builds no graph."""
+        context = self.student.context
+        context.transfer = []
+        try:
+            with torch.no_grad():
+                self.student.hf(input_ids=ids, use_cache=False, logits_to_keep=1)
+            return torch.stack(context.transfer).mean()
+        finally:
+            context.transfer = None
 
     def mean_memory_weight(self) -> float:
         """mu for a constant gate; for learned gates, sigmoid of their mean bias (what mu is where W x = 0)."""
@@ -133,7 +162,8 @@ class Trainer:
         bar = tqdm(total=self.train.steps, initial=self.step, desc="tptt-convert", unit="step")
         while self.step < self.train.steps:
             record = self.train_step()
-            bar.set_postfix(kl=f"{record['kl']:.3f}", mu=f"{record['mag_weight']:.2f}")
+            stage = {"kl": f"{record['kl']:.3f}"} if record["kl"] is not None else {"transfer": f"{record['loss']:.3f}"}
+            bar.set_postfix(**stage, mu=f"{record['mag_weight']:.3f}")
             bar.update()
             if self.step % self.train.checkpoint_every == 0 or self.step == self.train.steps:
                 self.save_checkpoint()
