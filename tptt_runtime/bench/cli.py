@@ -14,8 +14,9 @@ def main(argv: list[str] | None = None) -> None:
     runtime.add_argument("--baseline-max", type=int, default=16384,
                          help="run the baseline only up to this context (it is quadratic)")
     runtime.add_argument("--decode-tokens", type=int, default=16)
-    runtime.add_argument("--mag-weight", type=float, default=0.5,
-                         help="memory weight; > 0 so the DeltaProduct branch is measured even before training")
+    runtime.add_argument("--mag-weight", type=float, default=None,
+                         help="a constant memory weight instead of the default adapter's (which is used as is, "
+                              "unless it has no memory: then 0.5, so the DeltaProduct branch is always measured)")
     runtime.add_argument("--out", type=Path, default=Path("bench-results"))
     server = sub.add_parser("server", help="served throughput (1 vs N streams) and multi-turn time to first token")
     server.add_argument("--turn-tokens", type=int, default=2048, help="tokens of each long user turn")

@@ -22,6 +22,9 @@ from ..loading import load, load_base_model
 from . import report
 
 
+UNTRAINED_MAG_WEIGHT = 0.5
+
+
 def _timed(fn):
     start = time.perf_counter()
     result = fn()
@@ -54,9 +57,12 @@ def measure_baseline(hf_model, prompt: torch.Tensor, decode_tokens: int) -> dict
             "state_bytes": kv_bytes}
 
 
-def run(contexts: list[int], ours_only_above: int, decode_tokens: int, mag_weight: float, out_dir: Path) -> dict:
+def run(contexts: list[int], ours_only_above: int, decode_tokens: int, mag_weight: float | None,
+        out_dir: Path) -> dict:
     torch.manual_seed(0)
     ours = load("default", mag_weight=mag_weight)
+    if ours.config.mag_gate == "constant" and ours.config.mag_weight == 0.0:  # an untrained default: measure the
+        ours.set_mag_weight(UNTRAINED_MAG_WEIGHT)                              # memory branch all the same
     baseline = load_base_model("default")
     rows = []
     for context in tqdm(contexts, desc="contexts"):
