@@ -91,7 +91,8 @@ def attend(q, sink_k, sink_v, win_k, win_v, lay: Layout, *, scaling, softcap=Non
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     probs = logits.masked_fill(~lay.mask, -math.inf).softmax(dim=-1)
-    out = probs @ torch.cat(values, dim=2).unsqueeze(2)  # [B, Hkv, G, Tq, D]
+    kv_heads, keys = probs.shape[1], probs.shape[-1]
+    out = probs.reshape(batch, kv_heads, groups * q_len, keys) @ torch.cat(values, dim=2)  # [B, Hkv, G * Tq, D]
     return out.reshape(batch, q_heads, q_len, head_dim)
 
 
@@ -104,10 +105,11 @@ def window_attention(q, q_pos, sink_k, sink_v, sink_pos, win_k, win_v, win_pos, 
 
 
 def _grouped_scores(q: torch.Tensor, k: torch.Tensor, groups: int) -> torch.Tensor:
-    """q: [B, Hkv * G, Tq, D], k: [B, Hkv, N, D] -> [B, Hkv, G, Tq, N] (query head h reads kv head h // G)."""
+    """q: [B, Hkv * G, Tq, D], k: [B, Hkv, N, D] -> [B, Hkv, G, Tq, N] (query head h reads kv head h // G). The
+    G query heads of a kv head are stacked as rows of one matmul: no broadcast copy of k."""
     batch, q_heads, q_len, head_dim = q.shape
-    q = q.reshape(batch, q_heads // groups, groups, q_len, head_dim)
-    return q @ k.unsqueeze(2).transpose(-1, -2)
+    rows = q.reshape(batch, q_heads // groups, groups * q_len, head_dim)
+    return (rows @ k.transpose(-1, -2)).reshape(batch, q_heads // groups, groups, q_len, k.shape[2])
 
 
 def new_cache(batch, kv_heads, head_dim, *, window, sinks, dtype, device) -> dict[str, torch.Tensor]:
