@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import tptt_runtime as tr
-from tptt_runtime.loading import load_base_model
+from tptt_runtime.loading import base_directory, load_base_model
 
 
 def chat_ids(model, text):
@@ -14,7 +14,7 @@ def chat_ids(model, text):
 
 def test_memory_off_and_wide_window_is_the_base_model(default_model):
     base = load_base_model("default")
-    wide = tr.load("default", window=256, sinks=0, mag_weight=0.0)
+    wide = tr.load(str(base_directory("default")), window=256, sinks=0, mag_weight=0.0)  # no adapter
     ids = torch.tensor(chat_ids(default_model, "Tell me about the moon landing in a few sentences."))
     with torch.inference_mode():
         expected = base(input_ids=ids[None]).logits[0]
@@ -56,6 +56,18 @@ def greedy_answer(model, question: str, max_tokens: int) -> str:
 
 def test_answers_a_simple_question(default_model):
     assert "Paris" in greedy_answer(default_model, "What is the capital of France?", 10)
+
+
+def test_default_adapter_as_shipped_is_exact_incrementally(default_model):
+    """The default model as served (its adapter, learned gates and feature maps if it has them): any split into
+    prefill pieces and decode steps gives forward_full's logits."""
+    ids = torch.randint(3, default_model.vocab_size, (300,), generator=torch.Generator().manual_seed(1))
+    full = default_model.forward_full(ids)
+    state = default_model.new_session()
+    worst = (default_model.prefill(state, ids[:201]) - full[200]).abs().max()
+    for position in range(201, 216):
+        worst = max(worst, (default_model.step(state, int(ids[position])) - full[position]).abs().max())
+    assert worst <= 2e-3
 
 
 @pytest.mark.slow
