@@ -3,7 +3,8 @@
     softmax branch  the base model's attention over sinks + window (ops/window_attention.py)
     linear branch   gated DeltaProduct memory over the whole past (ops/delta_product.py)
     Memory as Gate  o = (1 - mu) o_softmax + mu o_linear (+ (1 - mu) o_softmax * mu o_linear with cross_gate),
-                    mu constant, or learned per head and token (the only parameters this module adds)
+                    mu constant, or learned per head and token; with a learned feature map for the memory's q
+                    and k, the only parameters this module adds
 
 The module replaces a Hugging Face attention module in place and keeps its projection submodules under the
 same names (q_proj, k_proj, v_proj, o_proj, q_norm, k_norm), so state dicts and LoRA targets are unchanged.
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TpttConfig
-from ..ops import delta_product, memory_inputs
+from ..ops import as_float32, delta_product, memory_inputs
 from ..ops import window_attention as window_ops
 
 QUERY_BLOCK = 256  # queries per block in the windowed prefill
@@ -169,7 +170,7 @@ class LiZAttention(nn.Module):
 
         if self.memory_map is not None:
             q, k = self.memory_map(q), self.memory_map(k)
-        q_mem, k_mem, v = memory_inputs.feature_map(q), memory_inputs.feature_map(k), _f32(v)
+        q_mem, k_mem, v = memory_inputs.feature_map(q), memory_inputs.feature_map(k), as_float32(v)
         k_virtual = F.normalize(memory_inputs.expand_virtual(k_mem, state["prev_k"], cfg.order, cfg.trick), dim=-1,
                                 eps=1e-6)
         v_virtual = memory_inputs.expand_virtual(v, state["prev_v"], cfg.order, cfg.trick)
@@ -205,7 +206,7 @@ class LiZAttention(nn.Module):
 
     def _pooled_gate_input(self, x: torch.Tensor, state, name: str, seen) -> torch.Tensor:
         """Causal mean pool of x's per-token channel mean [B, Hkv, T]; keeps the last inputs in state[name]."""
-        gate_in = _f32(x).mean(-1)
+        gate_in = as_float32(x).mean(-1)
         pooled = memory_inputs.causal_mean_pool(gate_in, state[name], seen)
         state[name] = _last(state[name], gate_in, self.config.gate_pool - 1)
         return pooled
@@ -213,7 +214,7 @@ class LiZAttention(nn.Module):
     def _mix(self, softmax_out: torch.Tensor, linear_out: torch.Tensor, mu) -> torch.Tensor:
         softmax_out, linear_out = _merge_heads(softmax_out), _merge_heads(linear_out)
         channels = linear_out.shape[-1]
-        softmax_rms = torch.linalg.vector_norm(_f32(softmax_out), dim=-1, keepdim=True) / math.sqrt(channels)
+        softmax_rms = torch.linalg.vector_norm(as_float32(softmax_out), dim=-1, keepdim=True) / math.sqrt(channels)
         linear_out = (F.rms_norm(linear_out, (channels,), eps=1e-6) * softmax_rms).to(softmax_out.dtype)  # the
         if not self.config.cross_gate:  # memory read at the softmax branch's RMS: two signals of the same size
             return self.o_proj(torch.lerp(softmax_out, linear_out, mu))
@@ -228,10 +229,6 @@ def _learned_gate(like: nn.Linear, heads: int, config: TpttConfig) -> nn.Linear:
         gate.weight.zero_()
         gate.bias.fill_(math.log(config.mag_weight / (1 - config.mag_weight)))
     return gate
-
-
-def _f32(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype == torch.float32 else x.float()
 
 
 def _identity_map(dim: int, like: nn.Linear) -> nn.Linear:
@@ -249,7 +246,7 @@ def _far_attention(q, k, v, layer: LiZAttention, config: TpttConfig):
     cos, sin = _rotary_table(layer._rotary[0], layer.layer_type, seq_len, q)
     factors = window_ops.rotary_factors(torch.arange(seq_len, device=q.device)[None], cos, sin)
     q, k = window_ops.apply_rotary(q, factors), window_ops.apply_rotary(k, factors)
-    logits = (q.reshape(batch, -1, groups, seq_len, dim) @ k.unsqueeze(2).transpose(-1, -2)) * layer.scaling
+    logits = window_ops.grouped_scores(q, k, groups) * layer.scaling  # [B, Hkv, G, T, T]
     if layer.softcap:
         logits = torch.tanh(logits / layer.softcap) * layer.softcap
     position = torch.arange(seq_len, device=q.device)
@@ -259,7 +256,7 @@ def _far_attention(q, k, v, layer: LiZAttention, config: TpttConfig):
     far_logits = logits.masked_fill(~far, -math.inf)
     lam = (far_logits.logsumexp(-1) - all_mass).exp()  # exp(-inf) = 0 where no key is far
     probs = torch.nan_to_num(far_logits.softmax(-1))  # rows without far keys: all -inf -> nan -> 0
-    o_far = probs @ v.unsqueeze(2)
+    o_far = window_ops.grouped_values(probs, v)  # [B, Hkv, G * T, D]
     return o_far.reshape(batch, q_heads, seq_len, dim), lam.reshape(batch, q_heads, seq_len)
 
 

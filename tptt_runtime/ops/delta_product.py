@@ -24,6 +24,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import as_float32
+
 NONLINEARITY_SCALE = 2.0
 
 
@@ -40,16 +42,12 @@ def _initial(state: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor) -> to
     return state.float()
 
 
-def _f32(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype == torch.float32 else x.float()
-
-
 def _token_update(state, k, v, beta, g):
     """One token: decay, then its Householder steps. state: [B, Hkv, K, V] float32; k: [B, Hkv, n, K];
     v: [B, Hkv, n, V]; beta: [B, Hkv, n]; g: [B, Hkv] or None. Returns a new tensor (state is not modified)."""
     if g is not None:
-        state = state * _f32(g).exp()[..., None, None]
-    keys, values, beta = _f32(k).unsqueeze(-1), _f32(v).unsqueeze(-2), _f32(beta)[..., None, None]
+        state = state * as_float32(g).exp()[..., None, None]
+    keys, values, beta = as_float32(k).unsqueeze(-1), as_float32(v).unsqueeze(-2), as_float32(beta)[..., None, None]
     for j in range(k.shape[2]):
         key = keys[:, :, j]  # [B, Hkv, K, 1]
         predicted = key.transpose(-1, -2) @ state  # [B, Hkv, 1, V]
@@ -80,8 +78,8 @@ def recurrent_step(q, k, v, beta, g, initial_state, positions, nonlinear_chunk=0
     """
     batch, kv_heads = k.shape[:2]
     groups = q.shape[1] // kv_heads
-    state = _token_update(_f32(initial_state), k[:, :, 0], v[:, :, 0], beta[:, :, 0], None if g is None else g[:, :, 0])
-    out = (_f32(q).reshape(batch, kv_heads, groups, -1) @ state).reshape(batch, kv_heads * groups, 1, -1)
+    state = _token_update(as_float32(initial_state), k[:, :, 0], v[:, :, 0], beta[:, :, 0], None if g is None else g[:, :, 0])
+    out = (as_float32(q).reshape(batch, kv_heads, groups, -1) @ state).reshape(batch, kv_heads * groups, 1, -1)
     if nonlinear_chunk:
         at_boundary = ((positions + 1) % nonlinear_chunk == 0)[:, None, None, None]
         state = torch.where(at_boundary, memory_nonlinearity(state), state)

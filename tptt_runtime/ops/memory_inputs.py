@@ -12,10 +12,12 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import as_float32
+
 
 def feature_map(x: torch.Tensor) -> torch.Tensor:
     """q and k of the memory: L2 norm of SiLU, per head. x: [..., D]."""
-    return F.normalize(F.silu(x if x.dtype == torch.float32 else x.float()), p=2, dim=-1, eps=1e-6)
+    return F.normalize(F.silu(as_float32(x)), p=2, dim=-1, eps=1e-6)
 
 
 def _rotate_pairs(x: torch.Tensor, angle: float) -> torch.Tensor:

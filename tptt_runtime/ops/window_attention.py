@@ -82,18 +82,16 @@ def attend(q, sink_k, sink_v, win_k, win_v, lay: Layout, *, scaling, softcap=Non
     [B, Hkv, N, D] placed by `lay`. Returns [B, Hq, Tq, D]."""
     batch, q_heads, q_len, head_dim = q.shape
     groups = q_heads // win_k.shape[1]
-    scores = [_grouped_scores(apply_rotary(q, lay.q_win), apply_rotary(win_k, lay.k_win), groups)]
+    scores = [grouped_scores(apply_rotary(q, lay.q_win), apply_rotary(win_k, lay.k_win), groups)]
     values = [win_v]
     if lay.q_sink is not None:
-        scores.insert(0, _grouped_scores(apply_rotary(q, lay.q_sink), apply_rotary(sink_k, lay.k_sink), groups))
+        scores.insert(0, grouped_scores(apply_rotary(q, lay.q_sink), apply_rotary(sink_k, lay.k_sink), groups))
         values.insert(0, sink_v)
     logits = torch.cat(scores, dim=-1) * scaling  # [B, Hkv, G, Tq, S + N]
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     probs = logits.masked_fill(~lay.mask, -math.inf).softmax(dim=-1)
-    kv_heads, keys = probs.shape[1], probs.shape[-1]
-    out = probs.reshape(batch, kv_heads, groups * q_len, keys) @ torch.cat(values, dim=2)  # [B, Hkv, G * Tq, D]
-    return out.reshape(batch, q_heads, q_len, head_dim)
+    return grouped_values(probs, torch.cat(values, dim=2)).reshape(batch, q_heads, q_len, head_dim)
 
 
 def window_attention(q, q_pos, sink_k, sink_v, sink_pos, win_k, win_v, win_pos, *, window, sinks, scaling, cos,
@@ -104,12 +102,18 @@ def window_attention(q, q_pos, sink_k, sink_v, sink_pos, win_k, win_v, win_pos, 
     return attend(q, sink_k, sink_v, win_k, win_v, lay, scaling=scaling, softcap=softcap)
 
 
-def _grouped_scores(q: torch.Tensor, k: torch.Tensor, groups: int) -> torch.Tensor:
+def grouped_scores(q: torch.Tensor, k: torch.Tensor, groups: int) -> torch.Tensor:
     """q: [B, Hkv * G, Tq, D], k: [B, Hkv, N, D] -> [B, Hkv, G, Tq, N] (query head h reads kv head h // G). The
     G query heads of a kv head are stacked as rows of one matmul: no broadcast copy of k."""
     batch, q_heads, q_len, head_dim = q.shape
     rows = q.reshape(batch, q_heads // groups, groups * q_len, head_dim)
     return (rows @ k.transpose(-1, -2)).reshape(batch, q_heads // groups, groups, q_len, k.shape[2])
+
+
+def grouped_values(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """probs: [B, Hkv, G, Tq, N], v: [B, Hkv, N, D] -> [B, Hkv, G * Tq, D], the G heads again as rows."""
+    batch, kv_heads, groups, q_len, keys = probs.shape
+    return probs.reshape(batch, kv_heads, groups * q_len, keys) @ v
 
 
 def new_cache(batch, kv_heads, head_dim, *, window, sinks, dtype, device) -> dict[str, torch.Tensor]:
