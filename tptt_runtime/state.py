@@ -26,11 +26,11 @@ class DecodeBatch:
     while the same sessions decode together (TitansModel.decode), so that a step copies nothing in or out.
     Each session in it holds (batch, row) in place of tensors of its own until something reads its layers."""
 
-    def __init__(self, layers: list[dict[str, torch.Tensor]], states: list["SessionState"]):
+    def __init__(self, layers: list[dict[str, torch.Tensor]], states: list[SessionState]):
         self.layers = layers
         self.states = states
 
-    def holds(self, states: list["SessionState"]) -> bool:
+    def holds(self, states: list[SessionState]) -> bool:
         """Whether `states`, in this order, are exactly this batch's rows."""
         return len(states) == len(self.states) and all(
             s is mine and s._slot is not None and s._slot[0] is self and s._slot[1] == row
@@ -70,12 +70,12 @@ class SessionState:
         batch, row = self._slot
         return [{name: t[row:row + 1] for name, t in layer.items()} for layer in batch.layers]
 
-    def fork(self) -> "SessionState":
+    def fork(self) -> SessionState:
         """An independent copy: continuing one never changes the other."""
         layers = [{name: t.clone() for name, t in layer.items()} for layer in self.row_views()]
         return SessionState(layers, self.fingerprint, self.num_tokens)
 
-    def own(self) -> "SessionState":
+    def own(self) -> SessionState:
         """Copy this session's row out of its DecodeBatch, if it is in one; returns self."""
         _ = self.layers
         return self
@@ -89,7 +89,7 @@ class SessionState:
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
-                     expected_fingerprint: str | None = None) -> "SessionState":
+                     expected_fingerprint: str | None = None) -> SessionState:
         """Inverse of to_tensors; with `expected_fingerprint`, refuse a state made by another model."""
         _check_format(metadata)
         if expected_fingerprint is not None:
@@ -105,7 +105,7 @@ class SessionState:
         return save_tensors(tensors, metadata=metadata)
 
     @classmethod
-    def from_bytes(cls, data: bytes, expected_fingerprint: str | None = None) -> "SessionState":
+    def from_bytes(cls, data: bytes, expected_fingerprint: str | None = None) -> SessionState:
         """Parse a serialized state; with `expected_fingerprint`, refuse one made by another model."""
         metadata, tensors = _parse(data)
         return cls.from_tensors(tensors, metadata, expected_fingerprint)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from tptt_runtime import TitansModel, TpttConfig
-from tptt_runtime.state import SessionState
 from tptt_runtime.layers.liza import LiZAttention
+from tptt_runtime.state import SessionState
 
 TOL = 1e-4
 

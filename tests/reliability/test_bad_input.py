@@ -7,7 +7,7 @@ import logging
 import httpx
 import pytest
 
-from tests.server.conftest import MODEL, assert_error, chat_body, live_server
+from tests.server.conftest import assert_error, chat_body, live_server
 
 MARKER = "zebra-quartz-4417"
 

@@ -10,7 +10,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.server.conftest import MODEL
 
-
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 

@@ -21,7 +21,6 @@ from transformers import DynamicCache
 from ..loading import load, load_base_model
 from . import report
 
-
 UNTRAINED_MAG_WEIGHT = 0.5
 
 

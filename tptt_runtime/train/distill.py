@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..adapters import add_lora, adapter_state_dict, load_adapter_state_dict, save_adapter, trainable_names
+from ..adapters import adapter_state_dict, add_lora, load_adapter_state_dict, save_adapter, trainable_names
 from ..config import TpttConfig
 from ..model import TitansModel
 from . import data
