@@ -120,3 +120,25 @@ def test_invalid_requests_are_refused(default_model):
     with pytest.raises(ValueError, match="empty"):
         engine.add_request(Request("c", [], SamplingParams()))
     assert torch.is_tensor(default_model.forward_full([1, 2]))
+
+
+def test_a_request_whose_sampling_fails_is_failed_alone(default_model, monkeypatch):
+    """An error while sampling one request finishes that request with an error; the engine does not retry the
+    same failing step forever, and the other request completes."""
+    import tptt_runtime.engine.engine as engine_module
+
+    real_sample = engine_module.sample
+
+    def sample(logits, params, *args):
+        if params.seed == 666:
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real_sample(logits, params, *args)
+
+    monkeypatch.setattr(engine_module, "sample", sample)
+    engine = LLMEngine(default_model)
+    ids = chat_ids(default_model, "Hello!")
+    outputs = run_all(engine, [Request("bad", ids, SamplingParams(max_tokens=3, seed=666)),
+                               Request("good", ids, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))])
+    assert outputs["bad"][-1].finish_reason == "error" and "probability" in outputs["bad"][-1].error
+    assert outputs["good"][-1].finish_reason == "length" and len(tokens(outputs["good"])) == 3
+    assert not engine.has_work()

@@ -105,3 +105,11 @@ def test_invalid_params_are_refused(bad):
 def test_out_of_vocab_bias_is_refused():
     with pytest.raises(ValueError, match="vocabulary"):
         SamplingParams(logit_bias={VOCAB: 1.0}).check_vocab(VOCAB)
+
+
+def test_a_top_p_too_small_for_float32_keeps_the_best_token():
+    """top_p = 5e-324 (a fuzzer's value) is 0 in float32: every token used to be dropped, and the draw failed."""
+    row = logits(3)
+    assert kept(truncate(row, SamplingParams(top_p=5e-324))) == {int(row.argmax())}
+    token, _ = sample(row, SamplingParams(top_p=5e-324), new_generator(0), [], [])
+    assert token == int(row.argmax())

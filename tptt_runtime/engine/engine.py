@@ -195,7 +195,14 @@ class LLMEngine:
     def _postprocess(self) -> list[RequestOutput]:
         """Every running request with fresh logits (from this step's forwards or a resumed snapshot) advances."""
         ready = [r for r in self.scheduler.running if r.pending_logits is not None]
-        return [self._advance(request) for request in ready]
+        outputs = []
+        for request in ready:
+            try:
+                outputs.append(self._advance(request))
+            except Exception as error:  # noqa: BLE001 - that request fails; the others and the engine go on
+                log.exception("sampling failed for %s", request.request_id)
+                outputs.append(self._fail(request, error))
+        return outputs
 
     def _advance(self, request: Request) -> RequestOutput:
         """Sample one token for a request with fresh logits, or finish it."""

@@ -123,7 +123,8 @@ def truncate(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         sorted_logits, order = logits.sort(descending=True)
         probs = sorted_logits.softmax(-1)
         mass_before = probs.cumsum(-1) - probs
-        drop = mass_before >= params.top_p          # the token that crosses top_p is kept
+        drop = mass_before >= params.top_p          # the token that crosses top_p is kept, and the best one
+        drop[0] = False                             # always (top_p below float32's smallest value reads as 0)
         logits = logits.scatter(0, order[drop], float("-inf"))
     if params.min_p > 0.0:
         probs = logits.softmax(-1)
