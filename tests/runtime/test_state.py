@@ -24,6 +24,23 @@ def test_nbytes_does_not_grow(model):
     assert short.nbytes == long.nbytes == model.new_session().nbytes > 0
 
 
+def resident_bytes(state) -> int:
+    """Bytes of every storage the state's tensors keep alive (views of bigger tensors count in full)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for layer in state.layers
+                for t in layer.values()}
+    return sum(storages.values())
+
+
+def test_a_session_keeps_only_its_own_bytes_alive(model):
+    state = model.new_session()
+    model.prefill(state, tokens(3000))  # activations of a 2048-token piece: a view into them would pin MBs
+    assert resident_bytes(state) == state.nbytes
+    other = model.new_session()
+    model.prefill(other, tokens(5))
+    model.decode([state, other], [4, 5])
+    assert resident_bytes(state) == state.nbytes
+
+
 def test_fork_is_independent(model):
     state = model.new_session()
     model.prefill(state, tokens(12))

@@ -10,11 +10,14 @@ The module replaces a Hugging Face attention module in place and keeps its proje
 same names (q_proj, k_proj, v_proj, o_proj, q_norm, k_norm), so state dicts and LoRA targets are unchanged.
 Per-forward metadata (which session state, which positions) comes from a `ForwardContext` shared by all
 layers of one model, never through the Hugging Face call signature. Every tensor of a session lives in the
-layer's state dict, whose size is fixed at creation: nothing here grows with the context.
+layer's state dict, whose size is fixed at creation: nothing here grows with the context. Forwards write into
+those tensors in place, never replace them, so a session holds exactly its own bytes (a replacing view would pin
+the whole activation it was sliced from) and decode allocates no state.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -44,6 +47,8 @@ class ForwardContext:
     memo: dict = field(default_factory=dict)
     # training, attention transfer: each layer appends its loss against full attention (`transfer_loss`)
     transfer: list | None = None
+    # decode steps run through one torch.compile'd `LiZAttention.decode_step` shared by all layers
+    compiled: bool = False
 
     def shared(self, key, compute):
         """`compute()` once per forward for every layer asking with the same key (position geometry)."""
@@ -108,19 +113,44 @@ class LiZAttention(nn.Module):
     # ----------------------------------------------------------------------------------------------- forward
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         ctx = self.context
-        batch = hidden_states.shape[0]
+        if ctx.positions is not None:
+            plan = ctx.shared(("decode", self.layer_type, hidden_states.dtype), lambda: self._decode_plan(
+                ctx.positions, hidden_states))
+            step = _compiled_decode_step() if ctx.compiled else LiZAttention.decode_step
+            return step(self, hidden_states, ctx.layer_states[self.layer_idx], plan), None
         if ctx.layer_states is None:
-            state = self.new_state(batch, hidden_states.dtype, hidden_states.device)
+            state = self.new_state(hidden_states.shape[0], hidden_states.dtype, hidden_states.device)
         else:
             state = ctx.layer_states[self.layer_idx]
         q, k, v = self._project(hidden_states)  # q: [B, Hq, T, D]; k, v: [B, Hkv, T, D], before rotary
-        softmax_out = self._softmax_branch(q, k, v, state, ctx)
+        cos, sin = self._rotary_tables(q)
+        softmax_out = window_ops.prefill(q, k, v, state, ctx.start, window=self.config.window,
+                                         sinks=self.config.sinks, scaling=self.scaling, cos=cos, sin=sin,
+                                         softcap=self.softcap, block=QUERY_BLOCK)
         if ctx.transfer is not None:
             ctx.transfer.append(self.transfer_loss(hidden_states, q, k, v))
-        if self.mag_gate is None and self.config.mag_weight == 0.0:  # the memory cannot contribute: not
-            return self.o_proj(_merge_heads(softmax_out)), None  # computed, its state stays empty
-        linear_out = self._memory_branch(q, k, v, state, ctx)
-        return self._mix(softmax_out, linear_out, self._memory_weight(hidden_states)), None
+        return self._with_memory(hidden_states, q, k, v, softmax_out, state, ctx.start), None
+
+    def decode_step(self, hidden_states: torch.Tensor, state, plan: window_ops.DecodePlan) -> torch.Tensor:
+        """One new token per row: [B, 1, hidden] -> [B, 1, hidden]; `state` updated. Arguments only (no
+        context, no layer index), so one compiled graph serves every layer (`ForwardContext.compiled`)."""
+        q, k, v = self._project(hidden_states)
+        softmax_out = window_ops.decode(q, k, v, state, plan, scaling=self.scaling, softcap=self.softcap)
+        return self._with_memory(hidden_states, q, k, v, softmax_out, state, plan.positions)
+
+    def _decode_plan(self, positions: torch.Tensor, like: torch.Tensor) -> window_ops.DecodePlan:
+        cos, sin = self._rotary_tables(like)
+        return window_ops.decode_plan(positions, window=self.config.window, sinks=self.config.sinks, cos=cos,
+                                      sin=sin)
+
+    def _with_memory(self, hidden_states, q, k, v, softmax_out, state, seen) -> torch.Tensor:
+        """o_proj of the softmax branch mixed with the memory read (or alone when the memory cannot
+        contribute: then it is not computed and its state stays empty). `seen`: tokens before this piece,
+        an int (prefill) or per row [B] (decode)."""
+        if self.mag_gate is None and self.config.mag_weight == 0.0:
+            return self.o_proj(_merge_heads(softmax_out))
+        linear_out = self._memory_branch(q, k, v, state, seen)
+        return self._mix(softmax_out, linear_out, self._memory_weight(hidden_states))
 
     def _memory_weight(self, hidden_states: torch.Tensor):
         """mu: a float, or [B, T, Hq * D] (one value per head and token, repeated over the head's channels)."""
@@ -151,19 +181,9 @@ class LiZAttention(nn.Module):
             table = self._table = _rotary_table(self._rotary[0], self.layer_type, size, like)
         return table
 
-    def _softmax_branch(self, q, k, v, state, ctx: ForwardContext):
-        cos, sin = self._rotary_tables(q)
-        window, sinks = self.config.window, self.config.sinks
-        if ctx.positions is not None:
-            plan = ctx.shared(("decode", self.layer_type, q.dtype), lambda: window_ops.decode_plan(
-                ctx.positions, window=window, sinks=sinks, cos=cos, sin=sin))
-            return window_ops.decode(q, k, v, state, plan, scaling=self.scaling, softcap=self.softcap)
-        return window_ops.prefill(q, k, v, state, ctx.start, window=window, sinks=sinks, scaling=self.scaling,
-                                  cos=cos, sin=sin, softcap=self.softcap, block=QUERY_BLOCK)
-
-    def _memory_branch(self, q, k, v, state, ctx: ForwardContext):
+    def _memory_branch(self, q, k, v, state, seen):
+        """The memory read [B, Hq, T, D]; `seen` as in `_with_memory` (a tensor means one decode token)."""
         cfg = self.config
-        seen = ctx.positions if ctx.positions is not None else ctx.start
         pooled_k = self._pooled_gate_input(k, state, "gate_k", seen)
         pooled_v = self._pooled_gate_input(v, state, "gate_v", seen) if "v" in cfg.beta_gate + cfg.alpha_gate else None
         beta, g = memory_inputs.gates(pooled_k, pooled_v, cfg.beta_gate, cfg.alpha_gate)
@@ -174,15 +194,17 @@ class LiZAttention(nn.Module):
         k_virtual = F.normalize(memory_inputs.expand_virtual(k_mem, state["prev_k"], cfg.order, cfg.trick), dim=-1,
                                 eps=1e-6)
         v_virtual = memory_inputs.expand_virtual(v, state["prev_v"], cfg.order, cfg.trick)
-        state["prev_k"], state["prev_v"] = k_mem[:, :, -1:], v[:, :, -1:]
+        _store(state, "prev_k", k_mem[:, :, -1:])
+        _store(state, "prev_v", v[:, :, -1:])
         beta = beta.unsqueeze(-1).expand(*beta.shape, cfg.order)
-        if ctx.positions is not None:
-            out, state["memory"] = delta_product.recurrent_step(
-                q_mem, k_virtual, v_virtual, beta, g, state["memory"], ctx.positions, cfg.nonlinear_chunk)
+        if torch.is_tensor(seen):
+            out, memory = delta_product.recurrent_step(
+                q_mem, k_virtual, v_virtual, beta, g, state["memory"], seen, cfg.nonlinear_chunk)
         else:
-            out, state["memory"] = delta_product.chunk(
+            out, memory = delta_product.chunk(
                 q_mem, k_virtual, v_virtual, beta, g, state["memory"], True, cfg.chunk_size, cfg.nonlinear_chunk,
-                offset=ctx.start)
+                offset=seen)
+        _store(state, "memory", memory)
         return out
 
     def transfer_loss(self, hidden_states, q, k, v) -> torch.Tensor:
@@ -195,7 +217,7 @@ class LiZAttention(nn.Module):
         with torch.enable_grad():
             q, k, v, hidden_states = (t.detach() for t in (q, k, v, hidden_states))
             o_far, lam = _far_attention(q, k, v, self, self.config)  # [B, Hq, T, D], [B, Hq, T]
-            memory = self._memory_branch(q, k, v, self.new_state(q.shape[0], q.dtype, q.device), ForwardContext())
+            memory = self._memory_branch(q, k, v, self.new_state(q.shape[0], q.dtype, q.device), 0)
             dim = (memory.shape[-1],)
             error = (F.rms_norm(memory, dim, eps=1e-6) - F.rms_norm(o_far, dim, eps=1e-6)).pow(2).mean(-1)
             loss = (error * lam).sum() / lam.sum().clamp(min=1e-6)
@@ -208,7 +230,7 @@ class LiZAttention(nn.Module):
         """Causal mean pool of x's per-token channel mean [B, Hkv, T]; keeps the last inputs in state[name]."""
         gate_in = as_float32(x).mean(-1)
         pooled = memory_inputs.causal_mean_pool(gate_in, state[name], seen)
-        state[name] = _last(state[name], gate_in, self.config.gate_pool - 1)
+        _store(state, name, _last(state[name], gate_in, self.config.gate_pool - 1))
         return pooled
 
     def _mix(self, softmax_out: torch.Tensor, linear_out: torch.Tensor, mu) -> torch.Tensor:
@@ -220,6 +242,23 @@ class LiZAttention(nn.Module):
             return self.o_proj(torch.lerp(softmax_out, linear_out, mu))
         softmax_part, linear_part = (1 - mu) * self.o_proj(softmax_out), mu * self.o_proj(linear_out)
         return softmax_part + linear_part + softmax_part * linear_part
+
+
+@functools.cache
+def _compiled_decode_step():
+    """`LiZAttention.decode_step` compiled once for every layer of every model (layers differ in tensors
+    only, which torch.compile takes as inputs); a new batch size recompiles once, then the batch dim is
+    dynamic."""
+    return torch.compile(LiZAttention.decode_step)
+
+
+def _store(state: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+    """Write `value` into the session's tensor in place. Under autograd (training: a fresh state every
+    forward) the graph still needs the old tensor, so there it is replaced instead."""
+    if value.requires_grad and torch.is_grad_enabled():
+        state[name] = value
+    else:
+        state[name].copy_(value)
 
 
 def _learned_gate(like: nn.Linear, heads: int, config: TpttConfig) -> nn.Linear:

@@ -156,6 +156,7 @@ def prefill(q, k, v, cache, start: int, *, window, sinks, scaling, cos, sin, sof
 @dataclass
 class DecodePlan:
     """Cache slots and layout of one decode step (one new token per row), shared by every layer."""
+    positions: torch.Tensor        # [B] absolute position of each row's new token
     rows: torch.Tensor             # [B]
     ring_slot: torch.Tensor        # [B] window slot of each row's new token
     sink_slot: torch.Tensor        # [B] sink slot of the rows still filling their sinks (clamped)
@@ -171,7 +172,7 @@ def decode_plan(positions, *, window, sinks, cos, sin) -> DecodePlan:
         in_sinks = (positions < sinks)[:, None, None]
     lay = layout(positions[:, None], sink_positions(count, sinks), ring_positions(count, sinks, window),
                  window=window, sinks=sinks, cos=cos, sin=sin)
-    return DecodePlan(torch.arange(positions.shape[0], device=positions.device),
+    return DecodePlan(positions, torch.arange(positions.shape[0], device=positions.device),
                       torch.remainder(positions - sinks, window), positions.clamp(max=max(sinks - 1, 0)), in_sinks,
                       lay)
 
