@@ -27,6 +27,10 @@ def main(argv: list[str] | None = None) -> None:
         model = tr.load(settings.model, device=settings.device, dtype=getattr(torch, settings.dtype))
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"tptt-serve: cannot load {settings.model!r}: {error}")
+    if settings.compile:
+        logging.getLogger("tptt-serve").info("compiling the decode step (batch 1 and batched)")
+        model.compile()
+        model.warm_up()
     app = create_app(settings, model)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=5)

@@ -8,6 +8,9 @@
 Invariant: for any split of a sequence into prefill pieces and decode steps, the logits equal forward_full's.
 The model knows token ids, never text or HTTP. The Hugging Face model runs its own embeddings, decoder layers
 (MLPs, experts, norms) and head; every attention layer reads its session tensors from the ForwardContext.
+Forwards run under no_grad rather than inference_mode: session tensors made inside and outside a forward
+(new_session, fork, from_bytes, rows copied out of a batch) are then the same kind of tensor, which a compiled
+decode graph (`compile()`) requires to be reused.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class TitansModel:
         self.name = name or config.base_model
         self.context = ForwardContext()
         self._decode_batch: DecodeBatch | None = None  # sessions of the last batched decode step, stacked
+        self._compiled_forward = None  # `compile()`
         self.layers = inject_liza(hf_model, config, self.context)
         self.vocab_size = hf_model.get_output_embeddings().weight.shape[0]
         self.fingerprint = fingerprint(hf_model, config)
@@ -64,6 +68,23 @@ class TitansModel:
         """Call after changing weights in place (training): states of the old weights stop being accepted."""
         self.fingerprint = fingerprint(self.hf, self.config)
 
+    def compile(self) -> None:
+        """Run decode steps through torch.compile: the whole model becomes one graph of fused kernels in place
+        of some 150 small operations per layer, whose dispatch dominates one-token steps on a CPU. Compiles on
+        the first step of batch 1 and again on the first larger batch (the batch dim then stays dynamic):
+        minutes on a 2-core CPU, ~20 s when torch's on-disk cache has the graph; `warm_up()` does both. Steps
+        that write the sinks (a session's first tokens) stay eager."""
+        self._compiled_forward = torch.compile(self._forward)
+
+    def warm_up(self) -> None:
+        """Compile (if `compile()` was called) the decode graphs of batch 1 and of larger batches now, on
+        throwaway sessions, rather than on the first requests."""
+        sessions = [self.new_session() for _ in range(2)]
+        for state in sessions:
+            self.prefill(state, [0] * (self.config.sinks + 1))
+        self.decode(sessions[:1], [0])
+        self.decode(sessions, [0, 0])
+
     # ------------------------------------------------------------------------------------------ sessions
     def new_session(self) -> SessionState:
         layers = [layer.new_state(1, self.dtype, self.device) for layer in self.layers]
@@ -81,17 +102,19 @@ class TitansModel:
         return ids.to(self.device)
 
     # ------------------------------------------------------------------------------------------ forwards
-    def _forward(self, ids: torch.Tensor, layer_states, start: int = 0, positions=None, last_only=True):
+    def _forward(self, ids: torch.Tensor, layer_states, start: int = 0, positions: torch.Tensor | None = None,
+                 filling_sinks: bool = False, last_only=True):
         """ids: [B, T]. Sets the context for the LiZA layers around one Hugging Face forward."""
-        self.context.layer_states, self.context.start, self.context.positions = layer_states, start, positions
+        ctx = self.context
+        ctx.layer_states, ctx.start, ctx.positions, ctx.filling_sinks = layer_states, start, positions, filling_sinks
         try:
             out = self.hf(input_ids=ids, use_cache=False, logits_to_keep=1 if last_only else 0)
         finally:
-            self.context.layer_states, self.context.start, self.context.positions = None, 0, None
-            self.context.memo.clear()
+            ctx.layer_states, ctx.start, ctx.positions = None, 0, None
+            ctx.memo.clear()
         return out.logits
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def prefill(self, state: SessionState, ids, all_logits: bool = False) -> torch.Tensor:
         """Feed `ids` to the session; returns the float32 logits [vocab] after the last one
         (with `all_logits`, [len(ids), vocab]: the logits after each of them)."""
@@ -108,7 +131,7 @@ class TitansModel:
         """One decode token; returns the float32 logits [vocab] after it."""
         return self.decode([state], [token_id])[0]
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def decode(self, states: list[SessionState], token_ids) -> torch.Tensor:
         """One token for each session in one batched forward (sessions may sit at different positions).
         Returns float32 logits [len(states), vocab]; each state advances by one token."""
@@ -117,12 +140,13 @@ class TitansModel:
         ids = self._ids(token_ids)
         if ids.numel() != len(states):
             raise ValueError(f"{len(states)} sessions but {ids.numel()} tokens")
-        positions = torch.tensor([s.num_tokens for s in states], device=self.device)
-        if len(states) == 1:
-            logits = self._forward(ids[:, None], states[0].layers, positions=positions)
-        else:
-            batch = self._stacked(states)
-            logits = self._forward(ids[:, None], batch.layers, positions=positions)
+        positions = [s.num_tokens for s in states]
+        filling_sinks = min(positions) < self.config.sinks
+        forward = self._forward if self._compiled_forward is None or filling_sinks else self._compiled_forward
+        batch = self._stacked(states) if len(states) > 1 else None
+        logits = forward(ids[:, None], batch.layers if batch else states[0].layers,
+                         positions=torch.tensor(positions, device=self.device), filling_sinks=filling_sinks)
+        if batch is not None:
             batch.attach()
         for state in states:
             state.num_tokens += 1
@@ -137,7 +161,7 @@ class TitansModel:
         self._decode_batch = DecodeBatch(layers, list(states))
         return self._decode_batch
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def forward_full(self, ids) -> torch.Tensor:
         """Logits [T, vocab] (float32) of a whole sequence from an empty state: the reference semantics."""
         return self._forward(self._ids(ids)[None], None, last_only=False)[0].float()

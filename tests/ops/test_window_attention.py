@@ -33,7 +33,8 @@ def reference(q, k, v, window, sinks, scaling):
 
 
 def decode(q, k, v, cache, positions, *, window, sinks, scaling, cos, sin):
-    plan = wa.decode_plan(positions, window=window, sinks=sinks, cos=cos, sin=sin)
+    plan = wa.decode_plan(positions, window=window, sinks=sinks, cos=cos, sin=sin,
+                          filling_sinks=bool((positions < sinks).any()))
     return wa.decode(q, k, v, cache, plan, scaling=scaling)
 
 

@@ -17,6 +17,9 @@ def main(argv: list[str] | None = None) -> None:
     runtime.add_argument("--mag-weight", type=float, default=None,
                          help="a constant memory weight instead of the default adapter's (which is used as is, "
                               "unless it has no memory: then 0.5, so the DeltaProduct branch is always measured)")
+    runtime.add_argument("--compile", action="store_true",
+                         help="our decode step through torch.compile (TitansModel.compile); the baseline stays "
+                              "as Hugging Face generate runs it")
     runtime.add_argument("--out", type=Path, default=Path("bench-results"))
     server = sub.add_parser("server", help="served throughput (1 vs N streams) and multi-turn time to first token")
     server.add_argument("--turn-tokens", type=int, default=2048, help="tokens of each long user turn")
@@ -34,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.bench == "runtime":
         from .runtime import run
 
-        run(sorted(args.contexts), args.baseline_max, args.decode_tokens, args.mag_weight, args.out)
+        run(sorted(args.contexts), args.baseline_max, args.decode_tokens, args.mag_weight, args.out, args.compile)
     elif args.bench == "server":
         from .server import run as run_server
 

@@ -57,11 +57,16 @@ def measure_baseline(hf_model, prompt: torch.Tensor, decode_tokens: int) -> dict
 
 
 def run(contexts: list[int], ours_only_above: int, decode_tokens: int, mag_weight: float | None,
-        out_dir: Path) -> dict:
+        out_dir: Path, compile_decode: bool = False) -> dict:
     torch.manual_seed(0)
     ours = load("default", mag_weight=mag_weight)
     if ours.config.mag_gate == "constant" and ours.config.mag_weight == 0.0:  # an untrained default: measure the
         ours.set_mag_weight(UNTRAINED_MAG_WEIGHT)                              # memory branch all the same
+    if compile_decode:
+        ours.compile()
+        with tqdm(total=1, desc="compiling our decode step") as bar:
+            ours.warm_up()
+            bar.update()
     baseline = load_base_model("default")
     rows = []
     for context in tqdm(contexts, desc="contexts"):
@@ -71,9 +76,11 @@ def run(contexts: list[int], ours_only_above: int, decode_tokens: int, mag_weigh
             row["baseline"] = measure_baseline(baseline, prompt, decode_tokens)
         rows.append(row)
     result = {"model": "default (SmolLM2-135M-Instruct)", "config": ours.config.to_dict(),
-              "threads": torch.get_num_threads(), "decode_tokens": decode_tokens, "rows": rows,
+              "threads": torch.get_num_threads(), "decode_tokens": decode_tokens, "compiled": compile_decode,
+              "rows": rows,
               "ratios": ratios(rows)}
-    report.write(out_dir, "runtime", result, figure(rows), table(rows) + "\n" + json.dumps(result["ratios"], indent=2))
+    report.write(out_dir, "runtime", result, figure(rows, compile_decode),
+                 table(rows) + "\n" + json.dumps(result["ratios"], indent=2))
     return result
 
 
@@ -103,7 +110,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def figure(rows: list[dict]):
+def figure(rows: list[dict], compiled: bool):
     fig, axes = report.subplots(1, 3, figsize=(15, 4.2))
     panels = [("prefill_tok_s", "prefill tokens/s", 1.0), ("decode_ms", "decode ms/token", 1.0),
               ("state_bytes", "session memory (MB)", 1e-6)]
@@ -111,7 +118,8 @@ def figure(rows: list[dict]):
         for who, style in (("ours", "o-"), ("baseline", "s--")):
             points = [(r["context"], r[who][key] * scale) for r in rows if who in r]
             if points:
-                label = "TPTT runtime" if who == "ours" else "HF full KV cache"
+                label = ("TPTT runtime" + (" (compiled decode)" if compiled else "")) if who == "ours" else \
+                    "HF full KV cache"
                 ax.plot(*zip(*points), style, label=label)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context tokens")

@@ -17,7 +17,6 @@ the whole activation it was sliced from) and decode allocates no state.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -43,12 +42,12 @@ class ForwardContext:
     start: int = 0
     # decode: [B] absolute position of the single new token of each row; None for a prefill
     positions: torch.Tensor | None = None
+    # decode: whether a row's new token is one of the first `sinks` tokens (known on the host)
+    filling_sinks: bool = False
     # what the first layer computed from positions alone, for the others (see `shared`)
     memo: dict = field(default_factory=dict)
     # training, attention transfer: each layer appends its loss against full attention (`transfer_loss`)
     transfer: list | None = None
-    # decode steps run through one torch.compile'd `LiZAttention.decode_step` shared by all layers
-    compiled: bool = False
 
     def shared(self, key, compute):
         """`compute()` once per forward for every layer asking with the same key (position geometry)."""
@@ -115,9 +114,8 @@ class LiZAttention(nn.Module):
         ctx = self.context
         if ctx.positions is not None:
             plan = ctx.shared(("decode", self.layer_type, hidden_states.dtype), lambda: self._decode_plan(
-                ctx.positions, hidden_states))
-            step = _compiled_decode_step() if ctx.compiled else LiZAttention.decode_step
-            return step(self, hidden_states, ctx.layer_states[self.layer_idx], plan), None
+                ctx, hidden_states))
+            return self.decode_step(hidden_states, ctx.layer_states[self.layer_idx], plan), None
         if ctx.layer_states is None:
             state = self.new_state(hidden_states.shape[0], hidden_states.dtype, hidden_states.device)
         else:
@@ -132,16 +130,15 @@ class LiZAttention(nn.Module):
         return self._with_memory(hidden_states, q, k, v, softmax_out, state, ctx.start), None
 
     def decode_step(self, hidden_states: torch.Tensor, state, plan: window_ops.DecodePlan) -> torch.Tensor:
-        """One new token per row: [B, 1, hidden] -> [B, 1, hidden]; `state` updated. Arguments only (no
-        context, no layer index), so one compiled graph serves every layer (`ForwardContext.compiled`)."""
+        """One new token per row: [B, 1, hidden] -> [B, 1, hidden]; `state` updated in place."""
         q, k, v = self._project(hidden_states)
         softmax_out = window_ops.decode(q, k, v, state, plan, scaling=self.scaling, softcap=self.softcap)
         return self._with_memory(hidden_states, q, k, v, softmax_out, state, plan.positions)
 
-    def _decode_plan(self, positions: torch.Tensor, like: torch.Tensor) -> window_ops.DecodePlan:
+    def _decode_plan(self, ctx: ForwardContext, like: torch.Tensor) -> window_ops.DecodePlan:
         cos, sin = self._rotary_tables(like)
-        return window_ops.decode_plan(positions, window=self.config.window, sinks=self.config.sinks, cos=cos,
-                                      sin=sin)
+        return window_ops.decode_plan(ctx.positions, window=self.config.window, sinks=self.config.sinks, cos=cos,
+                                      sin=sin, filling_sinks=ctx.filling_sinks)
 
     def _with_memory(self, hidden_states, q, k, v, softmax_out, state, seen) -> torch.Tensor:
         """o_proj of the softmax branch mixed with the memory read (or alone when the memory cannot
@@ -242,14 +239,6 @@ class LiZAttention(nn.Module):
             return self.o_proj(torch.lerp(softmax_out, linear_out, mu))
         softmax_part, linear_part = (1 - mu) * self.o_proj(softmax_out), mu * self.o_proj(linear_out)
         return softmax_part + linear_part + softmax_part * linear_part
-
-
-@functools.cache
-def _compiled_decode_step():
-    """`LiZAttention.decode_step` compiled once for every layer of every model (layers differ in tensors
-    only, which torch.compile takes as inputs); a new batch size recompiles once, then the batch dim is
-    dynamic."""
-    return torch.compile(LiZAttention.decode_step)
 
 
 def _store(state: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:

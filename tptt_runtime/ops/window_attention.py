@@ -164,12 +164,11 @@ class DecodePlan:
     layout: Layout
 
 
-def decode_plan(positions, *, window, sinks, cos, sin) -> DecodePlan:
-    """`positions` [B]: the absolute position of each row's new token."""
+def decode_plan(positions, *, window, sinks, cos, sin, filling_sinks: bool) -> DecodePlan:
+    """`positions` [B]: the absolute position of each row's new token. `filling_sinks`: whether any of them is
+    below `sinks`, known on the host (no device sync; the sink slots are written only then)."""
     count = positions + 1
-    in_sinks = None
-    if sinks and bool((positions < sinks).any()):  # one host sync per step, not per layer
-        in_sinks = (positions < sinks)[:, None, None]
+    in_sinks = (positions < sinks)[:, None, None] if filling_sinks else None
     lay = layout(positions[:, None], sink_positions(count, sinks), ring_positions(count, sinks, window),
                  window=window, sinks=sinks, cos=cos, sin=sin)
     return DecodePlan(positions, torch.arange(positions.shape[0], device=positions.device),
