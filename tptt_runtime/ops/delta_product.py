@@ -120,7 +120,8 @@ def chunk(q, k, v, beta, g, initial_state=None, output_final_state=False, chunk_
     v = _pad_time(v.float(), lead, trail).reshape(batch, kv_heads, num_chunks, steps, value_dim)
     beta = _pad_time(beta.float(), lead, trail).reshape(batch, kv_heads, num_chunks, steps)
     q = _pad_time(q.float(), lead, trail).reshape(batch, kv_heads, groups, num_chunks, chunk_size, key_dim)
-    q = q.permute(0, 1, 3, 2, 4, 5)  # [B, Hkv, N, G, C, K]
+    # the G query heads of a kv head as rows [B, Hkv, N, G * C, K]: plain batched matmuls, no broadcast copies
+    q = q.permute(0, 1, 3, 2, 4, 5).reshape(batch, kv_heads, num_chunks, groups * chunk_size, key_dim)
     step_decay = _pad_time(g.float(), lead, trail).unsqueeze(-1)  # decay sits on each token's first step
     step_decay = F.pad(step_decay, (0, order - 1)).reshape(batch, kv_heads, num_chunks, steps)
     gam = step_decay.cumsum(-1)  # [B, Hkv, N, L]
@@ -136,21 +137,26 @@ def chunk(q, k, v, beta, g, initial_state=None, output_final_state=False, chunk_
     last_steps = torch.arange(chunk_size, device=k.device) * order + order - 1  # the step each query reads
     gam_q = gam[..., last_steps]  # [B, Hkv, N, C]
     query_decay = (gam_q[..., :, None] - gam[..., None, :]).masked_fill(~causal[last_steps], -math.inf).exp()
-    intra = (q @ k.unsqueeze(3).transpose(-1, -2)) * query_decay.unsqueeze(3)  # [B, Hkv, N, G, C, L]
-    q_decayed = q * gam_q.exp().unsqueeze(3).unsqueeze(-1)
-    chunk_decay = gam[..., -1].exp()  # [B, Hkv, N]
-    k_to_end = k * (gam[..., -1:] - gam).exp().unsqueeze(-1)  # [B, Hkv, N, L, K]
+    intra = (q @ k.transpose(-1, -2)) * query_decay.repeat(1, 1, 1, groups, 1)  # [B, Hkv, N, G * C, L]
+    q_decayed = q * gam_q.exp().repeat(1, 1, 1, groups).unsqueeze(-1)
+    chunk_decay = gam[..., -1].exp()[..., None, None]  # [B, Hkv, N, 1, 1]
+    k_to_end = (k * (gam[..., -1:] - gam).exp().unsqueeze(-1)).transpose(-1, -2)  # [B, Hkv, N, K, L]
 
+    # only the state is sequential: carry it through the chunks, keeping each chunk's S0 and U; the outputs
+    # then come from all chunks at once
     state = _initial(initial_state, k, v)
-    out = q.new_empty(batch, kv_heads, num_chunks, groups, chunk_size, value_dim)
+    entering = k.new_empty(batch, kv_heads, num_chunks, key_dim, value_dim)
+    u = torch.empty_like(u0)
     first_position = offset - lead
     for c in range(num_chunks):
-        u = u0[:, :, c] - w[:, :, c] @ state  # [B, Hkv, L, V]
-        out[:, :, c] = intra[:, :, c] @ u.unsqueeze(2) + q_decayed[:, :, c] @ state.unsqueeze(2)
-        state = chunk_decay[:, :, c, None, None] * state + k_to_end[:, :, c].transpose(-1, -2) @ u
+        entering[:, :, c] = state
+        u[:, :, c] = u0[:, :, c] - w[:, :, c] @ state  # [B, Hkv, L, V]
+        state = chunk_decay[:, :, c] * state + k_to_end[:, :, c] @ u[:, :, c]
         end = first_position + (c + 1) * chunk_size
         if nonlinear_chunk and end % nonlinear_chunk == 0 and end <= offset + seq_len:
             state = memory_nonlinearity(state)
+    out = intra @ u + q_decayed @ entering  # [B, Hkv, N, G * C, V]
 
-    out = out.permute(0, 1, 3, 2, 4, 5).reshape(batch, kv_heads * groups, num_chunks * chunk_size, value_dim)
+    out = out.reshape(batch, kv_heads, num_chunks, groups, chunk_size, value_dim).permute(0, 1, 3, 2, 4, 5)
+    out = out.reshape(batch, kv_heads * groups, num_chunks * chunk_size, value_dim)
     return out[:, :, lead:lead + seq_len], (state if output_final_state else None)

@@ -139,9 +139,11 @@ def prefill(q, k, v, cache, start: int, *, window, sinks, scaling, cos, sin, sof
     for a in range(0, seq_len, block):
         b = min(seq_len, a + block)
         lo = max(0, a - window + 1)
-        win_k = torch.cat([cache["win_k"], k[:, :, lo:b]], dim=2)
-        win_v = torch.cat([cache["win_v"], v[:, :, lo:b]], dim=2)
-        win_pos = torch.cat([ring_pos, positions[lo:b].expand(batch, -1)], dim=1)
+        win_k, win_v, win_pos = k[:, :, lo:b], v[:, :, lo:b], positions[lo:b].expand(batch, -1)
+        if a < window - 1:  # some query of the block still sees tokens of earlier chunks, from the ring
+            win_k = torch.cat([cache["win_k"], win_k], dim=2)
+            win_v = torch.cat([cache["win_v"], win_v], dim=2)
+            win_pos = torch.cat([ring_pos, win_pos], dim=1)
         out[:, :, a:b] = window_attention(
             q[:, :, a:b], positions[a:b].expand(batch, -1), cache["sink_k"], cache["sink_v"], sink_pos, win_k,
             win_v, win_pos, window=window, sinks=sinks, scaling=scaling, cos=cos, sin=sin, softcap=softcap)
