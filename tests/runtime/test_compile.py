@@ -7,7 +7,8 @@ from torch._dynamo.utils import counters
 from tests.conftest import tiny_model
 from tptt_runtime import TitansModel, TpttConfig
 
-TOL = 1e-4
+TOL = 5e-4  # eager incremental decode is held to 1e-4; inductor's fused kernels reorder float32 reductions
+#             (measured: up to 1.0e-4 on this model, and the order depends on the CPU's vector width)
 
 
 def ids(n, seed):
