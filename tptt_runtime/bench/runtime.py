@@ -112,15 +112,14 @@ def table(rows: list[dict]) -> str:
 
 def figure(rows: list[dict], compiled: bool):
     fig, axes = report.subplots(1, 3, figsize=(15, 4.2))
+    labels = {"ours": "TPTT runtime" + (" (compiled decode)" if compiled else ""), "baseline": "HF full KV cache"}
     panels = [("prefill_tok_s", "prefill tokens/s", 1.0), ("decode_ms", "decode ms/token", 1.0),
               ("state_bytes", "session memory (MB)", 1e-6)]
     for ax, (key, title, scale) in zip(axes, panels):
         for who, style in (("ours", "o-"), ("baseline", "s--")):
             points = [(r["context"], r[who][key] * scale) for r in rows if who in r]
             if points:
-                label = ("TPTT runtime" + (" (compiled decode)" if compiled else "")) if who == "ours" else \
-                    "HF full KV cache"
-                ax.plot(*zip(*points), style, label=label)
+                ax.plot(*zip(*points), style, label=labels[who])
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context tokens")
         ax.set_title(title)
