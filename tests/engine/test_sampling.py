@@ -113,3 +113,17 @@ def test_a_top_p_too_small_for_float32_keeps_the_best_token():
     assert kept(truncate(row, SamplingParams(top_p=5e-324))) == {int(row.argmax())}
     token, _ = sample(row, SamplingParams(top_p=5e-324), new_generator(0), [], [])
     assert token == int(row.argmax())
+
+
+@pytest.mark.parametrize("extreme", [dict(temperature=5e-324), dict(repetition_penalty=5e-324),
+                                     dict(temperature=1e-40, top_p=0.5, min_p=0.1)])
+def test_valid_but_extreme_values_overflowing_float32_still_draw_a_best_token(extreme):
+    """A tiny temperature or repetition penalty (fuzzers' values) turns the best logits into float32 inf, and
+    the softmax of inf is nan: the draw failed. The overflowed tokens now tie as the best."""
+    row, seen, params = logits(4), list(range(0, VOCAB, 2)), SamplingParams(**extreme)
+    overflowed = process_logits(row, params, seen, []) / params.temperature
+    best = {i for i, v in enumerate(overflowed.tolist()) if v == math.inf}
+    assert best  # the case does overflow
+    for seed in range(5):
+        token, _ = sample(row, SamplingParams(seed=seed, **extreme), new_generator(seed), seen, [])
+        assert token in best

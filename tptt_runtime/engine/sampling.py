@@ -114,8 +114,11 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: lis
 
 
 def truncate(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, then top_k / top_p / min_p masks (removed tokens get -inf); logits: [vocab]."""
-    logits = logits / params.temperature
+    """Temperature, then top_k / top_p / min_p masks (removed tokens get -inf); logits: [vocab].
+    Valid but tiny temperatures or repetition penalties overflow float32: the overflowed tokens tie as the best
+    (the largest finite value) rather than turning every probability into nan."""
+    largest = torch.finfo(logits.dtype).max
+    logits = (logits / params.temperature).nan_to_num(nan=0.0, posinf=largest, neginf=float("-inf"))
     if 0 < params.top_k < logits.numel():
         kth = logits.topk(params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
