@@ -10,7 +10,8 @@ from tptt_runtime.model import TitansModel
 from tptt_runtime.train.distill import Trainer, TrainConfig, distillation_loss
 from tptt_runtime.train.schedules import MagSchedule
 
-TPTT = TpttConfig(window=8, sinks=2, lora_rank=4, lora_alpha=8, lora_targets=["q_proj", "k_proj", "v_proj", "o_proj"])
+TPTT = TpttConfig(window=8, sinks=2, lora_rank=4, lora_alpha=8, lora_targets=["q_proj", "k_proj", "v_proj", "o_proj"],
+                  chunk_size=16)  # several chunks per sequence: gradients flow through the carried state
 
 
 def peaked_model():

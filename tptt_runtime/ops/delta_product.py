@@ -143,19 +143,18 @@ def chunk(q, k, v, beta, g, initial_state=None, output_final_state=False, chunk_
     k_to_end = (k * (gam[..., -1:] - gam).exp().unsqueeze(-1)).transpose(-1, -2)  # [B, Hkv, N, K, L]
 
     # only the state is sequential: carry it through the chunks, keeping each chunk's S0 and U; the outputs
-    # then come from all chunks at once
+    # then come from all chunks at once (lists, not buffers written in place: training backpropagates here)
     state = _initial(initial_state, k, v)
-    entering = k.new_empty(batch, kv_heads, num_chunks, key_dim, value_dim)
-    u = torch.empty_like(u0)
+    entering, u = [], []
     first_position = offset - lead
     for c in range(num_chunks):
-        entering[:, :, c] = state
-        u[:, :, c] = u0[:, :, c] - w[:, :, c] @ state  # [B, Hkv, L, V]
-        state = chunk_decay[:, :, c] * state + k_to_end[:, :, c] @ u[:, :, c]
+        entering.append(state)
+        u.append(u0[:, :, c] - w[:, :, c] @ state)  # [B, Hkv, L, V]
+        state = chunk_decay[:, :, c] * state + k_to_end[:, :, c] @ u[-1]
         end = first_position + (c + 1) * chunk_size
         if nonlinear_chunk and end % nonlinear_chunk == 0 and end <= offset + seq_len:
             state = memory_nonlinearity(state)
-    out = intra @ u + q_decayed @ entering  # [B, Hkv, N, G * C, V]
+    out = intra @ torch.stack(u, dim=2) + q_decayed @ torch.stack(entering, dim=2)  # [B, Hkv, N, G * C, V]
 
     out = out.reshape(batch, kv_heads, num_chunks, groups, chunk_size, value_dim).permute(0, 1, 3, 2, 4, 5)
     out = out.reshape(batch, kv_heads * groups, num_chunks * chunk_size, value_dim)
