@@ -89,6 +89,14 @@ def base_directory(source: str | Path) -> Path:
     return path
 
 
+def adapter_directory(source: str | Path) -> Path:
+    """The directory of one of our adapters: "default" (the shipped adapter) or a path."""
+    directory = DEFAULT_ADAPTER if str(source) == "default" else Path(source)
+    if not (directory / CONFIG_NAME).exists():
+        raise FileNotFoundError(f"{source} is not an adapter directory (no {CONFIG_NAME})")
+    return directory
+
+
 def load_base_model(source: str | Path = "default") -> nn.Module:
     """The unconverted Hugging Face model behind `source` ("default", a .gguf file or a model directory),
     float32, eval mode: the baseline our runtime is compared with."""

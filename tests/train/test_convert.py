@@ -129,3 +129,18 @@ def test_attention_transfer_trains_the_memory_alone(tmp_path):
     assert all(not torch.equal(m, torch.eye(m.shape[0])) for m in maps)
     trainer.run()
     assert trainer.history[-1]["kl"] is not None
+
+
+def test_a_run_can_start_from_an_adapter(tmp_path):
+    """--init: the new adapter keeps the old one's config and, after a step too small to move it, its weights."""
+    from safetensors.torch import load_file
+
+    from tptt_runtime.loading import DEFAULT_ADAPTER
+    from tptt_runtime.train.distill import convert
+
+    train = TrainConfig(steps=1, seq_len=64, lr=1e-9, gate_lr=1e-9, max_corpus_tokens=2000, init="default")
+    out = convert("default", tmp_path / "continued", TpttConfig(window=7), train)
+    assert TpttConfig.load(out) == TpttConfig.load(DEFAULT_ADAPTER).replace(base_model="default")
+    before, after = load_file(DEFAULT_ADAPTER / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    assert before.keys() == after.keys()
+    assert all(torch.allclose(before[name], after[name], atol=1e-6) for name in before)

@@ -41,6 +41,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint-every", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--text", nargs="+", default=list(DEFAULT_SOURCES), help="glob patterns of training text")
+    p.add_argument("--retrieval", type=float, default=0.0,
+                   help="share of training sequences rebuilt as retrieval documents (facts asked for at the end)")
+    p.add_argument("--init", help='start from this adapter ("default" or a directory): its config replaces the '
+                                  "model flags above and its weights the fresh LoRA, gates and feature maps")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -52,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     train = TrainConfig(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
                         gate_lr=args.gate_lr, transfer_steps=args.transfer_steps,
                         ce_weight=args.ce_weight, checkpoint_every=args.checkpoint_every, seed=args.seed,
-                        schedule=MagSchedule(args.schedule, target=args.mag_weight), text=tuple(args.text))
+                        schedule=MagSchedule(args.schedule, target=args.mag_weight), text=tuple(args.text),
+                        retrieval=args.retrieval, init=args.init)
     out = convert(args.base, args.out, tptt, train, resume=args.resume, device=args.device)
     print(f"adapter written to {out}")
 

@@ -11,6 +11,8 @@ the schedule's weight at that step, or learned gates). LoRA weights train at `lr
 parameters at `gate_lr`. Every `checkpoint_every` steps the LoRA weights,
 optimizer, step and loss history are written atomically to <out>/checkpoint.pt; `resume=True` continues from
 there and, because data order and schedules are functions of the step, ends where an uninterrupted run would.
+A run can start from an existing adapter (`init`: its config and weights) instead of a fresh one, and can turn
+a share of its sequences into retrieval documents (`retrieval`, train/retrieval.py).
 The finished adapter is <out>/tptt_config.json + adapter_model.safetensors (loadable by `tptt_runtime.load`).
 """
 
@@ -26,10 +28,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..adapters import adapter_state_dict, add_lora, load_adapter_state_dict, save_adapter, trainable_names
+from ..adapters import (adapter_state_dict, add_lora, load_adapter_state_dict, load_adapter_weights, save_adapter,
+                        trainable_names)
 from ..config import TpttConfig
 from ..model import TitansModel
 from . import data
+from .retrieval import with_retrieval
 from .schedules import MagSchedule
 
 log = logging.getLogger(__name__)
@@ -52,6 +56,8 @@ class TrainConfig:
     schedule: MagSchedule = field(default_factory=MagSchedule)
     text: tuple[str, ...] = data.DEFAULT_SOURCES
     max_corpus_tokens: int | None = 4_000_000
+    retrieval: float = 0.0                # share of sequences rebuilt as retrieval documents
+    init: str | None = None               # adapter directory to start from (its config and weights)
 
     def __post_init__(self):
         if min(self.steps, self.seq_len, self.batch_size, self.checkpoint_every) < 1 or self.lr <= 0:
@@ -205,7 +211,7 @@ def convert(base: str, out: str | Path, tptt: TpttConfig, train: TrainConfig, re
     """Train an adapter for `base` into `out`; returns the adapter directory."""
     from transformers import AutoTokenizer
 
-    from ..loading import base_directory, load_base_model
+    from ..loading import adapter_directory, base_directory, load_base_model
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -213,10 +219,17 @@ def convert(base: str, out: str | Path, tptt: TpttConfig, train: TrainConfig, re
     directory = base_directory(base)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     teacher = load_base_model(directory).to(device)
+    if train.init is not None:
+        tptt = TpttConfig.load(adapter_directory(train.init))
     student = TitansModel(load_base_model(directory).to(device), tptt.replace(base_model=str(base)), tokenizer)
     sequences = data.sequences(tokenizer, train.seq_len, patterns=train.text, max_tokens=train.max_corpus_tokens)
-    log.info("%d training sequences of %d tokens", len(sequences), train.seq_len)
+    if train.retrieval:
+        sequences = with_retrieval(tokenizer, sequences, train.retrieval, train.seed)
+    log.info("%d training sequences of %d tokens (%.0f %% retrieval documents)", len(sequences), train.seq_len,
+             100 * train.retrieval)
     trainer = Trainer(teacher, student, train, sequences, out)
+    if train.init is not None:
+        load_adapter_weights(student.hf, adapter_directory(train.init))
     if resume:
         trainer.load_checkpoint()
     trainer.run()

@@ -1,0 +1,77 @@
+"""Training documents that need the far past: facts hidden in filler, asked for at the end.
+
+Prose alone rarely makes the next token depend on something hundreds of tokens back, so distillation on it
+teaches the memory little about exact recall. A retrieval document takes a training sequence's own text (or,
+for some documents, a few plain sentences repeated) as filler, hides 1-4 facts ("The access code for the north
+gate is 4821.") at random depths, and ends with the questions and their answers. The teacher (full attention)
+answers them from the facts; the student can only do so through its memory once the facts are beyond its
+window. Phrasings, subjects and filler sentences are disjoint from the passkey evaluation's (eval/passkey.py),
+so the evaluation stays held out. Everything is a function of the seed.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+KINDS = ("access code", "secret number", "PIN", "combination", "ticket number", "serial number", "room number",
+         "order number", "code word number", "lucky number")
+SUBJECTS = ("north gate", "red door", "garden shed", "museum safe", "blue folder", "old bicycle", "attic window",
+            "river boat", "library locker", "kitchen drawer", "silver box", "west tower", "train station",
+            "green car", "mountain cabin", "office printer", "night shift", "summer camp", "jazz club",
+            "second floor", "harbor office", "science lab", "paper archive", "back office")
+FILLER_SENTENCES = ("The river runs past the mill.", "Birds sing in the tall trees.", "A cat sleeps on the mat.",
+                    "Rain falls on the quiet town.", "The baker opens his shop early.",
+                    "Children walk to school together.", "The clock on the wall ticks.",
+                    "Clouds drift over the hills.", "A ship waits in the harbor.", "The road bends to the left.",
+                    "Snow covers the empty field.", "Lamps glow along the street.")
+REPEATED_FILLER_SHARE = 0.3  # share of documents whose filler is repeated plain sentences instead of prose
+
+
+def _fact(rng: random.Random, subject: str) -> tuple[str, str]:
+    """(statement, question with its answer) for one random fact about `subject`."""
+    kind = rng.choice(KINDS)
+    digits = rng.randint(3, 6)
+    number = str(rng.randint(10 ** (digits - 1), 10 ** digits - 1))
+    if rng.random() < 0.5:
+        return (f" The {kind} for the {subject} is {number}. ",
+                f"What is the {kind} for the {subject}? The {kind} for the {subject} is {number}.\n")
+    return (f" Note that the {subject} has {kind} {number}. ",
+            f"Which {kind} does the {subject} have? The {subject} has {kind} {number}.\n")
+
+
+def _repeated_filler(tokenizer, rng: random.Random, length: int) -> list[int]:
+    unit = " ".join(rng.sample(FILLER_SENTENCES, rng.randint(3, 6))) + " "
+    ids = tokenizer(unit, add_special_tokens=False)["input_ids"]
+    return (ids * (length // len(ids) + 1))[:length]
+
+
+def retrieval_document(tokenizer, prose: list[int], rng: random.Random) -> list[int]:
+    """A document of len(prose) tokens: filler with 1-4 facts at depths in [0, 0.9] and the questions last."""
+    facts = [_fact(rng, subject) for subject in rng.sample(SUBJECTS, rng.randint(1, 4))]
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    statements = [encode(statement) for statement, _ in facts]
+    questions = [ids for _, question in rng.sample(facts, len(facts)) for ids in encode("\n" + question)]
+    budget = len(prose) - len(questions) - sum(map(len, statements))
+    if budget < len(prose) // 2:
+        raise ValueError(f"sequences of {len(prose)} tokens are too short for retrieval documents")
+    filler = _repeated_filler(tokenizer, rng, budget) if rng.random() < REPEATED_FILLER_SHARE else prose[:budget]
+    cuts = sorted(int(rng.uniform(0.0, 0.9) * budget) for _ in statements)
+    document, last = [], 0
+    for cut, statement in zip(cuts, statements):
+        document += filler[last:cut] + statement
+        last = cut
+    return document + filler[last:] + questions
+
+
+def with_retrieval(tokenizer, sequences: torch.Tensor, share: float, seed: int) -> torch.Tensor:
+    """A copy of `sequences` [N, T] in which a seeded `share` of the rows became retrieval documents built on
+    their own text."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"retrieval share must be in [0, 1], got {share}")
+    rng = random.Random(seed)
+    out = sequences.clone()
+    for row in sorted(rng.sample(range(len(sequences)), round(share * len(sequences)))):
+        out[row] = torch.tensor(retrieval_document(tokenizer, sequences[row].tolist(), rng))
+    return out
