@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> None:
     runtime.add_argument("--out", type=Path, default=Path("bench-results"))
     server = sub.add_parser("server", help="served throughput (1 vs N streams) and multi-turn time to first token")
     server.add_argument("--turn-tokens", type=int, default=2048, help="tokens of each long user turn")
+    server.add_argument("--reply-tokens", type=int, default=32,
+                        help="tokens of the assistant's replies to turns 1 and 2 (part of turn 3's cached prefix)")
     server.add_argument("--clients", type=int, default=16)
     server.add_argument("--decode-tokens", type=int, default=64)
     server.add_argument("--out", type=Path, default=Path("bench-results"))
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.bench == "server":
         from .server import run as run_server
 
-        run_server(args.turn_tokens, args.clients, args.decode_tokens, args.out)
+        run_server(args.turn_tokens, args.reply_tokens, args.clients, args.decode_tokens, args.out)
     elif args.bench == "load":
         from .load import run as run_load
 

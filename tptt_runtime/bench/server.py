@@ -4,9 +4,11 @@ Starts `python -m server` as subprocesses (serving.py) on loopback (one with pre
 through HTTP streaming, as a client sees it:
     decode throughput   one stream vs 16 concurrent streams (aggregate tokens/s), and Hugging Face generate
                         (full KV cache) at batch 1 and 16 in this process
-    multi-turn TTFT     a 3-turn chat with `--turn-tokens` user turns: time to first token of turn 3 on the
-                        reusing server vs the same prompt sent cold (to the server without reuse, and to
-                        Hugging Face generate); also with a short follow-up question as turn 3 (the common case)
+    multi-turn TTFT     a 3-turn chat with `--turn-tokens` user turns, each answered by `--reply-tokens` tokens:
+                        time to first token of turn 3 on the reusing server vs the same prompt sent cold (to the
+                        server without reuse, and to Hugging Face generate); also with a short follow-up question
+                        as turn 3 (the common case). The reused share of turn 3's prompt, hence the ratio,
+                        grows with the replies: equal user turns with short replies cannot go below ~1/3.
 Table on stdout, JSON + PNG in --out. Absolute times on shared machines are noise; ratios are the result.
 """
 
@@ -106,27 +108,31 @@ def hf_generate_ttft(model, tokenizer, messages: list[dict]) -> float:
     return time.perf_counter() - start
 
 
-def three_turns(url: str, tokenizer, turn_tokens: int, last_turn: str | None) -> tuple[list[dict], dict]:
-    """Turns 1 and 2 on `url`; returns turn 3's messages and turn 3's measurement on the same server."""
+def three_turns(url: str, tokenizer, turn_tokens: int, reply_tokens: int,
+                last_turn: str | None) -> tuple[list[dict], dict]:
+    """Turns 1 and 2 on `url` (replies of exactly `reply_tokens`); returns turn 3's messages and turn 3's
+    measurement on the same server."""
     messages = []
     for turn in range(3):
         content = last_turn if turn == 2 and last_turn else \
             filler(tokenizer, turn_tokens, turn) + "\nSummarize this in one sentence."
         messages.append({"role": "user", "content": content})
-        result = stream_chat(url, messages, 32)
+        result = stream_chat(url, messages, 32) if turn == 2 else \
+            stream_chat(url, messages, reply_tokens, ignore_eos=True)
         if turn < 2:
             messages.append({"role": "assistant", "content": result["text"]})
     return messages, result
 
 
-def run(turn_tokens: int, clients: int, decode_tokens: int, out_dir: Path) -> dict:
+def run(turn_tokens: int, reply_tokens: int, clients: int, decode_tokens: int, out_dir: Path) -> dict:
     from transformers import AutoTokenizer
 
     from ..loading import base_directory
 
     directory = base_directory("default")
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    results = {"turn_tokens": turn_tokens, "clients": clients, "decode_tokens": decode_tokens}
+    results = {"turn_tokens": turn_tokens, "reply_tokens": reply_tokens, "clients": clients,
+               "decode_tokens": decode_tokens}
     progress = tqdm(total=6, desc="tptt-bench server")
     with served() as server:
         url = server.url
@@ -135,9 +141,9 @@ def run(turn_tokens: int, clients: int, decode_tokens: int, out_dir: Path) -> di
         progress.update()
         many = concurrent_decode(url, clients, decode_tokens)
         progress.update()
-        long_turn3, warm_long = three_turns(url, tokenizer, turn_tokens, None)
+        long_turn3, warm_long = three_turns(url, tokenizer, turn_tokens, reply_tokens, None)
         progress.update()
-        short_turn3, warm_short = three_turns(url, tokenizer, turn_tokens, "What was the first text about?")
+        short_turn3, warm_short = three_turns(url, tokenizer, turn_tokens, reply_tokens, "What was the first text about?")
         progress.update()
     with served("--no-prefix-reuse") as server:
         url = server.url
@@ -179,6 +185,7 @@ def table(results: dict) -> str:
              f"  ours (server)      {d['ours_1']:8.1f}   {d[f'ours_{n}']:10.1f}   {d['ours_concurrency_gain']:5.2f}x",
              f"  HF generate        {d['hf_generate_1']:8.1f}   {d[f'hf_generate_{n}']:10.1f}   "
              f"{d['hf_concurrency_gain']:5.2f}x",
+             f"3-turn chat: user turns of {results['turn_tokens']} tokens, replies of {results['reply_tokens']}",
              "turn-3 time to first token (s)  prompt  cached   warm    cold  HF cold  warm/cold  warm/HF cold"]
     for name, row in t.items():
         lines.append(f"  {name:<29} {row['prompt_tokens']:6d}  {row['cached_tokens']:6d}  {row['warm']:6.2f}  "
