@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     server = sub.add_parser("server", help="served throughput (1 vs N streams) and multi-turn time to first token")
     server.add_argument("--turn-tokens", type=int, default=2048, help="tokens of each long user turn")
     server.add_argument("--reply-tokens", type=int, default=32,
-                        help="tokens of the assistant's replies to turns 1 and 2 (part of turn 3's cached prefix)")
+                        help="cap on the assistant's replies to turns 1 and 2 (part of turn 3's cached prefix)")
     server.add_argument("--clients", type=int, default=16)
     server.add_argument("--decode-tokens", type=int, default=64)
     server.add_argument("--out", type=Path, default=Path("bench-results"))

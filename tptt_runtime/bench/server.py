@@ -4,7 +4,7 @@ Starts `python -m server` as subprocesses (serving.py) on loopback (one with pre
 through HTTP streaming, as a client sees it:
     decode throughput   one stream vs 16 concurrent streams (aggregate tokens/s), and Hugging Face generate
                         (full KV cache) at batch 1 and 16 in this process
-    multi-turn TTFT     a 3-turn chat with `--turn-tokens` user turns, each answered by `--reply-tokens` tokens:
+    multi-turn TTFT     a 3-turn chat with `--turn-tokens` user turns, answered by up to `--reply-tokens` tokens:
                         time to first token of turn 3 on the reusing server vs the same prompt sent cold (to the
                         server without reuse, and to Hugging Face generate); also with a short follow-up question
                         as turn 3 (the common case). The reused share of turn 3's prompt, hence the ratio,
@@ -110,18 +110,19 @@ def hf_generate_ttft(model, tokenizer, messages: list[dict]) -> float:
 
 def three_turns(url: str, tokenizer, turn_tokens: int, reply_tokens: int,
                 last_turn: str | None) -> tuple[list[dict], dict]:
-    """Turns 1 and 2 on `url` (replies of exactly `reply_tokens`); returns turn 3's messages and turn 3's
-    measurement on the same server."""
-    messages = []
+    """Turns 1 and 2 on `url` (replies of at most `reply_tokens`, ended by the model or the cap, as a chat
+    client gets them); returns turn 3's messages and turn 3's measurement on the same server, with the
+    replies' lengths."""
+    messages, replies = [], []
     for turn in range(3):
         content = last_turn if turn == 2 and last_turn else \
-            filler(tokenizer, turn_tokens, turn) + "\nSummarize this in one sentence."
+            filler(tokenizer, turn_tokens, turn) + "\nContinue this text."
         messages.append({"role": "user", "content": content})
-        result = stream_chat(url, messages, 32) if turn == 2 else \
-            stream_chat(url, messages, reply_tokens, ignore_eos=True)
+        result = stream_chat(url, messages, 32 if turn == 2 else reply_tokens)
         if turn < 2:
             messages.append({"role": "assistant", "content": result["text"]})
-    return messages, result
+            replies.append(result["tokens"])
+    return messages, {**result, "replies": replies}
 
 
 def run(turn_tokens: int, reply_tokens: int, clients: int, decode_tokens: int, out_dir: Path) -> dict:
@@ -167,13 +168,13 @@ def run(turn_tokens: int, reply_tokens: int, clients: int, decode_tokens: int, o
                           "warm_over_cold": warm_long["ttft_s"] / cold_long["ttft_s"],
                           "warm_over_hf_cold": warm_long["ttft_s"] / hf_ttft["long_turn"],
                           "prompt_tokens": len(tokenizer.apply_chat_template(long_turn3)["input_ids"]),
-                          "cached_tokens": warm_long["cached_tokens"]},
+                          "cached_tokens": warm_long["cached_tokens"], "replies": warm_long["replies"]},
             "short_turn": {"warm": warm_short["ttft_s"], "cold": cold_short["ttft_s"],
                            "hf_cold": hf_ttft["short_turn"],
                            "warm_over_cold": warm_short["ttft_s"] / cold_short["ttft_s"],
                            "warm_over_hf_cold": warm_short["ttft_s"] / hf_ttft["short_turn"],
                            "prompt_tokens": len(tokenizer.apply_chat_template(short_turn3)["input_ids"]),
-                           "cached_tokens": warm_short["cached_tokens"]}}})
+                           "cached_tokens": warm_short["cached_tokens"], "replies": warm_short["replies"]}}})
     report.write(out_dir, "server", results, figure(results), table(results))
     return results
 
@@ -185,7 +186,8 @@ def table(results: dict) -> str:
              f"  ours (server)      {d['ours_1']:8.1f}   {d[f'ours_{n}']:10.1f}   {d['ours_concurrency_gain']:5.2f}x",
              f"  HF generate        {d['hf_generate_1']:8.1f}   {d[f'hf_generate_{n}']:10.1f}   "
              f"{d['hf_concurrency_gain']:5.2f}x",
-             f"3-turn chat: user turns of {results['turn_tokens']} tokens, replies of {results['reply_tokens']}",
+             f"3-turn chat: user turns of {results['turn_tokens']} tokens, replies of up to {results['reply_tokens']} "
+             f"(long_turn's: {t['long_turn'].get('replies')})",
              "turn-3 time to first token (s)  prompt  cached   warm    cold  HF cold  warm/cold  warm/HF cold"]
     for name, row in t.items():
         lines.append(f"  {name:<29} {row['prompt_tokens']:6d}  {row['cached_tokens']:6d}  {row['warm']:6.2f}  "
