@@ -8,7 +8,7 @@ from tptt_runtime import TitansModel, TpttConfig
 from tptt_runtime.layers.liza import LiZAttention
 from tptt_runtime.state import SessionState
 
-TOL = 1e-4
+TOL = 2e-4  # float32 rounding of two chunkings; measured: olmo 0.9-1.0e-4 (before and after a change of matmul layouts), the other families <= 2e-5
 
 
 def ids(n, seed=1):
