@@ -110,7 +110,7 @@ class TitansModel:
         try:
             out = self.hf(input_ids=ids, use_cache=False, logits_to_keep=1 if last_only else 0)
         finally:
-            ctx.layer_states, ctx.start, ctx.positions = None, 0, None
+            ctx.layer_states, ctx.start, ctx.positions, ctx.filling_sinks = None, 0, None, False
             ctx.memo.clear()
         return out.logits
 

@@ -219,8 +219,9 @@ def convert(base: str, out: str | Path, tptt: TpttConfig, train: TrainConfig, re
     directory = base_directory(base)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     teacher = load_base_model(directory).to(device)
-    if train.init is not None:
-        tptt = TpttConfig.load(adapter_directory(train.init))
+    init = adapter_directory(train.init) if train.init is not None else None
+    if init is not None:
+        tptt = TpttConfig.load(init)
     student = TitansModel(load_base_model(directory).to(device), tptt.replace(base_model=str(base)), tokenizer)
     sequences = data.sequences(tokenizer, train.seq_len, patterns=train.text, max_tokens=train.max_corpus_tokens)
     if train.retrieval:
@@ -228,8 +229,8 @@ def convert(base: str, out: str | Path, tptt: TpttConfig, train: TrainConfig, re
     log.info("%d training sequences of %d tokens (%.0f %% retrieval documents)", len(sequences), train.seq_len,
              100 * train.retrieval)
     trainer = Trainer(teacher, student, train, sequences, out)
-    if train.init is not None:
-        load_adapter_weights(student.hf, adapter_directory(train.init))
+    if init is not None:
+        load_adapter_weights(student.hf, init)
     if resume:
         trainer.load_checkpoint()
     trainer.run()

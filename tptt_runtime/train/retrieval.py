@@ -41,18 +41,20 @@ def _fact(rng: random.Random, subject: str) -> tuple[str, str]:
             f"Which {kind} does the {subject} have? The {subject} has {kind} {number}.\n")
 
 
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def _repeated_filler(tokenizer, rng: random.Random, length: int) -> list[int]:
-    unit = " ".join(rng.sample(FILLER_SENTENCES, rng.randint(3, 6))) + " "
-    ids = tokenizer(unit, add_special_tokens=False)["input_ids"]
+    ids = _encode(tokenizer, " ".join(rng.sample(FILLER_SENTENCES, rng.randint(3, 6))) + " ")
     return (ids * (length // len(ids) + 1))[:length]
 
 
 def retrieval_document(tokenizer, prose: list[int], rng: random.Random) -> list[int]:
     """A document of len(prose) tokens: filler with 1-4 facts at depths in [0, 0.9] and the questions last."""
     facts = [_fact(rng, subject) for subject in rng.sample(SUBJECTS, rng.randint(1, 4))]
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    statements = [encode(statement) for statement, _ in facts]
-    questions = [ids for _, question in rng.sample(facts, len(facts)) for ids in encode("\n" + question)]
+    statements = [_encode(tokenizer, statement) for statement, _ in facts]
+    questions = [ids for _, question in rng.sample(facts, len(facts)) for ids in _encode(tokenizer, "\n" + question)]
     budget = len(prose) - len(questions) - sum(map(len, statements))
     if budget < len(prose) // 2:
         raise ValueError(f"sequences of {len(prose)} tokens are too short for retrieval documents")
