@@ -144,3 +144,46 @@ def test_a_run_can_start_from_an_adapter(tmp_path):
     before, after = load_file(DEFAULT_ADAPTER / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
     assert before.keys() == after.keys()
     assert all(torch.allclose(before[name], after[name], atol=1e-6) for name in before)
+
+
+def test_weighted_distillation_loss():
+    """Weights average the per-token KL (a plain mean without them); the reported KL stays the plain mean."""
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11, generator=gen), torch.randn(2, 5, 11, generator=gen)
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    per_token = (teacher.softmax(-1) * (teacher.log_softmax(-1) - student.log_softmax(-1))).sum(-1)
+    weights = torch.ones(2, 5)
+    weights[1, 3] = 101.0
+    plain, kl = distillation_loss(student, teacher, ids, 0.0)
+    weighted, same_kl = distillation_loss(student, teacher, ids, 0.0, weights)
+    torch.testing.assert_close(plain, per_token.mean())
+    torch.testing.assert_close(weighted, (per_token * weights).sum() / weights.sum())
+    assert kl == same_kl == plain.item()
+
+
+def test_transfer_weights_pick_the_positions_of_the_loss():
+    """Position weights are normalised (all-ones = 3 x ones = none), and a weight on position t alone gives the
+    loss of the prefix ending at t weighted on its last position: the loss is causal and per position."""
+    torch.manual_seed(0)
+    config = TPTT.replace(mag_gate="learned", mag_weight=0.1, feature_map="learned", window=4, sinks=1)
+    student = TitansModel(peaked_model(), config)
+    ids = torch.randint(3, 97, (1, 48))
+
+    def loss(ids, weights):
+        context = student.context
+        context.transfer, context.transfer_weights = [], weights
+        try:
+            with torch.no_grad():
+                student.hf(input_ids=ids, use_cache=False, logits_to_keep=1)
+            return torch.stack(context.transfer).mean().item()
+        finally:
+            context.transfer, context.transfer_weights = None, None
+
+    plain = loss(ids, None)
+    assert abs(loss(ids, torch.ones(1, 48)) - plain) < 1e-5 and abs(loss(ids, 3 * torch.ones(1, 48)) - plain) < 1e-5
+    at_30 = torch.zeros(1, 48)
+    at_30[0, 30] = 1.0
+    prefix_last = torch.zeros(1, 31)
+    prefix_last[0, 30] = 1.0
+    assert abs(loss(ids, at_30) - loss(ids[:, :31], prefix_last)) < 1e-5
+    assert abs(loss(ids, at_30) - plain) > 1e-3

@@ -1,5 +1,6 @@
 """Retrieval documents: the length of the text they replace, every fact stated before it is asked for, the
-answers right, nothing of the passkey evaluation's wording, reproducible from the seed."""
+answers right, the reads on the answers, nothing of the passkey evaluation's wording, reproducible from the
+seed."""
 
 import random
 import re
@@ -36,7 +37,7 @@ def facts(pattern, text):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_every_question_is_answered_by_a_fact_stated_earlier(tokenizer, prose, seed):
-    document = retrieval_document(tokenizer, prose, random.Random(seed))
+    document, _ = retrieval_document(tokenizer, prose, random.Random(seed))
     assert len(document) == len(prose)
     text = tokenizer.decode(document)
     tail = min(i for i in (text.find("\nWhat is the "), text.find("\nWhich ")) if i >= 0)
@@ -44,6 +45,18 @@ def test_every_question_is_answered_by_a_fact_stated_earlier(tokenizer, prose, s
     stated, asked = facts(STATEMENT, body), facts(QUESTION, questions)
     assert asked and asked == stated
     assert "pass key" not in text.lower() and "grass is green" not in text
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_reads_are_the_positions_before_each_answer_token(tokenizer, prose, seed):
+    """Each read is followed by a token of an answer number; together they spell the answers in order."""
+    document, reads = retrieval_document(tokenizer, prose, random.Random(seed))
+    text = tokenizer.decode(document)
+    tail = min(i for i in (text.find("\nWhat is the "), text.find("\nWhich ")) if i >= 0)
+    answers = [number for number in re.findall(r"(\d+)\.\n", text[tail:])]
+    read_tokens = tokenizer.decode([document[position + 1] for position in reads])
+    assert read_tokens.split() == answers
+    assert reads == sorted(reads) and min(reads) > len(document) // 2
 
 
 def test_documents_are_a_function_of_the_seed(tokenizer, prose):
@@ -55,10 +68,13 @@ def test_documents_are_a_function_of_the_seed(tokenizer, prose):
 
 def test_with_retrieval_rebuilds_the_asked_share_of_rows(tokenizer, prose):
     sequences = torch.tensor([prose] * 10)
-    mixed = with_retrieval(tokenizer, sequences, 0.3, seed=0)
-    assert mixed.shape == sequences.shape
-    assert (mixed != sequences).any(dim=1).sum() == 3
-    assert torch.equal(with_retrieval(tokenizer, sequences, 0.3, seed=0), mixed)
+    mixed, reads = with_retrieval(tokenizer, sequences, 0.3, seed=0)
+    assert mixed.shape == sequences.shape == reads.shape
+    rebuilt = (mixed != sequences).any(dim=1)
+    assert rebuilt.sum() == 3
+    assert torch.equal(reads.any(dim=1), rebuilt)  # reads only in retrieval documents, in each of them
+    again, again_reads = with_retrieval(tokenizer, sequences, 0.3, seed=0)
+    assert torch.equal(again, mixed) and torch.equal(again_reads, reads)
     with pytest.raises(ValueError):
         with_retrieval(tokenizer, sequences, 1.5, seed=0)
 

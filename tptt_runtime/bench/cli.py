@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .shapes import SHAPES
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tptt-bench", description=__doc__)
@@ -20,6 +22,12 @@ def main(argv: list[str] | None = None) -> None:
     runtime.add_argument("--compile", action="store_true",
                          help="our decode step through torch.compile (TitansModel.compile); the baseline stays "
                               "as Hugging Face generate runs it")
+    runtime.add_argument("--batch", type=int, nargs="+", default=[1],
+                         help="decode batch sizes (rows decode from copies of the prefilled sequence)")
+    runtime.add_argument("--shape", choices=["default", *SHAPES], default="default",
+                         help="default: the shipped model; else a transformers Llama config shape, random weights")
+    runtime.add_argument("--device", default="cpu", help="cpu or cuda")
+    runtime.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     runtime.add_argument("--out", type=Path, default=Path("bench-results"))
     server = sub.add_parser("server", help="served throughput (1 vs N streams) and multi-turn time to first token")
     server.add_argument("--turn-tokens", type=int, default=2048, help="tokens of each long user turn")
@@ -37,9 +45,12 @@ def main(argv: list[str] | None = None) -> None:
     load.add_argument("--out", type=Path, default=Path("bench-results"))
     args = parser.parse_args(argv)
     if args.bench == "runtime":
+        import torch
+
         from .runtime import run
 
-        run(sorted(args.contexts), args.baseline_max, args.decode_tokens, args.mag_weight, args.out, args.compile)
+        run(sorted(args.contexts), args.baseline_max, args.decode_tokens, args.mag_weight, args.out, args.compile,
+            shape=args.shape, device=args.device, dtype=getattr(torch, args.dtype), batches=args.batch)
     elif args.bench == "server":
         from .server import run as run_server
 

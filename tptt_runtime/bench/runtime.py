@@ -1,14 +1,19 @@
 """`tptt-bench runtime`: our runtime against Hugging Face with a full KV cache, same model, same process.
 
-For each context length: prefill tokens/s, decode ms/token (median of the steps) and the bytes a session
-holds (our SessionState vs the baseline's KV cache). The baseline is the loop inside Hugging Face `generate`
-(model forward over a DynamicCache, greedy) without generate's logits processors, which can only make the
-baseline faster. Results: a table on stdout, JSON and a PNG plot in --out. Absolute times on shared machines
-are noise; the ratios from one run are the result.
+For each context length: prefill tokens/s (one sequence, both sides in pieces of the same size), then decode at
+each batch size: ms per step (median) and tokens/s, and the bytes a session holds (our SessionState vs the
+baseline's KV cache). A batch decodes from copies of the one prefilled sequence (a step's cost does not depend on
+what the rows contain): ours forks the session, the baseline repeats its cache. The baseline is the loop inside
+Hugging Face `generate` (model forward over a DynamicCache, greedy) without generate's logits processors,
+which can only make the baseline faster. A side that runs out of device memory is recorded as such and the
+other goes on. Models: the default (the shipped adapter and its base), or a transformers config shape with
+random weights (speed does not depend on the weights). Results: a table on stdout, JSON and a PNG plot in
+--out. Absolute times on shared machines are noise; the ratios from one run are the result.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 import time
@@ -16,116 +21,220 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import DynamicCache
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from ..loading import load, load_base_model
+from ..config import TpttConfig
+from ..layers.fused import fuse_projections
+from ..loading import DEFAULT_ADAPTER, load, load_base_model
+from ..model import PREFILL_CHUNK, TitansModel
 from . import report
+from .shapes import SHAPES
 
 UNTRAINED_MAG_WEIGHT = 0.5
+OUT_OF_MEMORY = "out of memory"
 
 
 def _timed(fn):
+    _sync()
     start = time.perf_counter()
     result = fn()
+    _sync()
     return result, time.perf_counter() - start
 
 
-def measure_ours(model, prompt: torch.Tensor, decode_tokens: int) -> dict:
+def _sync():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def build_models(shape: str, device: str, dtype: torch.dtype, mag_weight: float | None):
+    """(ours, baseline): the same weights, ours converted (window, sinks and memory of the default adapter)."""
+    if shape == "default":
+        ours = load("default", mag_weight=mag_weight, device=device, dtype=dtype)
+        baseline = load_base_model("default").to(device=device, dtype=dtype)
+    else:
+        torch.manual_seed(0)
+        baseline = LlamaForCausalLM(LlamaConfig(**SHAPES[shape])).to(device=device, dtype=dtype).eval()
+        config = TpttConfig.load(DEFAULT_ADAPTER).replace(base_model=shape, mag_gate="constant",
+                                                          mag_weight=UNTRAINED_MAG_WEIGHT if mag_weight is None else mag_weight)
+        ours = TitansModel(copy.deepcopy(baseline), config, name=shape)
+        fuse_projections(ours.hf, ours.layers)
+        ours.refresh_fingerprint()
+    if ours.config.mag_gate == "constant" and ours.config.mag_weight == 0.0:  # an untrained default: measure the
+        ours.set_mag_weight(UNTRAINED_MAG_WEIGHT)                              # memory branch all the same
+    return ours, baseline
+
+
+def _decode(step, batch: int, tokens: int) -> dict:
+    """`tokens` steps of `batch` rows: median ms per step and the tokens/s that makes."""
+    ms = 1000 * statistics.median(_timed(step)[1] for _ in range(tokens))
+    return {"ms": ms, "tok_s": 1000 * batch / ms}
+
+
+def measure_ours(model: TitansModel, prompt: torch.Tensor, batches: list[int], decode_tokens: int) -> dict:
     state = model.new_session()
     logits, prefill_s = _timed(lambda: model.prefill(state, prompt))
-    steps = []
-    for _ in range(decode_tokens):
-        logits, seconds = _timed(lambda: model.step(state, int(logits.argmax())))
-        steps.append(seconds)
-    return {"prefill_tok_s": len(prompt) / prefill_s, "decode_ms": 1000 * statistics.median(steps),
-            "state_bytes": state.nbytes}
+    row = {"prefill_tok_s": len(prompt) / prefill_s, "state_bytes": state.nbytes, "decode": {}}
+    token = int(logits.argmax())
+    for batch in batches:
+        sessions = [state.fork() for _ in range(batch)]
+        try:
+            row["decode"][str(batch)] = _decode(lambda: model.decode(sessions, [token] * batch), batch,
+                                                decode_tokens)
+        except torch.OutOfMemoryError:
+            row["decode"][str(batch)] = OUT_OF_MEMORY
+        del sessions
+    return row
 
 
 @torch.inference_mode()
-def measure_baseline(hf_model, prompt: torch.Tensor, decode_tokens: int) -> dict:
-    cache = DynamicCache(config=hf_model.config)
-    out, prefill_s = _timed(lambda: hf_model(input_ids=prompt[None], past_key_values=cache, use_cache=True,
-                                              logits_to_keep=1))
-    steps = []
-    for _ in range(decode_tokens):
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        out, seconds = _timed(lambda: hf_model(input_ids=token, past_key_values=cache, use_cache=True))
-        steps.append(seconds)
+def measure_baseline(hf_model, prompt: torch.Tensor, batches: list[int], decode_tokens: int) -> dict:
+    try:
+        cache, out, prefill_s = _baseline_prefill(hf_model, prompt)
+    except torch.OutOfMemoryError:
+        return {"prefill_tok_s": None, "state_bytes": None, "decode": {str(b): OUT_OF_MEMORY for b in batches}}
     kv_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-    return {"prefill_tok_s": len(prompt) / prefill_s, "decode_ms": 1000 * statistics.median(steps),
-            "state_bytes": kv_bytes}
+    row = {"prefill_tok_s": len(prompt) / prefill_s, "state_bytes": kv_bytes, "decode": {}}
+    for batch in batches:
+        try:
+            batch_cache = copy.deepcopy(cache)
+            if batch > 1:
+                batch_cache.batch_repeat_interleave(batch)
+            token = out.logits[:, -1].argmax(-1, keepdim=True).expand(batch, 1)
+            row["decode"][str(batch)] = _decode(
+                lambda: hf_model(input_ids=token, past_key_values=batch_cache, use_cache=True, logits_to_keep=1),
+                batch, decode_tokens)
+        except torch.OutOfMemoryError:
+            row["decode"][str(batch)] = OUT_OF_MEMORY
+        batch_cache = None
+    return row
+
+
+def _baseline_prefill(hf_model, prompt: torch.Tensor):
+    """The prompt through Hugging Face in pieces of PREFILL_CHUNK tokens (as ours): (cache, last output, s)."""
+    cache = DynamicCache(config=hf_model.config)
+
+    def prefill():
+        for start in range(0, len(prompt), PREFILL_CHUNK):
+            out = hf_model(input_ids=prompt[None, start:start + PREFILL_CHUNK], past_key_values=cache,
+                           use_cache=True, logits_to_keep=1)
+        return out
+
+    out, seconds = _timed(prefill)
+    return cache, out, seconds
 
 
 def run(contexts: list[int], ours_only_above: int, decode_tokens: int, mag_weight: float | None,
-        out_dir: Path, compile_decode: bool = False) -> dict:
+        out_dir: Path, compile_decode: bool = False, shape: str = "default", device: str = "cpu",
+        dtype: torch.dtype = torch.float32, batches: tuple[int, ...] = (1,)) -> dict:
     torch.manual_seed(0)
-    ours = load("default", mag_weight=mag_weight)
-    if ours.config.mag_gate == "constant" and ours.config.mag_weight == 0.0:  # an untrained default: measure the
-        ours.set_mag_weight(UNTRAINED_MAG_WEIGHT)                              # memory branch all the same
+    ours, baseline = build_models(shape, device, dtype, mag_weight)
     if compile_decode:
         ours.compile()
         with tqdm(total=1, desc="compiling our decode step") as bar:
             ours.warm_up()
             bar.update()
-    baseline = load_base_model("default")
+    batches = sorted(batches)
     rows = []
     for context in tqdm(contexts, desc="contexts"):
-        prompt = torch.randint(3, ours.vocab_size, (context,))
-        row = {"context": context, "ours": measure_ours(ours, prompt, decode_tokens)}
+        prompt = torch.randint(3, ours.vocab_size, (context,), device=device)
+        row = {"context": context, "ours": measure_ours(ours, prompt, batches, decode_tokens)}
         if context <= ours_only_above:
-            row["baseline"] = measure_baseline(baseline, prompt, decode_tokens)
+            row["baseline"] = measure_baseline(baseline, prompt, batches, decode_tokens)
         rows.append(row)
-    result = {"model": "default (SmolLM2-135M-Instruct)", "config": ours.config.to_dict(),
-              "threads": torch.get_num_threads(), "decode_tokens": decode_tokens, "compiled": compile_decode,
-              "rows": rows,
-              "ratios": ratios(rows)}
-    report.write(out_dir, "runtime", result, figure(rows, compile_decode),
+    label = "default (SmolLM2-135M-Instruct)" if shape == "default" else f"{shape} shape, random weights"
+    result = {"model": label, "device": _device_name(device), "dtype": str(dtype).removeprefix("torch."),
+              "config": ours.config.to_dict(), "threads": torch.get_num_threads(), "decode_tokens": decode_tokens,
+              "compiled": compile_decode, "batches": batches, "rows": rows, "ratios": ratios(rows)}
+    report.write(out_dir, "runtime", result, figure(result),
                  table(rows) + "\n" + json.dumps(result["ratios"], indent=2))
     return result
 
 
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name(device) if str(device).startswith("cuda") else "cpu"
+
+
 def ratios(rows: list[dict]) -> dict:
+    """Per context: memory and prefill ours / baseline; per batch, decode tokens/s ours / baseline (or which side
+    ran out of memory)."""
     out = {}
     for row in rows:
-        if "baseline" in row:
-            ours, base = row["ours"], row["baseline"]
-            out[str(row["context"])] = {"memory_ours_over_baseline": ours["state_bytes"] / base["state_bytes"],
-                                 "decode_ours_over_baseline": ours["decode_ms"] / base["decode_ms"],
-                                 "prefill_ours_over_baseline": ours["prefill_tok_s"] / base["prefill_tok_s"]}
-    first, last = rows[0]["ours"], rows[-1]["ours"]
-    out["decode_longest_over_shortest_ours"] = last["decode_ms"] / first["decode_ms"]
+        ours, base = row["ours"], row.get("baseline")
+        if base is None:
+            continue
+        entry = {"memory_ours_over_baseline": _ratio(ours["state_bytes"], base["state_bytes"]),
+                 "prefill_ours_over_baseline": _ratio(ours["prefill_tok_s"], base["prefill_tok_s"])}
+        for batch, decode in ours["decode"].items():
+            entry[f"decode_tok_s_ours_over_baseline_batch_{batch}"] = _decode_ratio(decode, base["decode"][batch])
+        out[str(row["context"])] = entry
+    first, last = rows[0]["ours"]["decode"], rows[-1]["ours"]["decode"]
+    smallest = min(first, key=int)
+    if isinstance(first[smallest], dict) and isinstance(last[smallest], dict):
+        out["decode_ms_longest_over_shortest_ours"] = last[smallest]["ms"] / first[smallest]["ms"]
     return out
 
 
+def _ratio(ours, base):
+    return None if ours is None or base is None else ours / base
+
+
+def _decode_ratio(ours, base):
+    if isinstance(ours, dict) and isinstance(base, dict):
+        return ours["tok_s"] / base["tok_s"]
+    return f"ours {ours if isinstance(ours, str) else 'ran'}, baseline {base if isinstance(base, str) else 'ran'}"
+
+
 def table(rows: list[dict]) -> str:
-    header = (f"{'context':>8} | {'prefill tok/s ours':>18} {'base':>8} | {'decode ms ours':>14} {'base':>8} | "
-              f"{'state MB ours':>13} {'KV MB base':>10}")
+    header = (f"{'context':>8} {'batch':>5} | {'prefill tok/s ours':>18} {'base':>8} | {'decode tok/s ours':>17} "
+              f"{'base':>8} | {'state MB ours':>13} {'KV MB base':>10}")
     lines = [header, "-" * len(header)]
     for row in rows:
-        ours, base = row["ours"], row.get("baseline")
-        fmt = (lambda key, scale=1.0, spec=".1f": "-" if base is None else f"{base[key] * scale:{spec}}")
-        lines.append(f"{row['context']:>8} | {ours['prefill_tok_s']:>18.1f} {fmt('prefill_tok_s'):>8} | "
-                     f"{ours['decode_ms']:>14.1f} {fmt('decode_ms'):>8} | {ours['state_bytes'] / 1e6:>13.2f} "
-                     f"{fmt('state_bytes', 1e-6, '.1f'):>10}")
+        ours, base = row["ours"], row.get("baseline") or {}
+        for batch, decode in ours["decode"].items():
+            lines.append(
+                f"{row['context']:>8} {batch:>5} | {ours['prefill_tok_s']:>18.1f} {_cell(base.get('prefill_tok_s')):>8} | "
+                f"{_cell(decode):>17} {_cell(base.get('decode', {}).get(batch)):>8} | "
+                f"{ours['state_bytes'] / 1e6:>13.2f} {_cell(base.get('state_bytes'), 1e-6):>10}")
     return "\n".join(lines)
 
 
-def figure(rows: list[dict], compiled: bool):
+def _cell(value, scale: float = 1.0) -> str:
+    """A table cell: a number, a decode's tokens/s, '-' (not run) or 'OOM'."""
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return "OOM"
+    if isinstance(value, dict):
+        value = value["tok_s"]
+    return f"{value * scale:.1f}"
+
+
+def figure(result: dict):
+    rows = result["rows"]
     fig, axes = report.subplots(1, 3, figsize=(15, 4.2))
-    labels = {"ours": "TPTT runtime" + (" (compiled decode)" if compiled else ""), "baseline": "HF full KV cache"}
-    panels = [("prefill_tok_s", "prefill tokens/s", 1.0), ("decode_ms", "decode ms/token", 1.0),
-              ("state_bytes", "session memory (MB)", 1e-6)]
-    for ax, (key, title, scale) in zip(axes, panels):
-        for who, style in (("ours", "o-"), ("baseline", "s--")):
-            points = [(r["context"], r[who][key] * scale) for r in rows if who in r]
+    ours_label = "TPTT runtime" + (" (compiled decode)" if result["compiled"] else "")
+    for who, style, label in (("ours", "-", ours_label), ("baseline", "--", "HF full KV cache")):
+        marker = "o" if who == "ours" else "s"
+        points = [(r["context"], r[who]["prefill_tok_s"]) for r in rows if r.get(who, {}).get("prefill_tok_s")]
+        if points:
+            axes[0].plot(*zip(*points), marker + style, label=label)
+        for batch in result["batches"]:
+            points = [(r["context"], r[who]["decode"][str(batch)]["tok_s"]) for r in rows
+                      if isinstance(r.get(who, {}).get("decode", {}).get(str(batch)), dict)]
             if points:
-                ax.plot(*zip(*points), style, label=labels[who])
+                axes[1].plot(*zip(*points), marker + style, label=f"{label}, batch {batch}")
+        points = [(r["context"], r[who]["state_bytes"] / 1e6) for r in rows if r.get(who, {}).get("state_bytes")]
+        if points:
+            axes[2].plot(*zip(*points), marker + style, label=label)
+    titles = ("prefill tokens/s (one sequence)", "decode tokens/s (all rows)", "session memory (MB)")
+    for ax, title in zip(axes, titles):
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
         ax.set_xlabel("context tokens")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        if key == "state_bytes":
-            ax.set_yscale("log")
-    axes[0].legend()
-    fig.suptitle("SmolLM2-135M-Instruct, CPU, float32: TPTT runtime vs Hugging Face (same process)")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{result['model']}, {result['device']}, {result['dtype']}: TPTT runtime vs Hugging Face "
+                 "(same process)")
     return fig

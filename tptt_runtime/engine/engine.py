@@ -161,7 +161,7 @@ class LLMEngine:
         if batch.decodes:
             try:
                 logits = self.model.decode([r.state for r in batch.decodes], [r.output_ids[-1] for r in batch.decodes])
-                for request, row in zip(batch.decodes, logits):
+                for request, row in zip(batch.decodes, logits.cpu()):  # sampling runs on the host
                     request.pending_logits = row
             except Exception as error:  # noqa: BLE001
                 log.exception("decode step failed")
@@ -172,11 +172,11 @@ class LLMEngine:
         start = request.num_computed
         ids = request.prompt_ids[start:start + num_tokens]
         if request.wants_prompt_logprobs:
-            logits = self.model.prefill(request.state, ids, all_logits=True)  # [T, vocab]
+            logits = self.model.prefill(request.state, ids, all_logits=True).cpu()  # [T, vocab]
             self._record_prompt_logprobs(request, start, logits)
             logits = logits[-1]
         else:
-            logits = self.model.prefill(request.state, ids)
+            logits = self.model.prefill(request.state, ids).cpu()
         request.num_computed += num_tokens
         if not request.is_prefill:
             request.pending_logits = logits

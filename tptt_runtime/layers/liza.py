@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TpttConfig
-from ..ops import as_float32, delta_product, memory_inputs
+from ..ops import as_float32, delta_product, fla_kernels, memory_inputs
 from ..ops import window_attention as window_ops
 
 QUERY_BLOCK = 128  # queries per block in the windowed prefill (64 and 256 measured slower at 2k)
@@ -48,6 +48,8 @@ class ForwardContext:
     memo: dict = field(default_factory=dict)
     # training, attention transfer: each layer appends its loss against full attention (`transfer_loss`)
     transfer: list | None = None
+    # training, attention transfer: [B, T] weight of each position in that loss (None = all alike)
+    transfer_weights: torch.Tensor | None = None
 
     def shared(self, key, compute):
         """`compute()` once per forward for every layer asking with the same key (position geometry)."""
@@ -197,6 +199,8 @@ class LiZAttention(nn.Module):
         if torch.is_tensor(seen):
             out, memory = delta_product.recurrent_step(
                 q_mem, k_virtual, v_virtual, beta, g, state["memory"], seen, cfg.nonlinear_chunk)
+        elif fla_kernels.usable(q_mem, cfg.nonlinear_chunk):
+            out, memory = fla_kernels.chunk(q_mem, k_virtual, v_virtual, beta, g, state["memory"], True)
         else:
             out, memory = delta_product.chunk(
                 q_mem, k_virtual, v_virtual, beta, g, state["memory"], True, cfg.chunk_size, cfg.nonlinear_chunk,
@@ -209,7 +213,8 @@ class LiZAttention(nn.Module):
         softmax attention needs of them. Full attention splits exactly into
             o_full = (1 - lam) o_window + lam o_far,  lam = softmax mass beyond the window and sinks,
         so the memory read should point where o_far points (MSE of per-head unit-RMS vectors, weighted by lam)
-        and a learned gate should say lam (cross-entropy against it). Inputs are detached: only the memory's
+        and a learned gate should say lam (cross-entropy against it), each position also weighted by the
+        context's `transfer_weights` when it has them. Inputs are detached: only the memory's
         parameters (feature map, gate) get gradients, whatever the surrounding forward does."""
         with torch.enable_grad():
             q, k, v, hidden_states = (t.detach() for t in (q, k, v, hidden_states))
@@ -217,10 +222,13 @@ class LiZAttention(nn.Module):
             memory = self._memory_branch(q, k, v, self.new_state(q.shape[0], q.dtype, q.device), 0)
             dim = (memory.shape[-1],)
             error = (F.rms_norm(memory, dim, eps=1e-6) - F.rms_norm(o_far, dim, eps=1e-6)).pow(2).mean(-1)
-            loss = (error * lam).sum() / lam.sum().clamp(min=1e-6)
+            positions = self.context.transfer_weights
+            positions = torch.ones_like(lam) if positions is None else positions[:, None, :].expand_as(lam)
+            loss = (error * lam * positions).sum() / (lam * positions).sum().clamp(min=1e-6)
             if self.mag_gate is not None:
                 logits = self.mag_gate(hidden_states).transpose(1, 2)  # [B, Hq, T]
-                loss = loss + F.binary_cross_entropy_with_logits(logits, lam)
+                gate_error = F.binary_cross_entropy_with_logits(logits, lam, reduction="none")
+                loss = loss + (gate_error * positions).sum() / positions.sum()
             return loss
 
     def _pooled_gate_input(self, x: torch.Tensor, state, name: str, seen) -> torch.Tensor:

@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--text", nargs="+", default=list(DEFAULT_SOURCES), help="glob patterns of training text")
     p.add_argument("--retrieval", type=float, default=0.0,
                    help="share of training sequences rebuilt as retrieval documents (facts asked for at the end)")
+    p.add_argument("--recall-weight", type=float, default=0.0,
+                   help="extra weight of the positions that read a retrieval document's answers (both stages; "
+                        "they are ~1 %% of the tokens)")
     p.add_argument("--init", help='start from this adapter ("default" or a directory): its config replaces the '
                                   "model flags above and its weights the fresh LoRA, gates and feature maps")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
@@ -57,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
                         gate_lr=args.gate_lr, transfer_steps=args.transfer_steps,
                         ce_weight=args.ce_weight, checkpoint_every=args.checkpoint_every, seed=args.seed,
                         schedule=MagSchedule(args.schedule, target=args.mag_weight), text=tuple(args.text),
-                        retrieval=args.retrieval, init=args.init)
+                        retrieval=args.retrieval, init=args.init,
+                        recall_weight=args.recall_weight)
     out = convert(args.base, args.out, tptt, train, resume=args.resume, device=args.device)
     print(f"adapter written to {out}")
 

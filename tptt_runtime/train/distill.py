@@ -12,7 +12,8 @@ parameters at `gate_lr`. Every `checkpoint_every` steps the LoRA weights,
 optimizer, step and loss history are written atomically to <out>/checkpoint.pt; `resume=True` continues from
 there and, because data order and schedules are functions of the step, ends where an uninterrupted run would.
 A run can start from an existing adapter (`init`: its config and weights) instead of a fresh one, and can turn
-a share of its sequences into retrieval documents (`retrieval`, train/retrieval.py).
+a share of its sequences into retrieval documents (`retrieval`, train/retrieval.py), whose answer-reading
+positions then weigh 1 + `recall_weight` in both stages' losses.
 The finished adapter is <out>/tptt_config.json + adapter_model.safetensors (loadable by `tptt_runtime.load`).
 """
 
@@ -58,22 +59,26 @@ class TrainConfig:
     max_corpus_tokens: int | None = 4_000_000
     retrieval: float = 0.0                # share of sequences rebuilt as retrieval documents
     init: str | None = None               # adapter directory to start from (its config and weights)
+    recall_weight: float = 0.0            # positions that read a retrieval answer weigh 1 + this, both stages
 
     def __post_init__(self):
         if min(self.steps, self.seq_len, self.batch_size, self.checkpoint_every) < 1 or self.lr <= 0:
             raise ValueError("steps, seq_len, batch_size, checkpoint_every and lr must be positive")
         if not 0 <= self.transfer_steps < self.steps:
             raise ValueError("transfer_steps must be in [0, steps)")
+        if self.recall_weight < 0:
+            raise ValueError("recall_weight must be >= 0")
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ids: torch.Tensor,
-                      ce_weight: float) -> tuple[torch.Tensor, float]:
-    """Mean per-token KL(teacher || student) (+ ce_weight * CE); logits: [B, T, V], ids: [B, T].
-    Returns (loss, KL as a float)."""
+                      ce_weight: float, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """Per-token KL(teacher || student) averaged with `weights` [B, T] (None = a plain mean) (+ ce_weight *
+    CE); logits: [B, T, V], ids: [B, T]. Returns (loss, the plain mean KL as a float)."""
     student = student_logits.float().log_softmax(-1)
     teacher = teacher_logits.float().log_softmax(-1)
-    kl = F.kl_div(student, teacher, log_target=True, reduction="sum") / ids.numel()
-    loss = kl
+    per_token = F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)  # [B, T]
+    kl = per_token.mean()
+    loss = kl if weights is None else (per_token * weights).sum() / weights.sum()
     if ce_weight:
         loss = loss + ce_weight * F.cross_entropy(student[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     return loss, kl.item()
@@ -95,8 +100,10 @@ def _param_groups(named: dict[str, torch.nn.Parameter], trainable: list[str], tr
 
 class Trainer:
     def __init__(self, teacher: torch.nn.Module, student: TitansModel, train: TrainConfig, sequences: torch.Tensor,
-                 out: Path):
+                 out: Path, reads: torch.Tensor | None = None):
+        """`reads` [N, T]: the positions of `sequences` that read a retrieval answer (weighted by recall_weight)."""
         self.teacher, self.student, self.train, self.sequences, self.out = teacher, student, train, sequences, out
+        self.reads = reads
         if student.config.lora_targets:
             add_lora(student.hf, student.config)
         trainable = trainable_names(student.hf)
@@ -121,14 +128,16 @@ class Trainer:
         return t.lr * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item()))
 
     def train_step(self) -> dict:
-        ids = self.sequences[self.order[self.step]].to(self.student.device)  # [B, T]
+        rows = self.order[self.step]
+        ids = self.sequences[rows].to(self.student.device)  # [B, T]
+        weights = self._position_weights(rows)
         if not self.learned_gate:
             self.student.set_mag_weight(self.train.schedule(self.step, self.train.steps))
         self.student.hf.train()
         if self.step < self.train.transfer_steps:
-            loss, kl = self._transfer_loss(ids), None
+            loss, kl = self._transfer_loss(ids, weights), None
         else:
-            loss, kl = self._distillation_loss(ids)
+            loss, kl = self._distillation_loss(ids, weights)
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate(self.step) * group["lr_scale"]
         self.optimizer.zero_grad(set_to_none=True)
@@ -140,22 +149,28 @@ class Trainer:
         self.step += 1
         return record
 
-    def _distillation_loss(self, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def _position_weights(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """[B, T] weight of each position in the loss: 1 + recall_weight where a retrieval answer is read."""
+        if self.reads is None or not self.train.recall_weight:
+            return None
+        return (1.0 + self.train.recall_weight * self.reads[rows].float()).to(self.student.device)
+
+    def _distillation_loss(self, ids: torch.Tensor, weights) -> tuple[torch.Tensor, float]:
         with torch.no_grad():
             teacher_logits = self.teacher(input_ids=ids, use_cache=False).logits
         logits = self.student.hf(input_ids=ids, use_cache=False).logits
-        return distillation_loss(logits, teacher_logits, ids, self.train.ce_weight)
+        return distillation_loss(logits, teacher_logits, ids, self.train.ce_weight, weights)
 
-    def _transfer_loss(self, ids: torch.Tensor) -> torch.Tensor:
+    def _transfer_loss(self, ids: torch.Tensor, weights) -> torch.Tensor:
         """Mean over layers of their attention-transfer losses; the forward itself builds no graph."""
         context = self.student.context
-        context.transfer = []
+        context.transfer, context.transfer_weights = [], weights
         try:
             with torch.no_grad():
                 self.student.hf(input_ids=ids, use_cache=False, logits_to_keep=1)
             return torch.stack(context.transfer).mean()
         finally:
-            context.transfer = None
+            context.transfer, context.transfer_weights = None, None
 
     def mean_memory_weight(self) -> float:
         """mu for a constant gate; for learned gates, sigmoid of their mean bias (what mu is where W x = 0)."""
@@ -224,11 +239,12 @@ def convert(base: str, out: str | Path, tptt: TpttConfig, train: TrainConfig, re
         tptt = TpttConfig.load(init)
     student = TitansModel(load_base_model(directory).to(device), tptt.replace(base_model=str(base)), tokenizer)
     sequences = data.sequences(tokenizer, train.seq_len, patterns=train.text, max_tokens=train.max_corpus_tokens)
+    reads = None
     if train.retrieval:
-        sequences = with_retrieval(tokenizer, sequences, train.retrieval, train.seed)
+        sequences, reads = with_retrieval(tokenizer, sequences, train.retrieval, train.seed)
     log.info("%d training sequences of %d tokens (%.0f %% retrieval documents)", len(sequences), train.seq_len,
              100 * train.retrieval)
-    trainer = Trainer(teacher, student, train, sequences, out)
+    trainer = Trainer(teacher, student, train, sequences, out, reads)
     if init is not None:
         load_adapter_weights(student.hf, init)
     if resume:

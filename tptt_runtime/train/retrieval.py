@@ -3,7 +3,8 @@
 Prose alone rarely makes the next token depend on something hundreds of tokens back, so distillation on it
 teaches the memory little about exact recall. A retrieval document takes a training sequence's own text (or,
 for some documents, a few plain sentences repeated) as filler, hides 1-4 facts ("The access code for the north
-gate is 4821.") at random depths, and ends with the questions and their answers. The teacher (full attention)
+gate is 4821.") at random depths, and ends with the questions and their answers; it also says which positions
+read an answer, so that training can weigh them up (they are ~1 % of the tokens). The teacher (full attention)
 answers them from the facts; the student can only do so through its memory once the facts are beyond its
 window. Phrasings, subjects and filler sentences are disjoint from the passkey evaluation's (eval/passkey.py),
 so the evaluation stays held out. Everything is a function of the seed.
@@ -29,16 +30,16 @@ FILLER_SENTENCES = ("The river runs past the mill.", "Birds sing in the tall tre
 REPEATED_FILLER_SHARE = 0.3  # share of documents whose filler is repeated plain sentences instead of prose
 
 
-def _fact(rng: random.Random, subject: str) -> tuple[str, str]:
-    """(statement, question with its answer) for one random fact about `subject`."""
+def _fact(rng: random.Random, subject: str) -> tuple[str, str, str]:
+    """(statement, question, answer) for one random fact about `subject`; the answer ends the question's line."""
     kind = rng.choice(KINDS)
     digits = rng.randint(3, 6)
     number = str(rng.randint(10 ** (digits - 1), 10 ** digits - 1))
     if rng.random() < 0.5:
         return (f" The {kind} for the {subject} is {number}. ",
-                f"What is the {kind} for the {subject}? The {kind} for the {subject} is {number}.\n")
+                f"What is the {kind} for the {subject}? The {kind} for the {subject} is", f" {number}")
     return (f" Note that the {subject} has {kind} {number}. ",
-            f"Which {kind} does the {subject} have? The {subject} has {kind} {number}.\n")
+            f"Which {kind} does the {subject} have? The {subject} has {kind}", f" {number}")
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -50,12 +51,14 @@ def _repeated_filler(tokenizer, rng: random.Random, length: int) -> list[int]:
     return (ids * (length // len(ids) + 1))[:length]
 
 
-def retrieval_document(tokenizer, prose: list[int], rng: random.Random) -> list[int]:
-    """A document of len(prose) tokens: filler with 1-4 facts at depths in [0, 0.9] and the questions last."""
+def retrieval_document(tokenizer, prose: list[int], rng: random.Random) -> tuple[list[int], list[int]]:
+    """A document of len(prose) tokens (filler with 1-4 facts at depths in [0, 0.9], the questions last) and
+    its reads: the positions whose next token belongs to an answer (where the model must recall a fact)."""
     facts = [_fact(rng, subject) for subject in rng.sample(SUBJECTS, rng.randint(1, 4))]
-    statements = [_encode(tokenizer, statement) for statement, _ in facts]
-    questions = [ids for _, question in rng.sample(facts, len(facts)) for ids in _encode(tokenizer, "\n" + question)]
-    budget = len(prose) - len(questions) - sum(map(len, statements))
+    statements = [_encode(tokenizer, statement) for statement, _, _ in facts]
+    questions = [(_encode(tokenizer, "\n" + question), _encode(tokenizer, answer), _encode(tokenizer, ".\n"))
+                 for _, question, answer in rng.sample(facts, len(facts))]
+    budget = len(prose) - sum(len(part) for parts in questions for part in parts) - sum(map(len, statements))
     if budget < len(prose) // 2:
         raise ValueError(f"sequences of {len(prose)} tokens are too short for retrieval documents")
     filler = _repeated_filler(tokenizer, rng, budget) if rng.random() < REPEATED_FILLER_SHARE else prose[:budget]
@@ -64,16 +67,24 @@ def retrieval_document(tokenizer, prose: list[int], rng: random.Random) -> list[
     for cut, statement in zip(cuts, statements):
         document += filler[last:cut] + statement
         last = cut
-    return document + filler[last:] + questions
+    document += filler[last:]
+    reads = []
+    for question, answer, end in questions:
+        document += question
+        reads += range(len(document) - 1, len(document) + len(answer) - 1)
+        document += answer + end
+    return document, reads
 
 
-def with_retrieval(tokenizer, sequences: torch.Tensor, share: float, seed: int) -> torch.Tensor:
+def with_retrieval(tokenizer, sequences: torch.Tensor, share: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A copy of `sequences` [N, T] in which a seeded `share` of the rows became retrieval documents built on
-    their own text."""
+    their own text, and the mask [N, T] of their reads (False in the other rows)."""
     if not 0.0 <= share <= 1.0:
         raise ValueError(f"retrieval share must be in [0, 1], got {share}")
     rng = random.Random(seed)
-    out = sequences.clone()
+    out, reads = sequences.clone(), torch.zeros(sequences.shape, dtype=torch.bool)
     for row in sorted(rng.sample(range(len(sequences)), round(share * len(sequences)))):
-        out[row] = torch.tensor(retrieval_document(tokenizer, sequences[row].tolist(), rng))
-    return out
+        document, positions = retrieval_document(tokenizer, sequences[row].tolist(), rng)
+        out[row] = torch.tensor(document)
+        reads[row, positions] = True
+    return out, reads
