@@ -78,16 +78,21 @@ def test_kernel_matches_the_reference(order, seq_len, gated):
 
 
 @needs_fla_gpu
-def test_default_model_on_the_kernel_predicts_as_on_the_torch_path(monkeypatch):
-    """bfloat16 weights on CUDA, a 1k-token prefill: the kernel path's next-token predictions agree with the
-    torch path's (both read the same bf16 projections; only the memory's arithmetic differs)."""
-    import tptt_runtime as tr
-    from tptt_runtime.eval.passkey import passkey_prompt
+def test_a_converted_model_on_the_kernel_matches_the_torch_path(monkeypatch):
+    """A random Llama (head_dim 64, grouped-query heads) converted with the memory at mu = 0.5, bfloat16 weights
+    on CUDA, 300 tokens (several windows): logits on the kernel path match the torch path's to bf16 error."""
+    import transformers as hf
 
-    model = tr.load("default", device="cuda", dtype=torch.bfloat16)
-    ids, _ = passkey_prompt(model.tokenizer, 1024, depth=0.5, seed=0)
+    from tptt_runtime.config import TpttConfig
+    from tptt_runtime.model import TitansModel
+
+    torch.manual_seed(0)
+    base = hf.LlamaForCausalLM(hf.LlamaConfig(vocab_size=97, hidden_size=256, intermediate_size=512,
+                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    model = TitansModel(base.to("cuda", torch.bfloat16), TpttConfig(window=16, sinks=2, mag_weight=0.5))
+    ids = torch.randint(3, 97, (300,), generator=torch.Generator().manual_seed(0))
     with_kernel = model.forward_full(ids)
     monkeypatch.setattr(fla_kernels, "usable", lambda q, nonlinear_chunk: False)
     torch_path = model.forward_full(ids)
-    agreement = (with_kernel.argmax(-1) == torch_path.argmax(-1)).float().mean().item()
-    assert agreement > 0.95, agreement
+    scale = torch_path.abs().max()
+    torch.testing.assert_close(with_kernel / scale, torch_path / scale, atol=3e-2, rtol=0)
