@@ -170,6 +170,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--passkey-contexts", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
     p.add_argument("--per-context", type=int, default=2, help="held-out sequences per KL context")
     p.add_argument("--trials", type=int, default=3, help="passkey prompts per context (depths 0.1, 0.5, 0.9)")
+    p.add_argument("--probe", action="store_true",
+                   help="instead: the recall probe (eval/recall.py) of the adapter at --passkey-contexts")
     p.add_argument("--out", type=Path, default=Path("eval-results"))
     args = p.parse_args(argv)
+    if args.probe:
+        from . import recall
+
+        results = recall.probe(load(args.adapter), args.passkey_contexts)
+        report.write(args.out, "probe", results, recall.figure(results), recall.table(results))
+        return
     run(args.adapter, args.kl_contexts, args.passkey_contexts, args.per_context, args.trials, args.out)
