@@ -55,8 +55,8 @@ def build_models(shape: str, device: str, dtype: torch.dtype, mag_weight: float 
     else:
         torch.manual_seed(0)
         baseline = LlamaForCausalLM(LlamaConfig(**SHAPES[shape])).to(device=device, dtype=dtype).eval()
-        config = TpttConfig.load(DEFAULT_ADAPTER).replace(base_model=shape, mag_gate="constant",
-                                                          mag_weight=UNTRAINED_MAG_WEIGHT if mag_weight is None else mag_weight)
+        weight = UNTRAINED_MAG_WEIGHT if mag_weight is None else mag_weight
+        config = TpttConfig.load(DEFAULT_ADAPTER).replace(base_model=shape, mag_gate="constant", mag_weight=weight)
         ours = TitansModel(copy.deepcopy(baseline), config, name=shape)
         fuse_projections(ours.hf, ours.layers)
         ours.refresh_fingerprint()
@@ -191,11 +191,11 @@ def table(rows: list[dict]) -> str:
     lines = [header, "-" * len(header)]
     for row in rows:
         ours, base = row["ours"], row.get("baseline") or {}
+        prefill = f"{ours['prefill_tok_s']:>18.1f} {_cell(base.get('prefill_tok_s')):>8}"
+        memory = f"{ours['state_bytes'] / 1e6:>13.2f} {_cell(base.get('state_bytes'), 1e-6):>10}"
         for batch, decode in ours["decode"].items():
-            lines.append(
-                f"{row['context']:>8} {batch:>5} | {ours['prefill_tok_s']:>18.1f} {_cell(base.get('prefill_tok_s')):>8} | "
-                f"{_cell(decode):>17} {_cell(base.get('decode', {}).get(batch)):>8} | "
-                f"{ours['state_bytes'] / 1e6:>13.2f} {_cell(base.get('state_bytes'), 1e-6):>10}")
+            decode_cells = f"{_cell(decode):>17} {_cell(base.get('decode', {}).get(batch)):>8}"
+            lines.append(f"{row['context']:>8} {batch:>5} | {prefill} | {decode_cells} | {memory}")
     return "\n".join(lines)
 
 
