@@ -8,10 +8,8 @@ import re
 import pytest
 import torch
 
-from tptt_runtime.train.retrieval import retrieval_document, with_retrieval
+from tptt_runtime.train.retrieval import SUBJECTS, TEMPLATES, retrieval_document, with_retrieval
 
-STATEMENT = re.compile(r"The ([\w ]+?) for the ([\w ]+?) is (\d+)\. |Note that the ([\w ]+?) has ([\w ]+?) (\d+)\. ")
-QUESTION = re.compile(r"The ([\w ]+?) for the ([\w ]+?) is (\d+)\.\n|The ([\w ]+?) has ([\w ]+?) (\d+)\.\n")
 
 
 @pytest.fixture(scope="module")
@@ -25,37 +23,49 @@ def prose(tokenizer):
     return tokenizer(text, add_special_tokens=False)["input_ids"][:1024]
 
 
-def facts(pattern, text):
-    """{(kind, subject): number} from every match of `pattern`."""
-    found = {}
-    for match in pattern.finditer(text):
-        groups = match.groups()
-        kind, subject, number = groups[:3] if groups[0] else (groups[4], groups[3], groups[5])
-        found[(kind, subject)] = number
-    return found
+def split(tokenizer, document, reads):
+    """(body text, [(question line, answer number)]) of a retrieval document, from its reads."""
+    first_question = max(i for i in range(min(reads)) if "\n" in tokenizer.decode([document[i]]))
+    answers, lines = [], [line for line in tokenizer.decode(document[first_question:]).split("\n") if line]
+    for position in reads:
+        if position - 1 not in reads:
+            answers.append("")
+        answers[-1] += tokenizer.decode([document[position + 1]])
+    return tokenizer.decode(document[:first_question]), list(zip(lines, (a.strip() for a in answers)))
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(12))
 def test_every_question_is_answered_by_a_fact_stated_earlier(tokenizer, prose, seed):
-    document, _ = retrieval_document(tokenizer, prose, random.Random(seed))
+    document, reads = retrieval_document(tokenizer, prose, random.Random(seed))
     assert len(document) == len(prose)
+    body, questions = split(tokenizer, document, reads)
+    assert 1 <= len(questions) <= 4
+    for line, number in questions:
+        assert line.endswith(number + ".") and number.isdigit()
+        (subject,) = [s for s in SUBJECTS if s in line.lower()]
+        statement = re.search(rf"{subject}[^\n]{{0,60}}?{number}|{number}[^\n]{{0,60}}?{subject}", body, re.IGNORECASE)
+        assert statement, (subject, number)
     text = tokenizer.decode(document)
-    tail = min(i for i in (text.find("\nWhat is the "), text.find("\nWhich ")) if i >= 0)
-    body, questions = text[:tail], text[tail:]
-    stated, asked = facts(STATEMENT, body), facts(QUESTION, questions)
-    assert asked and asked == stated
     assert "pass key" not in text.lower() and "grass is green" not in text
+
+
+def test_templates_state_the_number_and_ask_without_it():
+    fields = dict(kind="PIN", subject="red door", Subject="Red door", number="4821")
+    for statement, question in TEMPLATES:
+        statement, question = statement.format(**fields), question.format(**fields)
+        assert "4821" in statement and "red door" in statement.lower()
+        assert "4821" not in question and "red door" in question.lower()
+        assert not {"pass key", "remember it"} & {statement.lower(), question.lower()}
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_reads_are_the_positions_before_each_answer_token(tokenizer, prose, seed):
-    """Each read is followed by a token of an answer number; together they spell the answers in order."""
+    """Each read is followed by a token of an answer number and the questions' lines end with those numbers."""
     document, reads = retrieval_document(tokenizer, prose, random.Random(seed))
-    text = tokenizer.decode(document)
-    tail = min(i for i in (text.find("\nWhat is the "), text.find("\nWhich ")) if i >= 0)
-    answers = [number for number in re.findall(r"(\d+)\.\n", text[tail:])]
+    _, questions = split(tokenizer, document, reads)
     read_tokens = tokenizer.decode([document[position + 1] for position in reads])
-    assert read_tokens.split() == answers
+    assert read_tokens.split() == [number for _, number in questions]
+    assert all(tokenizer.decode([document[p + 1]]).strip() in ("", *"0123456789") for p in reads)  # " " or a digit
     assert reads == sorted(reads) and min(reads) > len(document) // 2
 
 

@@ -30,16 +30,32 @@ FILLER_SENTENCES = ("The river runs past the mill.", "Birds sing in the tall tre
 REPEATED_FILLER_SHARE = 0.3  # share of documents whose filler is repeated plain sentences instead of prose
 
 
+# (statement, question) templates: a statement may state the number twice; the question ends where the answer
+# number starts. None of them uses the passkey evaluation's words ("pass key", "Remember it").
+TEMPLATES = (
+    (" The {kind} for the {subject} is {number}. ",
+     "What is the {kind} for the {subject}? The {kind} for the {subject} is"),
+    (" Note that the {subject} has {kind} {number}. ",
+     "Which {kind} does the {subject} have? The {subject} has {kind}"),
+    (" Keep in mind: {number} is the {kind} of the {subject}. The {kind} of the {subject} is {number}. ",
+     "Tell me the {kind} of the {subject}. The {kind} of the {subject} is"),
+    (" For the {subject}, use {kind} {number}. ",
+     "Which {kind} do we use for the {subject}? For the {subject}, use {kind}"),
+    (" My {kind} for the {subject} is {number}. Do not lose it. ",
+     "What was my {kind} for the {subject}? My {kind} for the {subject} was"),
+    (" {Subject} - {kind}: {number}. ",
+     "{Subject} - {kind}:"),
+)
+
+
 def _fact(rng: random.Random, subject: str) -> tuple[str, str, str]:
     """(statement, question, answer) for one random fact about `subject`; the answer ends the question's line."""
     kind = rng.choice(KINDS)
     digits = rng.randint(3, 6)
     number = str(rng.randint(10 ** (digits - 1), 10 ** digits - 1))
-    if rng.random() < 0.5:
-        return (f" The {kind} for the {subject} is {number}. ",
-                f"What is the {kind} for the {subject}? The {kind} for the {subject} is", f" {number}")
-    return (f" Note that the {subject} has {kind} {number}. ",
-            f"Which {kind} does the {subject} have? The {subject} has {kind}", f" {number}")
+    statement, question = rng.choice(TEMPLATES)
+    fields = dict(kind=kind, subject=subject, Subject=subject.capitalize(), number=number)
+    return statement.format(**fields), question.format(**fields), f" {number}"
 
 
 def _encode(tokenizer, text: str) -> list[int]:
