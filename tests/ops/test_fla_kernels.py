@@ -13,6 +13,7 @@ from tests.ops.test_delta_product import random_inputs
 from tptt_runtime.ops import delta_product as dp
 from tptt_runtime.ops import fla_kernels
 
+
 def needs_fla_gpu(test):
     skip = pytest.mark.skipif(not torch.cuda.is_available() or fla_kernels._kernel() is None,
                               reason="needs CUDA and fla-core")

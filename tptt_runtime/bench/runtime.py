@@ -97,9 +97,7 @@ def measure_baseline(hf_model, prompt: torch.Tensor, batches: list[int], decode_
     row = {"prefill_tok_s": len(prompt) / prefill_s, "state_bytes": kv_bytes, "decode": {}}
     for batch in batches:
         try:
-            batch_cache = copy.deepcopy(cache)
-            if batch > 1:
-                batch_cache.batch_repeat_interleave(batch)
+            batch_cache = _batch_cache(cache, hf_model.config, batch)
             token = out.logits[:, -1].argmax(-1, keepdim=True).expand(batch, 1)
             row["decode"][str(batch)] = _decode(
                 lambda: hf_model(input_ids=token, past_key_values=batch_cache, use_cache=True, logits_to_keep=1),
@@ -108,6 +106,15 @@ def measure_baseline(hf_model, prompt: torch.Tensor, batches: list[int], decode_
             row["decode"][str(batch)] = OUT_OF_MEMORY
         batch_cache = None
     return row
+
+
+def _batch_cache(prefilled: DynamicCache, config, batch: int) -> DynamicCache:
+    """A new cache of `batch` copies of the prefilled row, made straight from its tensors (a deep copy first
+    would hold one more prompt's KV cache during the repeat); the prefilled cache is left as it was."""
+    cache = DynamicCache(config=config)
+    for index, layer in enumerate(prefilled.layers):
+        cache.update(layer.keys.repeat_interleave(batch, dim=0), layer.values.repeat_interleave(batch, dim=0), index)
+    return cache
 
 
 def _baseline_prefill(hf_model, prompt: torch.Tensor):

@@ -43,16 +43,18 @@ def _mixer(mode: str, readings: list):
         mu_per_head = (torch.full_like(lam, mu) if isinstance(mu, float) else
                        mu[..., ::self.head_dim].transpose(1, 2))
         readings.append((lam, mu_per_head, F.cosine_similarity(read, o_far, dim=-1)))
-        lam_channels = lam.transpose(1, 2).repeat_interleave(self.head_dim, dim=-1)
+
+        def split_by_lam(far):  # (1 - lam) o_window + lam far, per head, as full attention combines them
+            return self.o_proj(liza._merge_heads(torch.lerp(softmax_out, far, lam.unsqueeze(-1))))
+
         if mode == "model":
             return self._mix(softmax_out, read, mu)
         if mode == "exact":
-            return self.o_proj(liza._merge_heads(torch.lerp(softmax_out, o_far, lam.unsqueeze(-1))))
+            return split_by_lam(o_far)
         if mode == "perfect-read":
-            return self._mix(softmax_out, o_far, lam_channels)
+            return self._mix(softmax_out, o_far, lam.transpose(1, 2).repeat_interleave(self.head_dim, dim=-1))
         if mode == "own-read":
-            scaled = F.normalize(read, dim=-1) * o_far.norm(dim=-1, keepdim=True)
-            return self.o_proj(liza._merge_heads(torch.lerp(softmax_out, scaled, lam.unsqueeze(-1))))
+            return split_by_lam(F.normalize(read, dim=-1) * o_far.norm(dim=-1, keepdim=True))
         if mode == "own-gate":
             return self._mix(softmax_out, o_far, mu)
         raise ValueError(f"unknown probe mode {mode!r}; one of {MODES}")
