@@ -153,11 +153,11 @@ def test_sessions_decoding_together_over_many_steps_match_their_forward_full():
                                full[1][snapshot.num_tokens - 1], atol=TOL, rtol=0)
 
 
-def test_far_attention_splits_full_attention_at_the_window():
+def test_split_attention_splits_full_attention_at_the_window():
     """The attention-transfer targets: for every query, (1 - lam) * attention over window + sinks
     + lam * o_far equals full causal attention; checked per query with plain softmax."""
     from tests.conftest import tiny_model
-    from tptt_runtime.layers.liza import _far_attention, _rotary_table
+    from tptt_runtime.layers.liza import _rotary_table, _split_attention
     from tptt_runtime.ops import window_attention as wa
 
     config = TpttConfig(window=4, sinks=2, mag_weight=0.5)
@@ -167,7 +167,7 @@ def test_far_attention_splits_full_attention_at_the_window():
     q = torch.randn(1, layer.num_heads, seq_len, dim, generator=gen)
     k = torch.randn(1, layer.num_kv_heads, seq_len, dim, generator=gen)
     v = torch.randn(1, layer.num_kv_heads, seq_len, dim, generator=gen)
-    o_far, lam = _far_attention(q, k, v, layer, config)
+    o_full, o_far, lam = _split_attention(q, k, v, layer, config)
     cos, sin = _rotary_table(layer._rotary[0], None, seq_len, q)
     factors = wa.rotary_factors(torch.arange(seq_len)[None], cos, sin)
     qr, kr = wa.apply_rotary(q, factors), wa.apply_rotary(k, factors)
@@ -180,4 +180,5 @@ def test_far_attention_splits_full_attention_at_the_window():
             o_near = scores[near].softmax(-1) @ v[0, h // groups, near]
             mixed = (1 - lam[0, h, t]) * o_near + lam[0, h, t] * o_far[0, h, t]
             torch.testing.assert_close(mixed, full, atol=1e-5, rtol=0)
+            torch.testing.assert_close(o_full[0, h, t], full, atol=1e-5, rtol=0)
             assert (lam[0, h, t] == 0) == (len(near) == t + 1)

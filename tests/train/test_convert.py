@@ -187,3 +187,23 @@ def test_transfer_weights_pick_the_positions_of_the_loss():
     prefix_last[0, 30] = 1.0
     assert abs(loss(ids, at_30) - loss(ids[:, :31], prefix_last)) < 1e-5
     assert abs(loss(ids, at_30) - plain) > 1e-3
+
+
+def test_attention_transfer_forward_is_the_teachers():
+    """In stage 1 every layer passes full attention's output on (each learns on the inputs the teacher gives
+    it): the student's logits are the base model's, whatever its memory and gates hold."""
+    torch.manual_seed(0)
+    config = TPTT.replace(mag_gate="learned", mag_weight=0.3, feature_map="learned", window=4, sinks=1)
+    teacher, student = peaked_model(), TitansModel(peaked_model(), config)
+    ids = torch.randint(3, 97, (2, 40))
+    context, losses = student.context, []
+    context.transfer = losses
+    try:
+        with torch.no_grad():
+            logits = student.hf(input_ids=ids, use_cache=False).logits
+    finally:
+        context.transfer = None
+    assert len(losses) == len(student.layers)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, teacher(input_ids=ids, use_cache=False).logits, atol=1e-4, rtol=0)
+        assert (student.hf(input_ids=ids, use_cache=False).logits - logits).abs().max() > 1e-2  # serving differs

@@ -38,7 +38,7 @@ def _mixer(mode: str, readings: list):
 
     def with_memory(self, hidden_states, q, k, v, softmax_out, state, seen):
         read = self._memory_branch(q, k, v, state, seen)  # [B, Hq, T, D]
-        o_far, lam = liza._far_attention(q, k, v, self, self.config)  # [B, Hq, T, D], [B, Hq, T]
+        _, o_far, lam = liza._split_attention(q, k, v, self, self.config)  # [B, Hq, T, D], [B, Hq, T]
         mu = self._memory_weight(hidden_states)  # float or [B, T, Hq * D]
         mu_per_head = (torch.full_like(lam, mu) if isinstance(mu, float) else
                        mu[..., ::self.head_dim].transpose(1, 2))

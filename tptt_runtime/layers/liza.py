@@ -47,6 +47,7 @@ class ForwardContext:
     # what the first layer computed from positions alone, for the others (see `shared`)
     memo: dict = field(default_factory=dict)
     # training, attention transfer: each layer appends its loss against full attention (`transfer_loss`)
+    # and passes full attention's output on in place of its own
     transfer: list | None = None
     # training, attention transfer: [B, T] weight of each position in that loss (None = all alike)
     transfer_weights: torch.Tensor | None = None
@@ -123,12 +124,14 @@ class LiZAttention(nn.Module):
         else:
             state = ctx.layer_states[self.layer_idx]
         q, k, v = self._project(hidden_states)  # q: [B, Hq, T, D]; k, v: [B, Hkv, T, D], before rotary
+        if ctx.transfer is not None:
+            loss, full_out = self.transfer_loss(hidden_states, q, k, v)
+            ctx.transfer.append(loss)
+            return self.o_proj(_merge_heads(full_out.to(hidden_states.dtype))), None
         cos, sin = self._rotary_tables(q)
         softmax_out = window_ops.prefill(q, k, v, state, ctx.start, window=self.config.window,
                                          sinks=self.config.sinks, scaling=self.scaling, cos=cos, sin=sin,
                                          softcap=self.softcap, block=QUERY_BLOCK)
-        if ctx.transfer is not None:
-            ctx.transfer.append(self.transfer_loss(hidden_states, q, k, v))
         return self._with_memory(hidden_states, q, k, v, softmax_out, state, ctx.start), None
 
     def decode_step(self, hidden_states: torch.Tensor, state, plan: window_ops.DecodePlan) -> torch.Tensor:
@@ -208,9 +211,11 @@ class LiZAttention(nn.Module):
         _store(state, "memory", memory)
         return out
 
-    def transfer_loss(self, hidden_states, q, k, v) -> torch.Tensor:
+    def transfer_loss(self, hidden_states, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention transfer (training, stage 1): how far the memory's own parameters are from what full
-        softmax attention needs of them. Full attention splits exactly into
+        softmax attention needs of them, and full attention's output [B, Hq, T, D] (what the layer then
+        passes on: every layer learns on the inputs full attention gives it, as in LoLCATs). Full attention
+        splits exactly into
             o_full = (1 - lam) o_window + lam o_far,  lam = softmax mass beyond the window and sinks,
         so the memory read should point where o_far points (MSE of per-head unit-RMS vectors, weighted by lam)
         and a learned gate should say lam (cross-entropy against it), each position also weighted by the
@@ -218,7 +223,7 @@ class LiZAttention(nn.Module):
         parameters (feature map, gate) get gradients, whatever the surrounding forward does."""
         with torch.enable_grad():
             q, k, v, hidden_states = (t.detach() for t in (q, k, v, hidden_states))
-            o_far, lam = _far_attention(q, k, v, self, self.config)  # [B, Hq, T, D], [B, Hq, T]
+            o_full, o_far, lam = _split_attention(q, k, v, self, self.config)  # [B, Hq, T, D] x2, [B, Hq, T]
             memory = self._memory_branch(q, k, v, self.new_state(q.shape[0], q.dtype, q.device), 0)
             dim = (memory.shape[-1],)
             error = (F.rms_norm(memory, dim, eps=1e-6) - F.rms_norm(o_far, dim, eps=1e-6)).pow(2).mean(-1)
@@ -229,7 +234,7 @@ class LiZAttention(nn.Module):
                 logits = self.mag_gate(hidden_states).transpose(1, 2)  # [B, Hq, T]
                 gate_error = F.binary_cross_entropy_with_logits(logits, lam, reduction="none")
                 loss = loss + (gate_error * positions).sum() / positions.sum()
-            return loss
+            return loss, o_full.detach()
 
     def _pooled_gate_input(self, x: torch.Tensor, state, name: str, seen) -> torch.Tensor:
         """Causal mean pool of x's per-token channel mean [B, Hkv, T]; keeps the last inputs in state[name]."""
@@ -274,9 +279,10 @@ def _identity_map(dim: int, like: nn.Linear) -> nn.Linear:
     return map_
 
 
-def _far_attention(q, k, v, layer: LiZAttention, config: TpttConfig):
-    """Full causal softmax attention (absolute rotary positions) split at the window: the output over keys
-    beyond the window and sinks alone, and the share of the softmax mass they hold (0 where there are none)."""
+def _split_attention(q, k, v, layer: LiZAttention, config: TpttConfig):
+    """Full causal softmax attention (absolute rotary positions) and its split at the window: the output over
+    all keys, the output over keys beyond the window and sinks alone, and the share of the softmax mass they
+    hold (0 where there are none)."""
     batch, q_heads, seq_len, dim = q.shape
     groups = q_heads // k.shape[1]
     cos, sin = _rotary_table(layer._rotary[0], layer.layer_type, seq_len, q)
@@ -287,13 +293,13 @@ def _far_attention(q, k, v, layer: LiZAttention, config: TpttConfig):
         logits = torch.tanh(logits / layer.softcap) * layer.softcap
     position = torch.arange(seq_len, device=q.device)
     causal = position[None, :] <= position[:, None]
-    far = causal & (position[None, :] <= position[:, None] - config.window) & (position[None, :] >= config.sinks)
-    all_mass = logits.masked_fill(~causal, -math.inf).logsumexp(-1)
-    far_logits = logits.masked_fill(~far, -math.inf)
-    lam = (far_logits.logsumexp(-1) - all_mass).exp()  # exp(-inf) = 0 where no key is far
-    probs = torch.nan_to_num(far_logits.softmax(-1))  # rows without far keys: all -inf -> nan -> 0
-    o_far = window_ops.grouped_values(probs, v)  # [B, Hkv, G * T, D]
-    return o_far.reshape(batch, q_heads, seq_len, dim), lam.reshape(batch, q_heads, seq_len)
+    far = (position[None, :] <= position[:, None] - config.window) & (position[None, :] >= config.sinks)
+    probs = logits.masked_fill(~causal, -math.inf).softmax(-1)  # [B, Hkv, G, T, T]
+    far_probs = probs.masked_fill(~far, 0.0)
+    o_full = window_ops.grouped_values(probs, v).reshape(batch, q_heads, seq_len, dim)
+    o_far = window_ops.grouped_values(far_probs, v).reshape(batch, q_heads, seq_len, dim)
+    lam = far_probs.sum(-1).reshape(batch, q_heads, seq_len)  # 0 where no key is far
+    return o_full, o_far / lam.clamp(min=torch.finfo(lam.dtype).tiny)[..., None], lam
 
 
 def _merge_heads(x: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,9 @@
 Stage 1 (the first `transfer_steps` steps, optional): attention transfer. Every LiZA layer compares its memory
 with full softmax attention over the same q, k, v (`LiZAttention.transfer_loss`): the memory read should
 reproduce the attention output over the keys beyond the window, a learned gate the share of attention they
-get. Only the memory's own parameters move (learned feature maps and gates); no teacher forward is needed.
+get. Only the memory's own parameters move (learned feature maps and gates). The layers pass full attention's
+output on, so every layer learns on the inputs the teacher would give it (as LoLCATs does), and the forward is
+the teacher's own: no second model runs.
 
 Stage 2, loss per step = KL(base || converted) per token (+ `ce_weight` * next-token cross-entropy), with the
 converted model running exactly the serving semantics (window + sinks softmax, DeltaProduct memory, MaG with
