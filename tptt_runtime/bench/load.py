@@ -31,6 +31,9 @@ from .serving import served
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 MAX_BACKOFF_S = 1.0
+# idle connections are dropped by the client before uvicorn's 5 s keep-alive closes them: with both at 5 s (httpx's
+# default) a request can go out on a connection the server is closing, a transport error that is no server fault
+KEEPALIVE_EXPIRY_S = 2.0
 TOPICS = ["lighthouses", "bread", "rivers", "chess", "volcanoes", "bees", "trains", "the moon", "glass", "maps"]
 WATCHED = {"tptt_snapshot_resident_bytes": "snapshot_bytes", "tptt_num_requests_running": "running",
            "tptt_num_requests_waiting": "waiting"}
@@ -111,7 +114,8 @@ async def drive(url: str, clients: int, duration_s: float, max_tokens: int, api_
     if urlparse(url).hostname not in LOOPBACK:
         raise ValueError(f"the load test only targets loopback servers, not {url}")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    limits = httpx.Limits(max_connections=clients + 1, max_keepalive_connections=clients + 1)
+    limits = httpx.Limits(max_connections=clients + 1, max_keepalive_connections=clients + 1,
+                          keepalive_expiry=KEEPALIVE_EXPIRY_S)
     samples: list[Sample] = []
     series: list[dict] = []
     async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=300) as client:
