@@ -11,7 +11,6 @@ import torch
 from tptt_runtime.train.retrieval import SUBJECTS, TEMPLATES, retrieval_document, with_retrieval
 
 
-
 @pytest.fixture(scope="module")
 def tokenizer(default_model):
     return default_model.tokenizer

@@ -119,15 +119,15 @@ class LiZAttention(nn.Module):
             plan = ctx.shared(("decode", self.layer_type, hidden_states.dtype), lambda: self._decode_plan(
                 ctx, hidden_states))
             return self.decode_step(hidden_states, ctx.layer_states[self.layer_idx], plan), None
-        if ctx.layer_states is None:
-            state = self.new_state(hidden_states.shape[0], hidden_states.dtype, hidden_states.device)
-        else:
-            state = ctx.layer_states[self.layer_idx]
         q, k, v = self._project(hidden_states)  # q: [B, Hq, T, D]; k, v: [B, Hkv, T, D], before rotary
         if ctx.transfer is not None:
             loss, full_out = self.transfer_loss(hidden_states, q, k, v)
             ctx.transfer.append(loss)
             return self.o_proj(_merge_heads(full_out.to(hidden_states.dtype))), None
+        if ctx.layer_states is None:
+            state = self.new_state(hidden_states.shape[0], hidden_states.dtype, hidden_states.device)
+        else:
+            state = ctx.layer_states[self.layer_idx]
         cos, sin = self._rotary_tables(q)
         softmax_out = window_ops.prefill(q, k, v, state, ctx.start, window=self.config.window,
                                          sinks=self.config.sinks, scaling=self.scaling, cos=cos, sin=sin,
