@@ -5,7 +5,8 @@ An adapter directory holds:
     tptt_config.json            TpttConfig (window, sinks, memory operator, MaG, LoRA shape, base model)
     adapter_model.safetensors   LoRA weights, keys as peft names them without the adapter name, and the
                                 memory's own parameters when the config learns them: gates (`*.mag_gate.*`,
-                                mag_gate "learned") and feature maps (`*.memory_map.*`, feature_map "learned")
+                                mag_gate "learned"), feature maps (`*.memory_map.*`, feature_map "learned")
+                                and read scales (`*.read_scale`, read_scale "learned")
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def merge_lora(hf_model: nn.Module) -> None:
 
 
 def _is_memory_param(name: str) -> bool:
-    return ".mag_gate." in name or ".memory_map." in name
+    return ".mag_gate." in name or ".memory_map." in name or name.endswith(".read_scale")
 
 
 def trainable_names(hf_model: nn.Module) -> list[str]:
@@ -58,9 +59,11 @@ def adapter_state_dict(hf_model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in weights.items()}
 
 
-def load_adapter_state_dict(hf_model: nn.Module, weights: dict[str, torch.Tensor], origin: str) -> None:
+def load_adapter_state_dict(hf_model: nn.Module, weights: dict[str, torch.Tensor], origin: str,
+                            missing_ok: bool = False) -> None:
     """Inverse of adapter_state_dict. Memory parameters the model lacks are skipped (a constant mu was asked
-    for: loading(mag_weight=...)); ones it has must all be there."""
+    for: loading(mag_weight=...)); ones it has must all be there, unless `missing_ok` (a conversion starting
+    from an adapter with a config change: those keep their fresh values)."""
     memory = {k: v for k, v in weights.items() if _is_memory_param(k)}
     lora = {k: v for k, v in weights.items() if not _is_memory_param(k)}
     if lora:
@@ -70,11 +73,12 @@ def load_adapter_state_dict(hf_model: nn.Module, weights: dict[str, torch.Tensor
     params = dict(hf_model.named_parameters())
     wanted = [name for name in params if _is_memory_param(name)]
     missing = [name for name in wanted if name not in memory]
-    if missing:
+    if missing and not missing_ok:
         raise ValueError(f"adapter {origin} lacks memory parameters its config asks for: {missing[:3]} ...")
     with torch.no_grad():
         for name in wanted:
-            params[name].copy_(memory[name])
+            if name in memory:
+                params[name].copy_(memory[name])
 
 
 def save_adapter(hf_model: nn.Module, config: TpttConfig, directory: str | Path) -> Path:
@@ -84,10 +88,10 @@ def save_adapter(hf_model: nn.Module, config: TpttConfig, directory: str | Path)
     return directory
 
 
-def load_adapter_weights(hf_model: nn.Module, directory: str | Path) -> None:
+def load_adapter_weights(hf_model: nn.Module, directory: str | Path, missing_ok: bool = False) -> None:
     path = Path(directory) / ADAPTER_WEIGHTS
     if path.exists():
-        load_adapter_state_dict(hf_model, load_file(path), str(path))
+        load_adapter_state_dict(hf_model, load_file(path), str(path), missing_ok)
 
 
 # ------------------------------------------------------------------------------------ upstream tptt import

@@ -17,6 +17,7 @@ GATE_SOURCES = ("k", "v", "kv", "c")
 TRICKS = ("derivative", "rotary", "combined")
 MAG_GATES = ("constant", "learned")
 FEATURE_MAPS = ("fixed", "learned")
+READ_SCALES = ("softmax_rms", "learned")
 
 
 @dataclass
@@ -35,6 +36,9 @@ class TpttConfig:
     trick: str = "derivative"  # how the order-2 virtual tokens are made
     feature_map: str = "fixed"  # memory q, k: normalize(silu(x)); learned: a D x D map per layer first (identity
                                 # at the start, trained with the adapter)
+    read_scale: str = "softmax_rms"  # the memory read's size in the mix: softmax_rms: RMS-normalized over all
+                                     # heads, at the softmax branch's RMS; learned: its own size times a learned
+                                     # scale per head (1 at the start, trained with the adapter)
     beta_gate: str = "k"  # write strength from a causal mean pool of k / v / both through a sigmoid, c = 0.5
     alpha_gate: str = "c"  # decay from the same pools, c = no decay
     gate_pool: int = 3  # tokens in the causal mean pool of the gates
@@ -63,6 +67,10 @@ class TpttConfig:
             raise ValueError("a learned mag_gate mixes per head, before o_proj; cross_gate mixes after it")
         if self.feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {self.feature_map!r}")
+        if self.read_scale not in READ_SCALES:
+            raise ValueError(f"read_scale must be one of {READ_SCALES}, got {self.read_scale!r}")
+        if self.read_scale == "learned" and self.cross_gate:
+            raise ValueError("a learned read_scale scales each head's read before o_proj; cross_gate mixes after it")
         if self.order not in (1, 2):
             raise ValueError(f"order must be 1 or 2, got {self.order}")
         if self.trick not in TRICKS:

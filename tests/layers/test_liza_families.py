@@ -57,7 +57,7 @@ def test_incremental_equals_full(tiny_pair, pieces):
 @pytest.mark.parametrize("options", [
     dict(order=1), dict(order=2, trick="rotary"), dict(order=2, trick="combined"), dict(cross_gate=True),
     dict(alpha_gate="kv", beta_gate="v", nonlinear_chunk=8, chunk_size=4), dict(sinks=0, window=1),
-    dict(beta_gate="c", alpha_gate="k", gate_pool=1),
+    dict(beta_gate="c", alpha_gate="k", gate_pool=1), dict(read_scale="learned"),
 ])
 def test_incremental_equals_full_for_each_option(options):
     from tests.conftest import tiny_model
@@ -112,6 +112,43 @@ def test_learned_gate_starts_as_the_constant_and_stays_exact_incrementally():
     rows, _ = incremental_logits(learned, tokens, (11, 2))
     for position, logits in rows.items():
         torch.testing.assert_close(logits, full[position], atol=TOL, rtol=0)
+
+
+def test_learned_read_scale_sizes_each_heads_read():
+    """read_scale "learned": with mu = 1 the layer's o_proj sees the memory read itself, and raising one head's
+    log scale by log 2 doubles that head's channels and no other's; under "softmax_rms" the read's own size
+    is normalized away (the o_proj input keeps the softmax branch's RMS at every token)."""
+    import math
+
+    from tests.conftest import tiny_model
+
+    def o_proj_input(model):
+        seen = []
+        hook = model.layers[0].o_proj.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+        model.forward_full(ids(21))
+        hook.remove()
+        return seen[0][0]  # [T, Hq * D]
+
+    model = TitansModel(tiny_model("llama"), TpttConfig(window=4, sinks=1, mag_weight=1.0, read_scale="learned"))
+    layer = model.layers[0]
+    before = o_proj_input(model)
+    with torch.no_grad():
+        layer.read_scale[1] += math.log(2.0)
+    after = o_proj_input(model)
+    head = slice(layer.head_dim, 2 * layer.head_dim)
+    torch.testing.assert_close(after[:, head], 2 * before[:, head])
+    others = torch.ones(after.shape[-1], dtype=torch.bool)
+    others[head] = False
+    torch.testing.assert_close(after[:, others], before[:, others])
+
+    def token_rms(x):
+        return x.pow(2).mean(-1).sqrt()
+
+    window_only = o_proj_input(TitansModel(tiny_model("llama"), TpttConfig(window=4, sinks=1, mag_weight=0.0)))
+    matched = o_proj_input(TitansModel(tiny_model("llama"), TpttConfig(window=4, sinks=1, mag_weight=1.0)))
+    # rtol: the normalization's eps where the read is small (the first tokens; measured 0.2 %)
+    torch.testing.assert_close(token_rms(matched), token_rms(window_only), atol=0, rtol=1e-2)
+    assert (token_rms(before) / token_rms(window_only) - 1).abs().max() > 0.1  # a learned scale: its own size
 
 
 def test_sessions_decoding_together_over_many_steps_match_their_forward_full():

@@ -132,7 +132,8 @@ def test_attention_transfer_trains_the_memory_alone(tmp_path):
 
 
 def test_a_run_can_start_from_an_adapter(tmp_path):
-    """--init: the new adapter keeps the old one's config and, after a step too small to move it, its weights."""
+    """--init: the new adapter keeps the old one's config and, after a step too small to move it, its weights;
+    with a config change (--read-scale learned) it keeps them too and adds the new parameters, fresh."""
     from safetensors.torch import load_file
 
     from tptt_runtime.loading import DEFAULT_ADAPTER
@@ -144,6 +145,57 @@ def test_a_run_can_start_from_an_adapter(tmp_path):
     before, after = load_file(DEFAULT_ADAPTER / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
     assert before.keys() == after.keys()
     assert all(torch.allclose(before[name], after[name], atol=1e-6) for name in before)
+
+    train.init_changes = {"read_scale": "learned"}
+    out = convert("default", tmp_path / "rescaled", TpttConfig(window=7), train)
+    assert TpttConfig.load(out) == TpttConfig.load(DEFAULT_ADAPTER).replace(base_model="default", read_scale="learned")
+    after = load_file(out / "adapter_model.safetensors")
+    scales = [name for name in after if name.endswith(".read_scale")]
+    assert len(scales) == 30 and set(after) == set(before) | set(scales)
+    assert all(torch.allclose(before[name], after[name], atol=1e-6) for name in before)
+    assert all(after[name].abs().max() < 1e-6 for name in scales)  # log scales fresh at 0: the read's own size
+
+
+def test_read_error_measures_the_read_in_units_of_o_far():
+    """Attention transfer's read error: with a learned read scale, the read itself against o_far (0 when equal, 1
+    for no read at all, whatever o_far's size); without, its direction only (any positive multiple of o_far is
+    exact)."""
+    from tptt_runtime.layers.liza import _read_error
+
+    for size in (0.1, 10.0):
+        o_far = size * torch.randn(1, 2, 5, 8, generator=torch.Generator().manual_seed(0))
+        for scaled in (True, False):
+            assert _read_error(o_far, o_far, scaled).abs().max() < 1e-6
+        ones = torch.ones(1, 2, 5)
+        torch.testing.assert_close(_read_error(torch.zeros_like(o_far), o_far, True), ones, atol=1e-3, rtol=0)
+        torch.testing.assert_close(_read_error(3 * o_far, o_far, True), 4 * ones, atol=4e-3, rtol=0)
+        assert _read_error(3 * o_far, o_far, False).abs().max() < 1e-6
+        assert _read_error(-o_far, o_far, False).min() > 3.9  # opposite direction: (2 - -2)^2 / 4 per channel
+
+
+def test_learned_read_scales_train_and_round_trip(tmp_path):
+    """read_scale "learned": attention transfer moves the read scales towards o_far's size (its loss falls),
+    they are saved in the adapter and loaded back with the logits the trainer saw."""
+    torch.manual_seed(0)
+    config = TPTT.replace(mag_gate="learned", mag_weight=0.1, read_scale="learned", window=4, sinks=1)
+    student = TitansModel(peaked_model(), config)
+    train = TrainConfig(steps=21, seq_len=48, lr=1e-2, gate_lr=3e-2, warmup_steps=1, checkpoint_every=100,
+                        transfer_steps=20)
+    trainer = Trainer(peaked_model(), student, train, torch.randint(3, 97, (1, 48)), tmp_path / "adapter")
+    trainer.out.mkdir()
+    trainer.run()
+    losses = [r["loss"] for r in trainer.history[:20]]
+    assert sum(losses[-3:]) < 0.8 * sum(losses[:3])
+    assert all(layer.read_scale.abs().min() > 0.1 for layer in student.layers)  # every head's scale moved
+    trainer.save_adapter()
+    base_dir = tmp_path / "base"
+    peaked_model().save_pretrained(base_dir)
+    ids = trainer.sequences[0]
+    with torch.no_grad():
+        expected = student.hf(input_ids=ids[None]).logits[0]
+    loaded = tr.load(trainer.out, base=base_dir)
+    assert loaded.config.read_scale == "learned"
+    torch.testing.assert_close(loaded.forward_full(ids), expected, atol=1e-4, rtol=0)
 
 
 def test_weighted_distillation_loss():

@@ -13,6 +13,10 @@ pinned on the memory read, on the gate or on the mix:
     perfect-read  o_far as the memory read and mu = lam, through the model's own mix
     own-read      the model's memory read (at o_far's norm per head) with mu = lam
     own-gate      o_far as the memory read with the model's own gate
+    own-far-norm  both of the model's own halves, the read at o_far's norm per head, mixed per head as full
+                  attention mixes (what the model lacks when only the per-head sizes of its read are wrong)
+    own-head-rms  both own halves, the read at the softmax branch's RMS per head instead of over all heads
+                  (a mix the server could run: does a per-head RMS match fix what the all-heads one breaks?)
 
 Also per context, at the positions that read the key: the lam-weighted cosine between the memory read and
 o_far, and the mean gate against the mean lam. Inference only; the layers are patched per instance for the
@@ -30,7 +34,7 @@ import torch.nn.functional as F
 from ..layers import liza
 from .passkey import passkey_prompt
 
-MODES = ("model", "exact", "perfect-read", "own-read", "own-gate")
+MODES = ("model", "exact", "perfect-read", "own-read", "own-gate", "own-far-norm", "own-head-rms")
 
 
 def _mixer(mode: str, readings: list):
@@ -47,16 +51,26 @@ def _mixer(mode: str, readings: list):
         def split_by_lam(far):  # (1 - lam) o_window + lam far, per head, as full attention combines them
             return self.o_proj(liza._merge_heads(torch.lerp(softmax_out, far, lam.unsqueeze(-1))))
 
+        def sized_far():  # o_far as the model sizes its reads (a learned scale means to make them o_far-sized)
+            return o_far if self.read_scale is not None else self._sized_read(o_far, softmax_out)
+
         if mode == "model":
-            return self._mix(softmax_out, read, mu)
+            return self._mix(softmax_out, self._sized_read(read, softmax_out), mu)
         if mode == "exact":
             return split_by_lam(o_far)
         if mode == "perfect-read":
-            return self._mix(softmax_out, o_far, lam.transpose(1, 2).repeat_interleave(self.head_dim, dim=-1))
+            return self._mix(softmax_out, sized_far(), lam.transpose(1, 2).repeat_interleave(self.head_dim, dim=-1))
         if mode == "own-read":
             return split_by_lam(F.normalize(read, dim=-1) * o_far.norm(dim=-1, keepdim=True))
         if mode == "own-gate":
-            return self._mix(softmax_out, o_far, mu)
+            return self._mix(softmax_out, sized_far(), mu)
+        per_head_mu = mu_per_head.unsqueeze(-1)
+        if mode == "own-far-norm":
+            at_far_norm = F.normalize(read, dim=-1) * o_far.norm(dim=-1, keepdim=True)
+            return self.o_proj(liza._merge_heads(torch.lerp(softmax_out, at_far_norm, per_head_mu)))
+        if mode == "own-head-rms":
+            at_head_rms = F.normalize(read, dim=-1) * softmax_out.norm(dim=-1, keepdim=True)
+            return self.o_proj(liza._merge_heads(torch.lerp(softmax_out, at_head_rms, per_head_mu)))
         raise ValueError(f"unknown probe mode {mode!r}; one of {MODES}")
 
     return with_memory

@@ -3,8 +3,9 @@
     softmax branch  the base model's attention over sinks + window (ops/window_attention.py)
     linear branch   gated DeltaProduct memory over the whole past (ops/delta_product.py)
     Memory as Gate  o = (1 - mu) o_softmax + mu o_linear (+ (1 - mu) o_softmax * mu o_linear with cross_gate),
-                    mu constant, or learned per head and token; with a learned feature map for the memory's q
-                    and k, the only parameters this module adds
+                    mu constant, or learned per head and token; o_linear the memory read at the softmax
+                    branch's RMS or at its own size times a learned scale per head. The learned gate, scale
+                    and feature map (for the memory's q and k) are the only parameters this module adds
 
 The module replaces a Hugging Face attention module in place and keeps its projection submodules under the
 same names (q_proj, k_proj, v_proj, o_proj, q_norm, k_norm), so state dicts and LoRA targets are unchanged.
@@ -97,6 +98,8 @@ class LiZAttention(nn.Module):
         self.register_buffer("qkv_bias", None, persistent=False)
         self.mag_gate = _learned_gate(base.q_proj, self.num_heads, config) if config.mag_gate == "learned" else None
         self.memory_map = _identity_map(self.head_dim, base.q_proj) if config.feature_map == "learned" else None
+        self.read_scale = (nn.Parameter(torch.zeros(self.num_heads, device=base.q_proj.weight.device))
+                           if config.read_scale == "learned" else None)  # log of each head's scale
 
     # ----------------------------------------------------------------------------------------------- state
     def new_state(self, batch: int, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
@@ -151,8 +154,8 @@ class LiZAttention(nn.Module):
         an int (prefill) or per row [B] (decode)."""
         if self.mag_gate is None and self.config.mag_weight == 0.0:
             return self.o_proj(_merge_heads(softmax_out))
-        linear_out = self._memory_branch(q, k, v, state, seen)
-        return self._mix(softmax_out, linear_out, self._memory_weight(hidden_states))
+        read = self._sized_read(self._memory_branch(q, k, v, state, seen), softmax_out)
+        return self._mix(softmax_out, read, self._memory_weight(hidden_states))
 
     def _memory_weight(self, hidden_states: torch.Tensor):
         """mu: a float, or [B, T, Hq * D] (one value per head and token, repeated over the head's channels)."""
@@ -217,7 +220,8 @@ class LiZAttention(nn.Module):
         passes on: every layer learns on the inputs full attention gives it, as in LoLCATs). Full attention
         splits exactly into
             o_full = (1 - lam) o_window + lam o_far,  lam = softmax mass beyond the window and sinks,
-        so the memory read should point where o_far points (MSE of per-head unit-RMS vectors, weighted by lam)
+        so the memory read should point where o_far points (MSE of per-head unit-RMS vectors, weighted by lam;
+        with a learned read_scale the scaled read should be o_far itself: MSE in units of o_far's RMS)
         and a learned gate should say lam (cross-entropy against it), each position also weighted by the
         context's `transfer_weights` when it has them. Inputs are detached: only the memory's
         parameters (feature map, gate) get gradients, whatever the surrounding forward does."""
@@ -225,8 +229,8 @@ class LiZAttention(nn.Module):
             q, k, v, hidden_states = (t.detach() for t in (q, k, v, hidden_states))
             o_full, o_far, lam = _split_attention(q, k, v, self, self.config)  # [B, Hq, T, D] x2, [B, Hq, T]
             memory = self._memory_branch(q, k, v, self.new_state(q.shape[0], q.dtype, q.device), 0)
-            dim = (memory.shape[-1],)
-            error = (F.rms_norm(memory, dim, eps=1e-6) - F.rms_norm(o_far, dim, eps=1e-6)).pow(2).mean(-1)
+            scaled = self.read_scale is not None
+            error = _read_error(self._sized_read(memory, o_far) if scaled else memory, o_far, scaled)
             positions = self.context.transfer_weights
             positions = torch.ones_like(lam) if positions is None else positions[:, None, :].expand_as(lam)
             loss = (error * lam * positions).sum() / (lam * positions).sum().clamp(min=1e-6)
@@ -243,15 +247,36 @@ class LiZAttention(nn.Module):
         _store(state, name, _last(state[name], gate_in, self.config.gate_pool - 1))
         return pooled
 
-    def _mix(self, softmax_out: torch.Tensor, linear_out: torch.Tensor, mu) -> torch.Tensor:
-        softmax_out, linear_out = _merge_heads(softmax_out), _merge_heads(linear_out)
-        channels = linear_out.shape[-1]
-        softmax_rms = torch.linalg.vector_norm(as_float32(softmax_out), dim=-1, keepdim=True) / math.sqrt(channels)
-        linear_out = (F.rms_norm(linear_out, (channels,), eps=1e-6) * softmax_rms).to(softmax_out.dtype)  # the
-        if not self.config.cross_gate:  # memory read at the softmax branch's RMS: two signals of the same size
-            return self.o_proj(torch.lerp(softmax_out, linear_out, mu))
-        softmax_part, linear_part = (1 - mu) * self.o_proj(softmax_out), mu * self.o_proj(linear_out)
+    def _sized_read(self, read: torch.Tensor, softmax_out: torch.Tensor) -> torch.Tensor:
+        """The memory read [B, Hq, T, D] at the size the mix takes it: its own times each head's learned
+        scale, or RMS-normalized over all heads and channels at the softmax branch's RMS (two signals of the
+        same size), in the softmax branch's dtype."""
+        if self.read_scale is not None:
+            return (read * self.read_scale.exp()[:, None, None]).to(softmax_out.dtype)
+        unit_rms = read * torch.rsqrt(_mean_square_per_token(read) + 1e-6)
+        return (unit_rms * _mean_square_per_token(softmax_out).sqrt()).to(softmax_out.dtype)
+
+    def _mix(self, softmax_out: torch.Tensor, read: torch.Tensor, mu) -> torch.Tensor:
+        """Memory as Gate of the softmax branch [B, Hq, T, D] and a read already sized (`_sized_read`)."""
+        softmax_out, read = _merge_heads(softmax_out), _merge_heads(read)
+        if not self.config.cross_gate:
+            return self.o_proj(torch.lerp(softmax_out, read, mu))
+        softmax_part, linear_part = (1 - mu) * self.o_proj(softmax_out), mu * self.o_proj(read)
         return softmax_part + linear_part + softmax_part * linear_part
+
+
+def _mean_square_per_token(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, T, D] -> [B, 1, T, 1]: mean square over all heads and channels, in float32."""
+    return as_float32(x).pow(2).mean(dim=(1, 3), keepdim=True)
+
+
+def _read_error(read: torch.Tensor, o_far: torch.Tensor, scaled: bool) -> torch.Tensor:
+    """[B, Hq, T] squared error of a memory read against o_far in units of o_far's RMS: of the read itself when
+    `scaled` (its size is meant to be o_far's), else of its direction (read at unit RMS; 2 = orthogonal)."""
+    dim = (read.shape[-1],)
+    if scaled:
+        return (read - o_far).pow(2).mean(-1) / (o_far.pow(2).mean(-1) + 1e-6)
+    return (F.rms_norm(read, dim, eps=1e-6) - F.rms_norm(o_far, dim, eps=1e-6)).pow(2).mean(-1)
 
 
 def _store(state: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:

@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from ..config import FEATURE_MAPS, MAG_GATES, TpttConfig
+from ..config import FEATURE_MAPS, MAG_GATES, READ_SCALES, TpttConfig
 from .data import DEFAULT_SOURCES
 from .distill import TrainConfig, convert
 from .schedules import SCHEDULES, MagSchedule
@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="learning rate of the memory's own parameters (learned gates and feature maps)")
     p.add_argument("--feature-map", choices=FEATURE_MAPS, default="fixed",
                    help="learned: a D x D map per layer before the memory's feature map")
+    p.add_argument("--read-scale", choices=READ_SCALES,
+                   help="the memory read's size in the mix: softmax_rms (default) or learned (its own size times "
+                        "a learned scale per head); with --init, a change to that adapter's config")
     p.add_argument("--transfer-steps", type=int, default=0,
                    help="stage 1: steps of attention transfer (memory vs full attention) before distillation")
     p.add_argument("--ce-weight", type=float, default=0.0)
@@ -47,20 +50,22 @@ def main(argv: list[str] | None = None) -> None:
                    help="extra weight of the positions that read a retrieval document's answers (both stages; "
                         "they are ~1 %% of the tokens)")
     p.add_argument("--init", help='start from this adapter ("default" or a directory): its config replaces the '
-                                  "model flags above and its weights the fresh LoRA, gates and feature maps")
+                                  "model flags above (but --read-scale) and its weights the fresh LoRA, gates "
+                                  "and feature maps")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     tptt = TpttConfig(window=args.window, sinks=args.sinks, order=args.order, lora_rank=args.lora_rank,
                       lora_alpha=2 * args.lora_rank, lora_targets=list(args.lora_targets), mag_gate=args.mag_gate,
-                      feature_map=args.feature_map,
+                      feature_map=args.feature_map, read_scale=args.read_scale or "softmax_rms",
                       mag_weight=args.mag_weight if args.mag_gate == "learned" else 0.0)
     train = TrainConfig(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
                         gate_lr=args.gate_lr, transfer_steps=args.transfer_steps,
                         ce_weight=args.ce_weight, checkpoint_every=args.checkpoint_every, seed=args.seed,
                         schedule=MagSchedule(args.schedule, target=args.mag_weight), text=tuple(args.text),
                         retrieval=args.retrieval, init=args.init,
+                        init_changes={"read_scale": args.read_scale} if args.read_scale else {},
                         recall_weight=args.recall_weight)
     out = convert(args.base, args.out, tptt, train, resume=args.resume, device=args.device)
     print(f"adapter written to {out}")

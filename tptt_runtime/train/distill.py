@@ -13,7 +13,8 @@ the schedule's weight at that step, or learned gates). LoRA weights train at `lr
 parameters at `gate_lr`. Every `checkpoint_every` steps the LoRA weights,
 optimizer, step and loss history are written atomically to <out>/checkpoint.pt; `resume=True` continues from
 there and, because data order and schedules are functions of the step, ends where an uninterrupted run would.
-A run can start from an existing adapter (`init`: its config and weights) instead of a fresh one, and can turn
+A run can start from an existing adapter (`init`: its config, with `init_changes`, and weights) instead of a
+fresh one, and can turn
 a share of its sequences into retrieval documents (`retrieval`, train/retrieval.py), whose answer-reading
 positions then weigh 1 + `recall_weight` in both stages' losses.
 The finished adapter is <out>/tptt_config.json + adapter_model.safetensors (loadable by `tptt_runtime.load`).
@@ -61,6 +62,8 @@ class TrainConfig:
     max_corpus_tokens: int | None = 4_000_000
     retrieval: float = 0.0                # share of sequences rebuilt as retrieval documents
     init: str | None = None               # adapter directory to start from (its config and weights)
+    init_changes: dict = field(default_factory=dict)  # TpttConfig fields changed from init's (read_scale): the
+                                          # memory parameters the change adds start fresh
     recall_weight: float = 0.0            # positions that read a retrieval answer weigh 1 + this, both stages
 
     def __post_init__(self):
@@ -86,14 +89,21 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return loss, kl.item()
 
 
+READ_SCALE_LR = 5.0  # times gate_lr: a log read scale starts 1-4x from its target (raw reads vs o_far in
+                     # SmolLM2-135M), which gate_lr alone would take a few hundred steps to cover
+
+
 def _param_groups(named: dict[str, torch.nn.Parameter], trainable: list[str], train: TrainConfig) -> list[dict]:
     """LoRA at lr; gate biases at gate_lr; gate weights at gate_lr / sqrt(fan_in), so that one Adam step moves
-    a gate's logit W x about as far as its bias whatever the hidden size."""
+    a gate's logit W x about as far as its bias whatever the hidden size; log read scales at READ_SCALE_LR x
+    gate_lr."""
     groups = {}
     for name in trainable:
         param = named[name]
         if "lora_" in name:
             scale = 1.0
+        elif name.endswith(".read_scale"):
+            scale = READ_SCALE_LR * train.gate_lr / train.lr
         else:
             scale = train.gate_lr / train.lr / (param.shape[-1] ** 0.5 if param.dim() == 2 else 1.0)
         groups.setdefault(scale, []).append(param)
@@ -238,7 +248,7 @@ def convert(base: str, out: str | Path, tptt: TpttConfig, train: TrainConfig, re
     teacher = load_base_model(directory).to(device)
     init = adapter_directory(train.init) if train.init is not None else None
     if init is not None:
-        tptt = TpttConfig.load(init)
+        tptt = TpttConfig.load(init).replace(**train.init_changes)
     student = TitansModel(load_base_model(directory).to(device), tptt.replace(base_model=str(base)), tokenizer)
     sequences = data.sequences(tokenizer, train.seq_len, patterns=train.text, max_tokens=train.max_corpus_tokens)
     reads = None
@@ -248,7 +258,7 @@ def convert(base: str, out: str | Path, tptt: TpttConfig, train: TrainConfig, re
              100 * train.retrieval)
     trainer = Trainer(teacher, student, train, sequences, out, reads)
     if init is not None:
-        load_adapter_weights(student.hf, init)
+        load_adapter_weights(student.hf, init, missing_ok=bool(train.init_changes))
     if resume:
         trainer.load_checkpoint()
     trainer.run()
