@@ -221,10 +221,10 @@ class LiZAttention(nn.Module):
         splits exactly into
             o_full = (1 - lam) o_window + lam o_far,  lam = softmax mass beyond the window and sinks,
         so the memory read should point where o_far points (MSE of per-head unit-RMS vectors, weighted by lam;
-        with a learned read_scale the scaled read should be o_far itself: MSE in units of o_far's RMS)
+        with a learned read_scale the scaled read should also have o_far's size: squared log of their ratio)
         and a learned gate should say lam (cross-entropy against it), each position also weighted by the
         context's `transfer_weights` when it has them. Inputs are detached: only the memory's
-        parameters (feature map, gate) get gradients, whatever the surrounding forward does."""
+        parameters (feature map, gate, read scale) get gradients, whatever the surrounding forward does."""
         with torch.enable_grad():
             q, k, v, hidden_states = (t.detach() for t in (q, k, v, hidden_states))
             o_full, o_far, lam = _split_attention(q, k, v, self, self.config)  # [B, Hq, T, D] x2, [B, Hq, T]
@@ -271,12 +271,19 @@ def _mean_square_per_token(x: torch.Tensor) -> torch.Tensor:
 
 
 def _read_error(read: torch.Tensor, o_far: torch.Tensor, scaled: bool) -> torch.Tensor:
-    """[B, Hq, T] squared error of a memory read against o_far in units of o_far's RMS: of the read itself when
-    `scaled` (its size is meant to be o_far's), else of its direction (read at unit RMS; 2 = orthogonal)."""
+    """[B, Hq, T] how far a memory read is from o_far: the squared error of their directions (both at unit
+    RMS; 2 = orthogonal) and, when `scaled` (the read's size is meant to be o_far's), the squared log of their
+    size ratio. Not the MSE of the read itself: that would shrink every read by its cosine to o_far and leave
+    the memory too quiet where it does find the key."""
     dim = (read.shape[-1],)
-    if scaled:
-        return (read - o_far).pow(2).mean(-1) / (o_far.pow(2).mean(-1) + 1e-6)
-    return (F.rms_norm(read, dim, eps=1e-6) - F.rms_norm(o_far, dim, eps=1e-6)).pow(2).mean(-1)
+    direction = (F.rms_norm(read, dim, eps=1e-6) - F.rms_norm(o_far, dim, eps=1e-6)).pow(2).mean(-1)
+    if not scaled:
+        return direction
+    return direction + (_log_rms(read) - _log_rms(o_far)).pow(2)
+
+
+def _log_rms(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x.pow(2).mean(-1).add(1e-12).log()
 
 
 def _store(state: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:

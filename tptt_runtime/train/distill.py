@@ -14,9 +14,8 @@ parameters at `gate_lr`. Every `checkpoint_every` steps the LoRA weights,
 optimizer, step and loss history are written atomically to <out>/checkpoint.pt; `resume=True` continues from
 there and, because data order and schedules are functions of the step, ends where an uninterrupted run would.
 A run can start from an existing adapter (`init`: its config, with `init_changes`, and weights) instead of a
-fresh one, and can turn
-a share of its sequences into retrieval documents (`retrieval`, train/retrieval.py), whose answer-reading
-positions then weigh 1 + `recall_weight` in both stages' losses.
+fresh one, and can turn a share of its sequences into retrieval documents (`retrieval`, train/retrieval.py),
+whose answer-reading positions then weigh 1 + `recall_weight` in both stages' losses.
 The finished adapter is <out>/tptt_config.json + adapter_model.safetensors (loadable by `tptt_runtime.load`).
 """
 
@@ -124,9 +123,11 @@ class Trainer:
             param.requires_grad_(name in trainable)
         self.parameters = [named[name] for name in trainable]
         self.learned_gate = student.config.mag_gate == "learned"
-        if train.transfer_steps and not self.learned_gate and student.config.feature_map != "learned":
-            raise ValueError("attention transfer trains the memory's own parameters: it needs a learned mag_gate "
-                             "or feature_map")
+        learns_memory = (self.learned_gate or student.config.feature_map == "learned"
+                         or student.config.read_scale == "learned")
+        if train.transfer_steps and not learns_memory:
+            raise ValueError("attention transfer trains the memory's own parameters: it needs a learned mag_gate, "
+                             "feature_map or read_scale")
         self.optimizer = torch.optim.AdamW(_param_groups(named, trainable, train), lr=train.lr, weight_decay=0.0)
         self.order = data.order(len(sequences), train.steps, train.batch_size, train.seed)
         self.step, self.history = 0, []
