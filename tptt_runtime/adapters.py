@@ -6,7 +6,8 @@ An adapter directory holds:
     adapter_model.safetensors   LoRA weights, keys as peft names them without the adapter name, and the
                                 memory's own parameters when the config learns them: gates (`*.mag_gate.*`,
                                 mag_gate "learned"), feature maps (`*.memory_map.*`, feature_map "learned")
-                                and read scales (`*.read_scale`, read_scale "learned")
+                                read scales (`*.read_scale`, read_scale "learned") and the gates' inputs
+                                (`*.gate_input_k.*`, `*.gate_input_v.*`, gate_input "learned")
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def merge_lora(hf_model: nn.Module) -> None:
 
 
 def _is_memory_param(name: str) -> bool:
-    return ".mag_gate." in name or ".memory_map." in name or name.endswith(".read_scale")
+    return (".mag_gate." in name or ".memory_map." in name or name.endswith(".read_scale")
+            or ".gate_input_" in name)
 
 
 def trainable_names(hf_model: nn.Module) -> list[str]:

@@ -18,6 +18,7 @@ TRICKS = ("derivative", "rotary", "combined")
 MAG_GATES = ("constant", "learned")
 FEATURE_MAPS = ("fixed", "learned")
 READ_SCALES = ("softmax_rms", "learned")
+GATE_INPUTS = ("mean", "learned")
 
 
 @dataclass
@@ -41,6 +42,9 @@ class TpttConfig:
                                      # scale per head (1 at the start, trained with the adapter)
     beta_gate: str = "k"  # write strength from a causal mean pool of k / v / both through a sigmoid, c = 0.5
     alpha_gate: str = "c"  # decay from the same pools, c = no decay
+    gate_input: str = "mean"  # what the pools average per token: mean: the channel mean of k (v); learned: a
+                              # learned weighted sum + bias per kv head (the mean at the start, trained with
+                              # the adapter), so the memory can learn which tokens to write strongly
     gate_pool: int = 3  # tokens in the causal mean pool of the gates
     nonlinear_chunk: int = 0  # apply the state nonlinearity after every `nonlinear_chunk` absolute tokens; 0 = linear
     chunk_size: int = 64  # tokens per chunk in the chunkwise prefill (a speed knob, never changes results)
@@ -78,6 +82,8 @@ class TpttConfig:
         for name in ("beta_gate", "alpha_gate"):
             if getattr(self, name) not in GATE_SOURCES:
                 raise ValueError(f"{name} must be one of {GATE_SOURCES}, got {getattr(self, name)!r}")
+        if self.gate_input not in GATE_INPUTS:
+            raise ValueError(f"gate_input must be one of {GATE_INPUTS}, got {self.gate_input!r}")
         if self.gate_pool < 1:
             raise ValueError(f"gate_pool must be >= 1, got {self.gate_pool}")
         if self.nonlinear_chunk < 0:

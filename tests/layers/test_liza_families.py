@@ -219,3 +219,30 @@ def test_split_attention_splits_full_attention_at_the_window():
             torch.testing.assert_close(mixed, full, atol=1e-5, rtol=0)
             torch.testing.assert_close(o_full[0, h, t], full, atol=1e-5, rtol=0)
             assert (lam[0, h, t] == 0) == (len(near) == t + 1)
+
+
+@pytest.mark.parametrize("gates", [dict(), dict(beta_gate="kv", alpha_gate="v")])
+def test_learned_gate_input_starts_as_the_mean_and_keeps_incremental_equal_to_full(gates):
+    """gate_input "learned": at the start the gates read the channel mean (the same logits as "mean"); with
+    trained (here random) weights the write strength follows them, and any split still gives forward_full's
+    logits (the pooled gate carry holds the learned inputs)."""
+    from tests.conftest import tiny_model
+
+    config = TpttConfig(window=6, sinks=1, mag_weight=0.7, chunk_size=4, **gates)
+    tokens = ids(29)
+    mean = TitansModel(tiny_model("llama"), config).forward_full(tokens)
+    model = TitansModel(tiny_model("llama"), config.replace(gate_input="learned"))
+    torch.testing.assert_close(model.forward_full(tokens), mean, atol=1e-6, rtol=0)
+    assert (model.layers[0].gate_input_v is not None) == ("v" in gates.get("beta_gate", "k"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in model.layers:
+            for gate_input in (layer.gate_input_k, layer.gate_input_v):
+                if gate_input is not None:
+                    gate_input.weight.copy_(torch.randn(gate_input.weight.shape, generator=generator))
+                    gate_input.bias.copy_(torch.randn(gate_input.bias.shape, generator=generator))
+    full = model.forward_full(tokens)
+    assert (full - mean).abs().max() > 1e-3
+    rows, _ = incremental_logits(model, tokens, (11, 2))
+    for position, logits in rows.items():
+        torch.testing.assert_close(logits, full[position], atol=TOL, rtol=0)

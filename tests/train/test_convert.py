@@ -1,6 +1,7 @@
 """Conversion training on a tiny random model: the distillation loss falls, checkpoints resume exactly, and the
 adapter round-trips through tptt_runtime.load with the logits the trainer saw."""
 
+import pytest
 import torch
 
 import tptt_runtime as tr
@@ -174,11 +175,15 @@ def test_read_error_measures_direction_and_size_apart():
                                    atol=1e-4, rtol=0)
 
 
-def test_learned_read_scales_train_and_round_trip(tmp_path):
-    """read_scale "learned": attention transfer moves the read scales towards o_far's size (its loss falls),
-    they are saved in the adapter and loaded back with the logits the trainer saw."""
+@pytest.mark.parametrize("learned", ["read_scale", "gate_input"])
+def test_learned_memory_parameters_train_and_round_trip(tmp_path, learned):
+    """read_scale "learned" (the read scales move towards o_far's size, beside a learned gate) and gate_input
+    "learned" alone (the write gates' inputs, the only memory parameters here): attention transfer's loss
+    falls, every head's parameters moved, they are saved in the adapter and loaded back with the logits the
+    trainer saw."""
     torch.manual_seed(0)
-    config = TPTT.replace(mag_gate="learned", mag_weight=0.1, read_scale="learned", window=4, sinks=1)
+    gate = dict(mag_gate="learned") if learned == "read_scale" else {}
+    config = TPTT.replace(mag_weight=0.1, window=4, sinks=1, **gate, **{learned: "learned"})
     student = TitansModel(peaked_model(), config)
     train = TrainConfig(steps=21, seq_len=48, lr=1e-2, gate_lr=3e-2, warmup_steps=1, checkpoint_every=100,
                         transfer_steps=20)
@@ -186,8 +191,13 @@ def test_learned_read_scales_train_and_round_trip(tmp_path):
     trainer.out.mkdir()
     trainer.run()
     losses = [r["loss"] for r in trainer.history[:20]]
-    assert sum(losses[-3:]) < 0.8 * sum(losses[:3])
-    assert all(layer.read_scale.abs().min() > 0.1 for layer in student.layers)  # every head's scale moved
+    # write gates alone move a random model's read slowly (measured: -0.3 % in 20 steps; scales: -40 %)
+    assert sum(losses[-3:]) < (0.8 if learned == "read_scale" else 0.999) * sum(losses[:3])
+    for layer in student.layers:
+        if learned == "read_scale":
+            assert layer.read_scale.abs().min() > 0.1  # every head's scale moved
+        else:
+            assert layer.gate_input_k.bias.abs().min() > 1e-3 and layer.gate_input_v is None
     trainer.save_adapter()
     base_dir = tmp_path / "base"
     peaked_model().save_pretrained(base_dir)
@@ -195,7 +205,7 @@ def test_learned_read_scales_train_and_round_trip(tmp_path):
     with torch.no_grad():
         expected = student.hf(input_ids=ids[None]).logits[0]
     loaded = tr.load(trainer.out, base=base_dir)
-    assert loaded.config.read_scale == "learned"
+    assert getattr(loaded.config, learned) == "learned"
     torch.testing.assert_close(loaded.forward_full(ids), expected, atol=1e-4, rtol=0)
 
 

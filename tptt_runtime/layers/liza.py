@@ -4,8 +4,9 @@
     linear branch   gated DeltaProduct memory over the whole past (ops/delta_product.py)
     Memory as Gate  o = (1 - mu) o_softmax + mu o_linear (+ (1 - mu) o_softmax * mu o_linear with cross_gate),
                     mu constant, or learned per head and token; o_linear the memory read at the softmax
-                    branch's RMS or at its own size times a learned scale per head. The learned gate, scale
-                    and feature map (for the memory's q and k) are the only parameters this module adds
+                    branch's RMS or at its own size times a learned scale per head. The learned gate, scale,
+                    feature map (for the memory's q and k) and gate inputs (what the write strength beta and
+                    the decay read of each token's k and v) are the only parameters this module adds
 
 The module replaces a Hugging Face attention module in place and keeps its projection submodules under the
 same names (q_proj, k_proj, v_proj, o_proj, q_norm, k_norm), so state dicts and LoRA targets are unchanged.
@@ -100,6 +101,11 @@ class LiZAttention(nn.Module):
         self.memory_map = _identity_map(self.head_dim, base.q_proj) if config.feature_map == "learned" else None
         self.read_scale = (nn.Parameter(torch.zeros(self.num_heads, device=base.q_proj.weight.device))
                            if config.read_scale == "learned" else None)  # log of each head's scale
+        learned_input = config.gate_input == "learned"
+        reads_v = "v" in config.beta_gate + config.alpha_gate
+        self.gate_input_k = GateInput(self.num_kv_heads, self.head_dim, base.q_proj) if learned_input else None
+        self.gate_input_v = (GateInput(self.num_kv_heads, self.head_dim, base.q_proj) if learned_input and reads_v
+                             else None)
 
     # ----------------------------------------------------------------------------------------------- state
     def new_state(self, batch: int, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
@@ -189,8 +195,9 @@ class LiZAttention(nn.Module):
     def _memory_branch(self, q, k, v, state, seen):
         """The memory read [B, Hq, T, D]; `seen` as in `_with_memory` (a tensor means one decode token)."""
         cfg = self.config
-        pooled_k = self._pooled_gate_input(k, state, "gate_k", seen)
-        pooled_v = self._pooled_gate_input(v, state, "gate_v", seen) if "v" in cfg.beta_gate + cfg.alpha_gate else None
+        pooled_k = self._pooled_gate_input(k, self.gate_input_k, state, "gate_k", seen)
+        pooled_v = (self._pooled_gate_input(v, self.gate_input_v, state, "gate_v", seen)
+                    if "v" in cfg.beta_gate + cfg.alpha_gate else None)
         beta, g = memory_inputs.gates(pooled_k, pooled_v, cfg.beta_gate, cfg.alpha_gate)
 
         if self.memory_map is not None:
@@ -240,9 +247,10 @@ class LiZAttention(nn.Module):
                 loss = loss + (gate_error * positions).sum() / positions.sum()
             return loss, o_full.detach()
 
-    def _pooled_gate_input(self, x: torch.Tensor, state, name: str, seen) -> torch.Tensor:
-        """Causal mean pool of x's per-token channel mean [B, Hkv, T]; keeps the last inputs in state[name]."""
-        gate_in = as_float32(x).mean(-1)
+    def _pooled_gate_input(self, x: torch.Tensor, learned, state, name: str, seen) -> torch.Tensor:
+        """Causal mean pool [B, Hkv, T] of x's per-token gate input (its channel mean, or the `learned`
+        GateInput); keeps the last inputs in state[name]."""
+        gate_in = as_float32(x).mean(-1) if learned is None else learned(as_float32(x))
         pooled = memory_inputs.causal_mean_pool(gate_in, state[name], seen)
         _store(state, name, _last(state[name], gate_in, self.config.gate_pool - 1))
         return pooled
@@ -302,6 +310,19 @@ def _learned_gate(like: nn.Linear, heads: int, config: TpttConfig) -> nn.Linear:
         gate.weight.zero_()
         gate.bias.fill_(math.log(config.mag_weight / (1 - config.mag_weight)))
     return gate
+
+
+class GateInput(nn.Module):
+    """A gate's per-token input from k or v [B, Hkv, T, D] -> [B, Hkv, T]: a weighted sum of the channels plus
+    a bias, per kv head; starts as the channel mean (weights 1 / D, bias 0)."""
+
+    def __init__(self, heads: int, dim: int, like: nn.Linear):
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((heads, dim), 1.0 / dim, device=like.weight.device))
+        self.bias = nn.Parameter(torch.zeros(heads, device=like.weight.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bhtd,hd->bht", x, self.weight.float()) + self.bias.float()[:, None]
 
 
 def _identity_map(dim: int, like: nn.Linear) -> nn.Linear:

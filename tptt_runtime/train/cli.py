@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from ..config import FEATURE_MAPS, MAG_GATES, READ_SCALES, TpttConfig
+from ..config import FEATURE_MAPS, GATE_INPUTS, MAG_GATES, READ_SCALES, TpttConfig
 from .data import DEFAULT_SOURCES
 from .distill import TrainConfig, convert
 from .schedules import SCHEDULES, MagSchedule
@@ -38,6 +38,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--read-scale", choices=READ_SCALES,
                    help="the memory read's size in the mix: softmax_rms (default) or learned (its own size times "
                         "a learned scale per head); with --init, a change to that adapter's config")
+    p.add_argument("--gate-input", choices=GATE_INPUTS,
+                   help="what the write gate (beta) averages per token: mean (default: the channel mean of k) or "
+                        "learned (a weighted sum + bias per kv head, trained); with --init, a change to that "
+                        "adapter's config")
     p.add_argument("--transfer-steps", type=int, default=0,
                    help="stage 1: steps of attention transfer (memory vs full attention) before distillation")
     p.add_argument("--ce-weight", type=float, default=0.0)
@@ -59,13 +63,15 @@ def main(argv: list[str] | None = None) -> None:
     tptt = TpttConfig(window=args.window, sinks=args.sinks, order=args.order, lora_rank=args.lora_rank,
                       lora_alpha=2 * args.lora_rank, lora_targets=list(args.lora_targets), mag_gate=args.mag_gate,
                       feature_map=args.feature_map, read_scale=args.read_scale or "softmax_rms",
+                      gate_input=args.gate_input or "mean",
                       mag_weight=args.mag_weight if args.mag_gate == "learned" else 0.0)
     train = TrainConfig(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
                         gate_lr=args.gate_lr, transfer_steps=args.transfer_steps,
                         ce_weight=args.ce_weight, checkpoint_every=args.checkpoint_every, seed=args.seed,
                         schedule=MagSchedule(args.schedule, target=args.mag_weight), text=tuple(args.text),
                         retrieval=args.retrieval, init=args.init,
-                        init_changes={"read_scale": args.read_scale} if args.read_scale else {},
+                        init_changes={name: value for name, value in (("read_scale", args.read_scale),
+                                                                      ("gate_input", args.gate_input)) if value},
                         recall_weight=args.recall_weight)
     out = convert(args.base, args.out, tptt, train, resume=args.resume, device=args.device)
     print(f"adapter written to {out}")
