@@ -115,7 +115,8 @@ def test_learned_gate_starts_as_the_constant_and_stays_exact_incrementally():
 
 
 def test_learned_read_scale_sizes_each_heads_read():
-    """read_scale "learned": with mu = 1 the layer's o_proj sees the memory read itself, and raising one head's
+    """read_scale "learned": with mu = 1 the layer's o_proj sees the memory read itself (once the first token has
+    left the window: from position sinks + window = 5 on), and raising one head's
     log scale by log 2 doubles that head's channels and no other's; under "softmax_rms" the read's own size
     is normalized away (the o_proj input keeps the softmax branch's RMS at every token)."""
     import math
@@ -127,7 +128,7 @@ def test_learned_read_scale_sizes_each_heads_read():
         hook = model.layers[0].o_proj.register_forward_hook(lambda module, args, out: seen.append(args[0]))
         model.forward_full(ids(21))
         hook.remove()
-        return seen[0][0]  # [T, Hq * D]
+        return seen[0][0][5:]  # [T - 5, Hq * D]: positions whose memory weight is mu
 
     model = TitansModel(tiny_model("llama"), TpttConfig(window=4, sinks=1, mag_weight=1.0, read_scale="learned"))
     layer = model.layers[0]
@@ -246,3 +247,16 @@ def test_learned_gate_input_starts_as_the_mean_and_keeps_incremental_equal_to_fu
     rows, _ = incremental_logits(model, tokens, (11, 2))
     for position, logits in rows.items():
         torch.testing.assert_close(logits, full[position], atol=TOL, rtol=0)
+
+
+def test_memory_stays_out_until_the_first_eviction(tiny_pair):
+    """Until a token leaves the window (t < sinks + window) the softmax branch is full attention, so the memory
+    weight is 0 there: the converted model gives the base model's logits exactly, whatever mu; after that, the
+    memory contributes."""
+    converted, base = tiny_pair
+    model = TitansModel(converted, TpttConfig(window=8, sinks=2, mag_weight=0.7))
+    tokens = ids(24)
+    expected = base(input_ids=tokens[None]).logits[0]
+    full = model.forward_full(tokens)
+    torch.testing.assert_close(full[:10], expected[:10], atol=1e-5, rtol=0)
+    assert (full[10:] - expected[10:]).abs().amax(-1).min() > 1e-4

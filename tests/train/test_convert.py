@@ -134,7 +134,8 @@ def test_attention_transfer_trains_the_memory_alone(tmp_path):
 
 def test_a_run_can_start_from_an_adapter(tmp_path):
     """--init: the new adapter keeps the old one's config and, after a step too small to move it, its weights;
-    with a config change (--read-scale learned) it keeps them too and adds the new parameters, fresh."""
+    with a config change (--read-scale, --gate-input) it keeps them too, drops the parameters the new config
+    lacks and adds the ones it has, fresh."""
     from safetensors.torch import load_file
 
     from tptt_runtime.loading import DEFAULT_ADAPTER
@@ -147,14 +148,22 @@ def test_a_run_can_start_from_an_adapter(tmp_path):
     assert before.keys() == after.keys()
     assert all(torch.allclose(before[name], after[name], atol=1e-6) for name in before)
 
-    train.init_changes = {"read_scale": "learned"}
+    # a config change that drops memory parameters, then one that adds them back: the new ones start fresh
+    train.init_changes = {"read_scale": "softmax_rms", "gate_input": "mean"}
+    plain = convert("default", tmp_path / "plain", TpttConfig(window=7), train)
+    before = load_file(plain / "adapter_model.safetensors")
+    assert not any(name.endswith(".read_scale") or ".gate_input_" in name for name in before)
+    train.init, train.init_changes = str(plain), {"read_scale": "learned", "gate_input": "learned"}
     out = convert("default", tmp_path / "rescaled", TpttConfig(window=7), train)
-    assert TpttConfig.load(out) == TpttConfig.load(DEFAULT_ADAPTER).replace(base_model="default", read_scale="learned")
+    assert TpttConfig.load(out) == TpttConfig.load(plain).replace(read_scale="learned", gate_input="learned")
     after = load_file(out / "adapter_model.safetensors")
     scales = [name for name in after if name.endswith(".read_scale")]
-    assert len(scales) == 30 and set(after) == set(before) | set(scales)
+    gate_inputs = [name for name in after if ".gate_input_k." in name]
+    assert len(scales) == 30 and len(gate_inputs) == 60 and set(after) == set(before) | set(scales) | set(gate_inputs)
     assert all(torch.allclose(before[name], after[name], atol=1e-6) for name in before)
     assert all(after[name].abs().max() < 1e-6 for name in scales)  # log scales fresh at 0: the read's own size
+    for name in gate_inputs:  # fresh: the channel mean
+        assert torch.allclose(after[name], torch.full_like(after[name], 1 / 64 if name.endswith("weight") else 0.0))
 
 
 def test_read_error_measures_direction_and_size_apart():

@@ -43,9 +43,8 @@ def _mixer(mode: str, readings: list):
     def with_memory(self, hidden_states, q, k, v, softmax_out, state, seen):
         read = self._memory_branch(q, k, v, state, seen)  # [B, Hq, T, D]
         _, o_far, lam = liza._split_attention(q, k, v, self, self.config)  # [B, Hq, T, D], [B, Hq, T]
-        mu = self._memory_weight(hidden_states)  # float or [B, T, Hq * D]
-        mu_per_head = (torch.full_like(lam, mu) if isinstance(mu, float) else
-                       mu[..., ::self.head_dim].transpose(1, 2))
+        mu = self._memory_weight(hidden_states, seen)  # [B or 1, T, Hq * D or 1]
+        mu_per_head = mu[..., ::self.head_dim].transpose(1, 2).expand_as(lam)  # [B, Hq, T]
         readings.append((lam, mu_per_head, F.cosine_similarity(read, o_far, dim=-1)))
 
         def split_by_lam(far):  # (1 - lam) o_window + lam far, per head, as full attention combines them

@@ -32,6 +32,9 @@ from ..ops import as_float32, delta_product, fla_kernels, memory_inputs
 from ..ops import window_attention as window_ops
 
 QUERY_BLOCK = 128  # queries per block in the windowed prefill (64 and 256 measured slower at 2k)
+VIRTUAL_KEY_EPS = 1e-3  # virtual keys are e / max(|e|, eps): a difference of two nearly equal keys (a token
+                        # repeated at the start) has no direction to write, and a smaller eps would blow its
+                        # float noise up to a write of its own (docs/math.md, 2)
 
 
 @dataclass
@@ -161,13 +164,20 @@ class LiZAttention(nn.Module):
         if self.mag_gate is None and self.config.mag_weight == 0.0:
             return self.o_proj(_merge_heads(softmax_out))
         read = self._sized_read(self._memory_branch(q, k, v, state, seen), softmax_out)
-        return self._mix(softmax_out, read, self._memory_weight(hidden_states))
+        return self._mix(softmax_out, read, self._memory_weight(hidden_states, seen))
 
-    def _memory_weight(self, hidden_states: torch.Tensor):
-        """mu: a float, or [B, T, Hq * D] (one value per head and token, repeated over the head's channels)."""
-        if self.mag_gate is None:
-            return self.config.mag_weight
-        return torch.sigmoid(self.mag_gate(hidden_states)).repeat_interleave(self.head_dim, dim=-1)
+    def _memory_weight(self, hidden_states: torch.Tensor, seen) -> torch.Tensor:
+        """mu [B or 1, T, Hq * D or 1]: constant, or one value per head and token (repeated over the head's
+        channels); 0 at positions before the first eviction (t < sinks + window), where the window still
+        holds every earlier token, so the softmax branch is full attention and the memory has nothing to add.
+        `seen` as in `_with_memory`."""
+        mu = (torch.tensor(self.config.mag_weight, dtype=hidden_states.dtype, device=hidden_states.device)
+              if self.mag_gate is None else
+              torch.sigmoid(self.mag_gate(hidden_states)).repeat_interleave(self.head_dim, dim=-1))
+        offsets = torch.arange(hidden_states.shape[1], device=hidden_states.device)
+        positions = (seen.reshape(-1, 1) if torch.is_tensor(seen) else seen) + offsets  # [B or 1, T]
+        evicted = positions >= self.config.sinks + self.config.window
+        return mu * evicted.unsqueeze(-1).to(mu.dtype)
 
     def _project(self, x: torch.Tensor):
         batch, seq_len, _ = x.shape
@@ -204,7 +214,7 @@ class LiZAttention(nn.Module):
             q, k = self.memory_map(q), self.memory_map(k)
         q_mem, k_mem, v = memory_inputs.feature_map(q), memory_inputs.feature_map(k), as_float32(v)
         k_virtual = F.normalize(memory_inputs.expand_virtual(k_mem, state["prev_k"], cfg.order, cfg.trick), dim=-1,
-                                eps=1e-6)
+                                eps=VIRTUAL_KEY_EPS)
         v_virtual = memory_inputs.expand_virtual(v, state["prev_v"], cfg.order, cfg.trick)
         _store(state, "prev_k", k_mem[:, :, -1:])
         _store(state, "prev_v", v[:, :, -1:])
