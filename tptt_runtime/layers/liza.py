@@ -6,7 +6,7 @@
                     mu constant, or learned per head and token; o_linear the memory read at the softmax
                     branch's RMS or at its own size times a learned scale per head. The learned gate, scale,
                     feature map (for the memory's q and k) and gate inputs (what the write strength beta and
-                    the decay read of each token's k and v) are the only parameters this module adds
+                    the decay take from each token's k and v) are the only parameters this module adds
 
 The module replaces a Hugging Face attention module in place and keeps its projection submodules under the
 same names (q_proj, k_proj, v_proj, o_proj, q_norm, k_norm), so state dicts and LoRA targets are unchanged.
