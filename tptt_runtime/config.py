@@ -93,6 +93,11 @@ class TpttConfig:
         if self.lora_rank < 1:
             raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
 
+    @property
+    def gates_read_v(self) -> bool:
+        """Whether beta or alpha reads the values (else only the keys feed the gates)."""
+        return "v" in self.beta_gate + self.alpha_gate
+
     def replace(self, **changes) -> "TpttConfig":
         """A copy with `changes` applied (None values are ignored), validated again."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})

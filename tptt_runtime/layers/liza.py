@@ -105,10 +105,9 @@ class LiZAttention(nn.Module):
         self.read_scale = (nn.Parameter(torch.zeros(self.num_heads, device=base.q_proj.weight.device))
                            if config.read_scale == "learned" else None)  # log of each head's scale
         learned_input = config.gate_input == "learned"
-        reads_v = "v" in config.beta_gate + config.alpha_gate
         self.gate_input_k = GateInput(self.num_kv_heads, self.head_dim, base.q_proj) if learned_input else None
-        self.gate_input_v = (GateInput(self.num_kv_heads, self.head_dim, base.q_proj) if learned_input and reads_v
-                             else None)
+        self.gate_input_v = (GateInput(self.num_kv_heads, self.head_dim, base.q_proj)
+                             if learned_input and config.gates_read_v else None)
 
     # ----------------------------------------------------------------------------------------------- state
     def new_state(self, batch: int, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
@@ -171,13 +170,11 @@ class LiZAttention(nn.Module):
         channels); 0 at positions before the first eviction (t < sinks + window), where the window still
         holds every earlier token, so the softmax branch is full attention and the memory has nothing to add.
         `seen` as in `_with_memory`."""
-        mu = (torch.tensor(self.config.mag_weight, dtype=hidden_states.dtype, device=hidden_states.device)
-              if self.mag_gate is None else
+        mu = (self.config.mag_weight if self.mag_gate is None else
               torch.sigmoid(self.mag_gate(hidden_states)).repeat_interleave(self.head_dim, dim=-1))
-        offsets = torch.arange(hidden_states.shape[1], device=hidden_states.device)
-        positions = (seen.reshape(-1, 1) if torch.is_tensor(seen) else seen) + offsets  # [B or 1, T]
-        evicted = positions >= self.config.sinks + self.config.window
-        return mu * evicted.unsqueeze(-1).to(mu.dtype)
+        length = hidden_states.shape[1]
+        key = ("after_eviction", "decode" if torch.is_tensor(seen) else seen, length, hidden_states.dtype)
+        return mu * self.context.shared(key, lambda: _after_first_eviction(seen, length, self.config, hidden_states))
 
     def _project(self, x: torch.Tensor):
         batch, seq_len, _ = x.shape
@@ -206,8 +203,7 @@ class LiZAttention(nn.Module):
         """The memory read [B, Hq, T, D]; `seen` as in `_with_memory` (a tensor means one decode token)."""
         cfg = self.config
         pooled_k = self._pooled_gate_input(k, self.gate_input_k, state, "gate_k", seen)
-        pooled_v = (self._pooled_gate_input(v, self.gate_input_v, state, "gate_v", seen)
-                    if "v" in cfg.beta_gate + cfg.alpha_gate else None)
+        pooled_v = self._pooled_gate_input(v, self.gate_input_v, state, "gate_v", seen) if cfg.gates_read_v else None
         beta, g = memory_inputs.gates(pooled_k, pooled_v, cfg.beta_gate, cfg.alpha_gate)
 
         if self.memory_map is not None:
@@ -281,6 +277,14 @@ class LiZAttention(nn.Module):
             return self.o_proj(torch.lerp(softmax_out, read, mu))
         softmax_part, linear_part = (1 - mu) * self.o_proj(softmax_out), mu * self.o_proj(read)
         return softmax_part + linear_part + softmax_part * linear_part
+
+
+def _after_first_eviction(seen, length: int, config: TpttConfig, like: torch.Tensor) -> torch.Tensor:
+    """[B or 1, T, 1] in like's dtype: 1 at the positions seen + 0 .. length-1 that come after a token left the
+    window (t >= sinks + window), else 0. `seen`: an int (prefill) or per row [B] (decode)."""
+    offsets = torch.arange(length, device=like.device)
+    positions = torch.as_tensor(seen, device=like.device).reshape(-1, 1) + offsets  # [B or 1, T]
+    return (positions >= config.sinks + config.window).unsqueeze(-1).to(like.dtype)
 
 
 def _mean_square_per_token(x: torch.Tensor) -> torch.Tensor:
