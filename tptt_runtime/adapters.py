@@ -6,8 +6,9 @@ An adapter directory holds:
     adapter_model.safetensors   LoRA weights, keys as peft names them without the adapter name, and the
                                 memory's own parameters when the config learns them: gates (`*.mag_gate.*`,
                                 mag_gate "learned"), feature maps (`*.memory_map.*`, feature_map "learned")
-                                read scales (`*.read_scale`, read_scale "learned") and the gates' inputs
-                                (`*.gate_input_k.*`, `*.gate_input_v.*`, gate_input "learned")
+                                read scales (`*.read_scale`, read_scale "learned"), the gates' inputs
+                                (`*.gate_input_k.*`, `*.gate_input_v.*`, gate_input "learned") and decays
+                                (`*.memory_decay`, alpha_gate "learned")
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def merge_lora(hf_model: nn.Module) -> None:
 
 
 def _is_memory_param(name: str) -> bool:
-    return (".mag_gate." in name or ".memory_map." in name or name.endswith(".read_scale")
+    return (".mag_gate." in name or ".memory_map." in name or name.endswith((".read_scale", ".memory_decay"))
             or ".gate_input_" in name)
 
 

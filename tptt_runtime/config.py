@@ -14,6 +14,7 @@ from pathlib import Path
 CONFIG_NAME = "tptt_config.json"
 
 GATE_SOURCES = ("k", "v", "kv", "c")
+ALPHA_GATES = GATE_SOURCES + ("learned",)
 TRICKS = ("derivative", "rotary", "combined")
 MAG_GATES = ("constant", "learned")
 FEATURE_MAPS = ("fixed", "learned")
@@ -41,7 +42,10 @@ class TpttConfig:
                                      # heads, at the softmax branch's RMS; learned: its own size times a learned
                                      # scale per head (1 at the start, trained with the adapter)
     beta_gate: str = "k"  # write strength from a causal mean pool of k / v / both through a sigmoid, c = 0.5
-    alpha_gate: str = "c"  # decay from the same pools, c = no decay
+    alpha_gate: str = "c"  # decay from the same pools; c: the constant `decay`; learned: one decay per kv head,
+                           # trained with the adapter (starting at `decay`), the same for every token
+    decay: float = 1.0  # what the state is multiplied by before each token's write (alpha_gate c or learned;
+                        # 1 = no decay): forgetting keeps long contexts from piling up in the state
     gate_input: str = "mean"  # what the pools average per token: mean: the channel mean of k (v); learned: a
                               # learned weighted sum + bias per kv head (the mean at the start, trained with
                               # the adapter), so the memory can learn which tokens to write strongly
@@ -79,9 +83,17 @@ class TpttConfig:
             raise ValueError(f"order must be 1 or 2, got {self.order}")
         if self.trick not in TRICKS:
             raise ValueError(f"trick must be one of {TRICKS}, got {self.trick!r}")
-        for name in ("beta_gate", "alpha_gate"):
-            if getattr(self, name) not in GATE_SOURCES:
-                raise ValueError(f"{name} must be one of {GATE_SOURCES}, got {getattr(self, name)!r}")
+        if self.beta_gate not in GATE_SOURCES:
+            raise ValueError(f"beta_gate must be one of {GATE_SOURCES}, got {self.beta_gate!r}")
+        if self.alpha_gate not in ALPHA_GATES:
+            raise ValueError(f"alpha_gate must be one of {ALPHA_GATES}, got {self.alpha_gate!r}")
+        if not 0.0 < self.decay <= 1.0:
+            raise ValueError(f"decay must be in (0, 1], got {self.decay}")
+        if self.decay < 1.0 and self.alpha_gate not in ("c", "learned"):
+            raise ValueError(f"decay is the constant (or learned) decay; alpha_gate {self.alpha_gate!r} computes "
+                             "its own from the gate pools")
+        if self.alpha_gate == "learned" and self.decay == 1.0:
+            raise ValueError("a learned alpha_gate starts at decay, which must be in (0, 1)")
         if self.gate_input not in GATE_INPUTS:
             raise ValueError(f"gate_input must be one of {GATE_INPUTS}, got {self.gate_input!r}")
         if self.gate_pool < 1:

@@ -1,11 +1,14 @@
 """LiZA on every supported family: the base model is recovered when the memory is off, and any split of a
 sequence into prefill pieces and decode steps gives the logits of forward_full."""
 
+import math
+
 import pytest
 import torch
 
 from tptt_runtime import TitansModel, TpttConfig
 from tptt_runtime.layers.liza import LiZAttention
+from tptt_runtime.ops import memory_inputs
 from tptt_runtime.state import SessionState
 
 TOL = 2e-4  # float32 rounding of two chunkings; measured: olmo 0.9-1.0e-4 (before and after a change of matmul layouts), the other families <= 2e-5
@@ -57,7 +60,8 @@ def test_incremental_equals_full(tiny_pair, pieces):
 @pytest.mark.parametrize("options", [
     dict(order=1), dict(order=2, trick="rotary"), dict(order=2, trick="combined"), dict(cross_gate=True),
     dict(alpha_gate="kv", beta_gate="v", nonlinear_chunk=8, chunk_size=4), dict(sinks=0, window=1),
-    dict(beta_gate="c", alpha_gate="k", gate_pool=1), dict(read_scale="learned"),
+    dict(beta_gate="c", alpha_gate="k", gate_pool=1), dict(read_scale="learned"), dict(decay=0.9),
+    dict(alpha_gate="learned", decay=0.95),
 ])
 def test_incremental_equals_full_for_each_option(options):
     from tests.conftest import tiny_model
@@ -119,7 +123,6 @@ def test_learned_read_scale_sizes_each_heads_read():
     left the window: from position sinks + window = 5 on), and raising one head's
     log scale by log 2 doubles that head's channels and no other's; under "softmax_rms" the read's own size
     is normalized away (the o_proj input keeps the softmax branch's RMS at every token)."""
-    import math
 
     from tests.conftest import tiny_model
 
@@ -247,6 +250,46 @@ def test_learned_gate_input_starts_as_the_mean_and_keeps_incremental_equal_to_fu
     rows, _ = incremental_logits(model, tokens, (11, 2))
     for position, logits in rows.items():
         torch.testing.assert_close(logits, full[position], atol=TOL, rtol=0)
+
+
+def test_decay_reaches_the_memory_and_a_learned_one_starts_at_the_constant():
+    """decay < 1 multiplies the state before every write (the gates hand the kernel g = log decay per token);
+    alpha_gate "learned" starts as the same constant (one logit per kv head) and, once its heads differ, any
+    split still gives forward_full's logits."""
+    from tests.conftest import tiny_model
+
+    pooled = torch.randn(2, 3, 5)
+    _, g = memory_inputs.gates(pooled, None, "k", "c", math.log(0.9))
+    torch.testing.assert_close(g, torch.full((2, 3, 5), math.log(0.9)))
+    assert memory_inputs.gates(pooled, None, "k", "c")[1] is None
+    _, g = memory_inputs.gates(pooled, None, "k", "learned", torch.tensor([-0.1, -0.2, -0.3]))
+    torch.testing.assert_close(g[1, :, 4], torch.tensor([-0.1, -0.2, -0.3]))
+
+    config = TpttConfig(window=6, sinks=1, mag_weight=0.7, chunk_size=4)
+    tokens = ids(29)
+    no_decay = TitansModel(tiny_model("llama"), config).forward_full(tokens)
+    constant = TitansModel(tiny_model("llama"), config.replace(decay=0.8)).forward_full(tokens)
+    assert (constant - no_decay).abs().max() > 1e-3
+    model = TitansModel(tiny_model("llama"), config.replace(alpha_gate="learned", decay=0.8))
+    torch.testing.assert_close(model.forward_full(tokens), constant, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.memory_decay.copy_(torch.linspace(-2.0, 3.0, layer.memory_decay.numel()))
+    full = model.forward_full(tokens)
+    assert (full - constant).abs().max() > 1e-3
+    rows, _ = incremental_logits(model, tokens, (11, 2))
+    for position, logits in rows.items():
+        torch.testing.assert_close(logits, full[position], atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(decay=0.0), "decay must be"), (dict(decay=1.5), "decay must be"),
+    (dict(alpha_gate="k", decay=0.9), "computes its own"), (dict(alpha_gate="learned"), "starts at decay"),
+    (dict(beta_gate="learned"), "beta_gate must be"),
+])
+def test_decay_options_are_checked(options, message):
+    with pytest.raises(ValueError, match=message):
+        TpttConfig(**options)
 
 
 def test_memory_stays_out_until_the_first_eviction(tiny_pair):

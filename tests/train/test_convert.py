@@ -1,6 +1,8 @@
 """Conversion training on a tiny random model: the distillation loss falls, checkpoints resume exactly, and the
 adapter round-trips through tptt_runtime.load with the logits the trainer saw."""
 
+import math
+
 import pytest
 import torch
 
@@ -170,7 +172,6 @@ def test_read_error_measures_direction_and_size_apart():
     """Attention transfer's read error: the squared error of the directions (at unit RMS) and, with a learned
     read scale, the squared log of the size ratio, whatever o_far's own size: a read in o_far's direction at a
     third of its size costs (log 3)^2, not the (2/3)^2 an MSE would charge, whose optimum shrinks reads."""
-    import math
 
     from tptt_runtime.layers.liza import _read_error
 
@@ -184,15 +185,15 @@ def test_read_error_measures_direction_and_size_apart():
                                    atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("learned", ["read_scale", "gate_input"])
+@pytest.mark.parametrize("learned", ["read_scale", "gate_input", "alpha_gate"])
 def test_learned_memory_parameters_train_and_round_trip(tmp_path, learned):
-    """read_scale "learned" (the read scales move towards o_far's size, beside a learned gate) and gate_input
-    "learned" alone (the write gates' inputs, the only memory parameters here): attention transfer's loss
-    falls, every head's parameters moved, they are saved in the adapter and loaded back with the logits the
-    trainer saw."""
+    """read_scale "learned" (the read scales move towards o_far's size, beside a learned gate), gate_input
+    "learned" alone (the write gates' inputs, the only memory parameters here) and alpha_gate "learned" alone
+    (one decay per kv head): attention transfer's loss falls, every head's parameters moved, they are saved in
+    the adapter and loaded back with the logits the trainer saw."""
     torch.manual_seed(0)
-    gate = dict(mag_gate="learned") if learned == "read_scale" else {}
-    config = TPTT.replace(mag_weight=0.1, window=4, sinks=1, **gate, **{learned: "learned"})
+    extra = {"read_scale": dict(mag_gate="learned"), "gate_input": {}, "alpha_gate": dict(decay=0.9)}[learned]
+    config = TPTT.replace(mag_weight=0.1, window=4, sinks=1, **extra, **{learned: "learned"})
     student = TitansModel(peaked_model(), config)
     train = TrainConfig(steps=21, seq_len=48, lr=1e-2, gate_lr=3e-2, warmup_steps=1, checkpoint_every=100,
                         transfer_steps=20)
@@ -205,8 +206,10 @@ def test_learned_memory_parameters_train_and_round_trip(tmp_path, learned):
     for layer in student.layers:
         if learned == "read_scale":
             assert layer.read_scale.abs().min() > 0.1  # every head's scale moved
-        else:
+        elif learned == "gate_input":
             assert layer.gate_input_k.bias.abs().min() > 1e-3 and layer.gate_input_v is None
+        else:
+            assert (layer.memory_decay - math.log(0.9 / 0.1)).abs().min() > 1e-3
     trainer.save_adapter()
     base_dir = tmp_path / "base"
     peaked_model().save_pretrained(base_dir)

@@ -5,8 +5,9 @@
     Memory as Gate  o = (1 - mu) o_softmax + mu o_linear (+ (1 - mu) o_softmax * mu o_linear with cross_gate),
                     mu constant, or learned per head and token; o_linear the memory read at the softmax
                     branch's RMS or at its own size times a learned scale per head. The learned gate, scale,
-                    feature map (for the memory's q and k) and gate inputs (what the write strength beta and
-                    the decay take from each token's k and v) are the only parameters this module adds
+                    feature map (for the memory's q and k), gate inputs (what the write strength beta and
+                    the decay take from each token's k and v) and per-head decays are the only parameters
+                    this module adds
 
 The module replaces a Hugging Face attention module in place and keeps its projection submodules under the
 same names (q_proj, k_proj, v_proj, o_proj, q_norm, k_norm), so state dicts and LoRA targets are unchanged.
@@ -108,6 +109,9 @@ class LiZAttention(nn.Module):
         self.gate_input_k = GateInput(self.num_kv_heads, self.head_dim, base.q_proj) if learned_input else None
         self.gate_input_v = (GateInput(self.num_kv_heads, self.head_dim, base.q_proj)
                              if learned_input and config.gates_read_v else None)
+        self.memory_decay = (nn.Parameter(torch.full((self.num_kv_heads,), _logit(config.decay),
+                                                     device=base.q_proj.weight.device))
+                             if config.alpha_gate == "learned" else None)  # logit of each kv head's decay
 
     # ----------------------------------------------------------------------------------------------- state
     def new_state(self, batch: int, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
@@ -204,7 +208,8 @@ class LiZAttention(nn.Module):
         cfg = self.config
         pooled_k = self._pooled_gate_input(k, self.gate_input_k, state, "gate_k", seen)
         pooled_v = self._pooled_gate_input(v, self.gate_input_v, state, "gate_v", seen) if cfg.gates_read_v else None
-        beta, g = memory_inputs.gates(pooled_k, pooled_v, cfg.beta_gate, cfg.alpha_gate)
+        log_decay = math.log(cfg.decay) if self.memory_decay is None else F.logsigmoid(self.memory_decay)
+        beta, g = memory_inputs.gates(pooled_k, pooled_v, cfg.beta_gate, cfg.alpha_gate, log_decay)
 
         if self.memory_map is not None:
             q, k = self.memory_map(q), self.memory_map(k)
@@ -322,8 +327,12 @@ def _learned_gate(like: nn.Linear, heads: int, config: TpttConfig) -> nn.Linear:
     gate = nn.Linear(like.in_features, heads, device=like.weight.device, dtype=like.weight.dtype)
     with torch.no_grad():
         gate.weight.zero_()
-        gate.bias.fill_(math.log(config.mag_weight / (1 - config.mag_weight)))
+        gate.bias.fill_(_logit(config.mag_weight))
     return gate
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
 
 
 class GateInput(nn.Module):

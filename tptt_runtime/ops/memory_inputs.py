@@ -78,9 +78,11 @@ def causal_mean_pool(m: torch.Tensor, history: torch.Tensor, seen) -> torch.Tens
     return sums / counts
 
 
-def gates(pooled_k: torch.Tensor | None, pooled_v: torch.Tensor | None, beta_gate: str, alpha_gate: str):
+def gates(pooled_k: torch.Tensor | None, pooled_v: torch.Tensor | None, beta_gate: str, alpha_gate: str,
+          log_decay: torch.Tensor | float = 0.0):
     """beta (write strength) and g (log decay, None for no decay) from the pooled gate inputs, each [B, H, T]
-    (pooled_v may be None when neither gate reads v)."""
+    (pooled_v may be None when neither gate reads v). Alpha gates c and learned take the decay as it is given:
+    `log_decay`, a float or one value per head [H] (0 = no decay)."""
     pooled = {"k": pooled_k, "v": pooled_v}
     if beta_gate == "c":
         beta = torch.full_like(pooled_k, 0.5)
@@ -88,8 +90,15 @@ def gates(pooled_k: torch.Tensor | None, pooled_v: torch.Tensor | None, beta_gat
         beta = torch.sigmoid(pooled_k) * torch.sigmoid(pooled_v)
     else:
         beta = torch.sigmoid(pooled[beta_gate])
-    if alpha_gate == "c":
-        return beta, None
+    if alpha_gate in ("c", "learned"):
+        return beta, _given_decay(log_decay, beta)
     if alpha_gate == "kv":
         return beta, F.logsigmoid(pooled_k) + F.logsigmoid(pooled_v)
     return beta, F.logsigmoid(pooled[alpha_gate])
+
+
+def _given_decay(log_decay: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor | None:
+    """log_decay (a float or [H]) as g [B, H, T] like `like`; None when it is the float 0 (no decay)."""
+    if not torch.is_tensor(log_decay):
+        return None if log_decay == 0.0 else torch.full_like(like, log_decay)
+    return as_float32(log_decay)[None, :, None].expand_as(like)

@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from ..config import FEATURE_MAPS, GATE_INPUTS, MAG_GATES, READ_SCALES, TpttConfig
+from ..config import ALPHA_GATES, FEATURE_MAPS, GATE_INPUTS, MAG_GATES, READ_SCALES, TpttConfig
 from .data import DEFAULT_SOURCES
 from .distill import TrainConfig, convert
 from .schedules import SCHEDULES, MagSchedule
@@ -42,6 +42,13 @@ def main(argv: list[str] | None = None) -> None:
                    help="what the write gate (beta) averages per token: mean (default: the channel mean of k) or "
                         "learned (a weighted sum + bias per kv head, trained); with --init, a change to that "
                         "adapter's config")
+    p.add_argument("--alpha-gate", choices=ALPHA_GATES,
+                   help="the memory's decay: c (default: the constant --decay), learned (one per kv head, "
+                        "trained, starting at --decay) or from the gate pools (k, v, kv); with --init, a change "
+                        "to that adapter's config")
+    p.add_argument("--decay", type=float,
+                   help="what the memory state is multiplied by per token (default 1: no decay); with --init, a "
+                        "change to that adapter's config")
     p.add_argument("--transfer-steps", type=int, default=0,
                    help="stage 1: steps of attention transfer (memory vs full attention) before distillation")
     p.add_argument("--ce-weight", type=float, default=0.0)
@@ -54,8 +61,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="extra weight of the positions that read a retrieval document's answers (both stages; "
                         "they are ~1 %% of the tokens)")
     p.add_argument("--init", help='start from this adapter ("default" or a directory): its config replaces the '
-                                  "model flags above (but --read-scale) and its weights the fresh LoRA, gates "
-                                  "and feature maps")
+                                  "model flags above (but the changes --read-scale, --gate-input, --alpha-gate, "
+                                  "--decay) and its weights the fresh LoRA, gates and feature maps")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -63,15 +70,17 @@ def main(argv: list[str] | None = None) -> None:
     tptt = TpttConfig(window=args.window, sinks=args.sinks, order=args.order, lora_rank=args.lora_rank,
                       lora_alpha=2 * args.lora_rank, lora_targets=list(args.lora_targets), mag_gate=args.mag_gate,
                       feature_map=args.feature_map, read_scale=args.read_scale or "softmax_rms",
-                      gate_input=args.gate_input or "mean",
+                      gate_input=args.gate_input or "mean", alpha_gate=args.alpha_gate or "c",
+                      decay=1.0 if args.decay is None else args.decay,
                       mag_weight=args.mag_weight if args.mag_gate == "learned" else 0.0)
     train = TrainConfig(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
                         gate_lr=args.gate_lr, transfer_steps=args.transfer_steps,
                         ce_weight=args.ce_weight, checkpoint_every=args.checkpoint_every, seed=args.seed,
                         schedule=MagSchedule(args.schedule, target=args.mag_weight), text=tuple(args.text),
                         retrieval=args.retrieval, init=args.init,
-                        init_changes={name: value for name, value in (("read_scale", args.read_scale),
-                                                                      ("gate_input", args.gate_input)) if value},
+                        init_changes={name: value for name, value in (
+                            ("read_scale", args.read_scale), ("gate_input", args.gate_input),
+                            ("alpha_gate", args.alpha_gate), ("decay", args.decay)) if value is not None},
                         recall_weight=args.recall_weight)
     out = convert(args.base, args.out, tptt, train, resume=args.resume, device=args.device)
     print(f"adapter written to {out}")

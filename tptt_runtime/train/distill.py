@@ -62,7 +62,7 @@ class TrainConfig:
     retrieval: float = 0.0                # share of sequences rebuilt as retrieval documents
     init: str | None = None               # adapter directory to start from (its config and weights)
     init_changes: dict = field(default_factory=dict)  # TpttConfig fields changed from init's (read_scale,
-                                          # gate_input): the memory parameters the change adds start fresh
+                                          # gate_input, alpha_gate, decay): parameters the change adds start fresh
     recall_weight: float = 0.0            # positions that read a retrieval answer weigh 1 + this, both stages
 
     def __post_init__(self):
@@ -123,11 +123,10 @@ class Trainer:
             param.requires_grad_(name in trainable)
         self.parameters = [named[name] for name in trainable]
         self.learned_gate = student.config.mag_gate == "learned"
-        learns_memory = (self.learned_gate or student.config.feature_map == "learned"
-                         or student.config.read_scale == "learned" or student.config.gate_input == "learned")
+        learns_memory = any("lora_" not in name for name in trainable)
         if train.transfer_steps and not learns_memory:
             raise ValueError("attention transfer trains the memory's own parameters: it needs a learned mag_gate, "
-                             "feature_map, read_scale or gate_input")
+                             "feature_map, read_scale, gate_input or alpha_gate")
         self.optimizer = torch.optim.AdamW(_param_groups(named, trainable, train), lr=train.lr, weight_decay=0.0)
         self.order = data.order(len(sequences), train.steps, train.batch_size, train.seed)
         self.step, self.history = 0, []
