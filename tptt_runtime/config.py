@@ -27,6 +27,9 @@ class TpttConfig:
     # softmax branch: the base model's attention over `sinks` first tokens + `window` most recent tokens
     window: int = 64
     sinks: int = 4
+    # exact-token cache: per layer and kv head, the `cache_tokens` tokens that left the window with the largest
+    # memory write (write strength x prediction error), attended with the window in one softmax; 0 = none
+    cache_tokens: int = 0
     # Memory as Gate: o = (1 - mu) * o_softmax + mu * o_linear (+ cross term if cross_gate), where mu is
     # constant: mag_weight everywhere; learned: sigmoid(W x_t + b) per head and token from the layer's input,
     # trained with the adapter and initialised at mag_weight (W = 0)
@@ -63,6 +66,8 @@ class TpttConfig:
     def __post_init__(self):
         if self.window < 1:
             raise ValueError(f"window must be >= 1, got {self.window}")
+        if self.cache_tokens < 0:
+            raise ValueError(f"cache_tokens must be >= 0, got {self.cache_tokens}")
         if self.sinks < 0:
             raise ValueError(f"sinks must be >= 0, got {self.sinks}")
         if not 0.0 <= self.mag_weight <= 1.0:
@@ -104,6 +109,11 @@ class TpttConfig:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
         if self.lora_rank < 1:
             raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
+
+    @property
+    def uses_memory(self) -> bool:
+        """Whether the memory runs: it takes part in the mix (mu > 0 or learned), or scores the cache."""
+        return self.mag_gate == "learned" or self.mag_weight > 0.0 or self.cache_tokens > 0
 
     @property
     def gates_read_v(self) -> bool:

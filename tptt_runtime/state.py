@@ -18,7 +18,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 FORMAT = "tptt-session-state"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the exact-token cache (cache_* and win_score tensors)
 
 
 class DecodeBatch:
@@ -137,4 +137,4 @@ def _check_format(metadata: dict[str, str]) -> None:
         raise ValueError("not a TPTT session state (missing format marker)")
     if metadata.get("format_version") != str(FORMAT_VERSION):
         raise ValueError(f"session state format version {metadata.get('format_version')} is not supported "
-                         f"(this runtime reads version {FORMAT_VERSION})")
+                         f"(this runtime reads version {FORMAT_VERSION}); start a new session from the text")

@@ -47,7 +47,7 @@ def test_model_mode_is_the_converted_model_and_layers_are_restored(models):
     reference = converted.forward_full(IDS)
     logits, _ = recall.probe_logits(converted, IDS, "model")
     torch.testing.assert_close(logits, reference)
-    assert all("_with_memory" not in vars(layer) for layer in converted.layers)
+    assert all("_output" not in vars(layer) and "_project" not in vars(layer) for layer in converted.layers)
 
 
 @pytest.mark.parametrize("mode", ["perfect-read", "own-read", "own-gate", "own-far-norm", "own-head-rms"])

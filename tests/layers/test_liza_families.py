@@ -61,7 +61,8 @@ def test_incremental_equals_full(tiny_pair, pieces):
     dict(order=1), dict(order=2, trick="rotary"), dict(order=2, trick="combined"), dict(cross_gate=True),
     dict(alpha_gate="kv", beta_gate="v", nonlinear_chunk=8, chunk_size=4), dict(sinks=0, window=1),
     dict(beta_gate="c", alpha_gate="k", gate_pool=1), dict(read_scale="learned"), dict(decay=0.9),
-    dict(alpha_gate="learned", decay=0.95),
+    dict(alpha_gate="learned", decay=0.95), dict(cache_tokens=2), dict(cache_tokens=3, mag_weight=0.0),
+    dict(cache_tokens=4, order=1, sinks=0, chunk_size=4, nonlinear_chunk=8),
 ])
 def test_incremental_equals_full_for_each_option(options):
     from tests.conftest import tiny_model
@@ -74,6 +75,39 @@ def test_incremental_equals_full_for_each_option(options):
         torch.testing.assert_close(logits, full[position], atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("cache_tokens", [1, 4, 64])
+@pytest.mark.parametrize("pieces", [(1,), (7, 1, 13), (30,)])
+def test_incremental_equals_full_with_an_exact_token_cache(tiny_pair, cache_tokens, pieces):
+    """The cache (64: more slots than tokens ever evicted) keeps every split exact on every family."""
+    converted, _ = tiny_pair
+    model = TitansModel(converted, TpttConfig(window=5, sinks=2, mag_weight=0.5, chunk_size=4,
+                                              cache_tokens=cache_tokens))
+    tokens = ids(37)
+    full = model.forward_full(tokens)
+    rows, state = incremental_logits(model, tokens, pieces)
+    for position, logits in rows.items():
+        torch.testing.assert_close(logits, full[position], atol=TOL, rtol=0)
+    held = state.layers[0]["cache_pos"]
+    assert (held >= 0).sum(-1).eq(min(cache_tokens, 37 - 5 - 2)).all()  # filled as far as evictions allow
+
+
+def test_the_cache_changes_the_output_once_tokens_leave_the_window():
+    """Guard: the cache really contributes, only after the first eviction, and a state's size is fixed."""
+    from tests.conftest import tiny_model
+
+    tokens = ids(30)
+    config = TpttConfig(window=4, sinks=1, mag_weight=0.3)
+    without = TitansModel(tiny_model("llama"), config).forward_full(tokens)
+    cached = TitansModel(tiny_model("llama"), config.replace(cache_tokens=3))
+    with_cache = cached.forward_full(tokens)
+    torch.testing.assert_close(with_cache[:5], without[:5], atol=1e-6, rtol=0)  # t < sinks + window
+    assert (with_cache[6:] - without[6:]).abs().max() > 1e-3
+    state = cached.new_session()
+    nbytes = state.nbytes
+    cached.prefill(state, tokens)
+    assert state.nbytes == nbytes == SessionState.from_bytes(state.to_bytes()).nbytes
+
+
 def test_memory_changes_the_output():
     """Guard: with mag_weight > 0 the linear branch really contributes."""
     from tests.conftest import tiny_model
@@ -84,10 +118,12 @@ def test_memory_changes_the_output():
     assert (off - on).abs().max() > 1e-3
 
 
-def test_batched_decode_equals_one_at_a_time():
+@pytest.mark.parametrize("cache_tokens", [0, 2])
+def test_batched_decode_equals_one_at_a_time(cache_tokens):
     from tests.conftest import tiny_model
 
-    model = TitansModel(tiny_model("qwen2"), TpttConfig(window=4, sinks=1, mag_weight=0.5, nonlinear_chunk=4))
+    model = TitansModel(tiny_model("qwen2"), TpttConfig(window=4, sinks=1, mag_weight=0.5, nonlinear_chunk=4,
+                                                        cache_tokens=cache_tokens))
     tokens = ids(30)
     states = [model.new_session() for _ in range(3)]
     for state, n in zip(states, (3, 9, 14)):

@@ -37,11 +37,21 @@ from .passkey import passkey_prompt
 MODES = ("model", "exact", "perfect-read", "own-read", "own-gate", "own-far-norm", "own-head-rms")
 
 
-def _mixer(mode: str, readings: list):
-    """A replacement for LiZAttention._with_memory in `mode`; appends (lam, mu, cosine) at the reads."""
+def _projector(projected: dict):
+    """A replacement for LiZAttention._project that keeps the layer's q, k, v for the mixer."""
 
-    def with_memory(self, hidden_states, q, k, v, softmax_out, state, seen):
-        read = self._memory_branch(q, k, v, state, seen)  # [B, Hq, T, D]
+    def project(self, x):
+        projected[self.layer_idx] = liza.LiZAttention._project(self, x)
+        return projected[self.layer_idx]
+
+    return project
+
+
+def _mixer(mode: str, readings: list, projected: dict):
+    """A replacement for LiZAttention._output in `mode`; appends (lam, mu, cosine) at the reads."""
+
+    def output(self, hidden_states, softmax_out, read, seen):
+        q, k, v = projected.pop(self.layer_idx)  # read: [B, Hq, T, D]
         _, o_far, lam = liza._split_attention(q, k, v, self, self.config)  # [B, Hq, T, D], [B, Hq, T]
         mu = self._memory_weight(hidden_states, seen)  # [B or 1, T, Hq * D or 1]
         mu_per_head = mu[..., ::self.head_dim].transpose(1, 2).expand_as(lam)  # [B, Hq, T]
@@ -72,20 +82,22 @@ def _mixer(mode: str, readings: list):
             return self.o_proj(liza._merge_heads(torch.lerp(softmax_out, at_head_rms, per_head_mu)))
         raise ValueError(f"unknown probe mode {mode!r}; one of {MODES}")
 
-    return with_memory
+    return output
 
 
 @contextlib.contextmanager
 def probing(model, mode: str, readings: list):
     """Every LiZA layer of `model` mixes as `mode` says inside the block."""
-    mixer = _mixer(mode, readings)
+    projected = {}
+    project, mixer = _projector(projected), _mixer(mode, readings, projected)
     for layer in model.layers:
-        layer._with_memory = types.MethodType(mixer, layer)
+        layer._project = types.MethodType(project, layer)
+        layer._output = types.MethodType(mixer, layer)
     try:
         yield
     finally:
         for layer in model.layers:
-            del layer._with_memory
+            del layer._project, layer._output
 
 
 def probe_logits(model, ids: list[int], mode: str) -> tuple[torch.Tensor, list]:

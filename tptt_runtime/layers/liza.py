@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TpttConfig
-from ..ops import as_float32, delta_product, fla_kernels, memory_inputs
+from ..ops import as_float32, delta_product, exact_cache, fla_kernels, memory_inputs, store
 from ..ops import window_attention as window_ops
 
 QUERY_BLOCK = 128  # queries per block in the windowed prefill (64 and 256 measured slower at 2k)
@@ -119,6 +119,9 @@ class LiZAttention(nn.Module):
         cfg, heads, dim = self.config, self.num_kv_heads, self.head_dim
         state = window_ops.new_cache(batch, heads, dim, window=cfg.window, sinks=cfg.sinks, dtype=dtype,
                                      device=device)
+        if cfg.cache_tokens:
+            state |= exact_cache.new_tensors(batch, heads, dim, window=cfg.window, size=cfg.cache_tokens,
+                                             dtype=dtype, device=device)
         f32 = dict(dtype=torch.float32, device=device)
         state["memory"] = torch.zeros(batch, heads, dim, dim, **f32)
         state["prev_k"] = torch.zeros(batch, heads, 1, dim, **f32)  # last token's feature-mapped key
@@ -144,36 +147,37 @@ class LiZAttention(nn.Module):
         else:
             state = ctx.layer_states[self.layer_idx]
         cos, sin = self._rotary_tables(q)
+        read, scores = self._memory_branch(q, k, v, state, ctx.start) if self.config.uses_memory else (None, None)
         softmax_out = window_ops.prefill(q, k, v, state, ctx.start, window=self.config.window,
                                          sinks=self.config.sinks, scaling=self.scaling, cos=cos, sin=sin,
-                                         softcap=self.softcap, block=QUERY_BLOCK)
-        return self._with_memory(hidden_states, q, k, v, softmax_out, state, ctx.start), None
+                                         softcap=self.softcap, block=QUERY_BLOCK, scores=scores)
+        return self._output(hidden_states, softmax_out, read, ctx.start), None
 
     def decode_step(self, hidden_states: torch.Tensor, state, plan: window_ops.DecodePlan) -> torch.Tensor:
         """One new token per row: [B, 1, hidden] -> [B, 1, hidden]; `state` updated in place."""
         q, k, v = self._project(hidden_states)
-        softmax_out = window_ops.decode(q, k, v, state, plan, scaling=self.scaling, softcap=self.softcap)
-        return self._with_memory(hidden_states, q, k, v, softmax_out, state, plan.positions)
+        read, score = self._memory_branch(q, k, v, state, plan.positions) if self.config.uses_memory else (None, None)
+        softmax_out = window_ops.decode(q, k, v, state, plan, scaling=self.scaling, softcap=self.softcap, score=score)
+        return self._output(hidden_states, softmax_out, read, plan.positions)
 
     def _decode_plan(self, ctx: ForwardContext, like: torch.Tensor) -> window_ops.DecodePlan:
         cos, sin = self._rotary_tables(like)
         return window_ops.decode_plan(ctx.positions, window=self.config.window, sinks=self.config.sinks, cos=cos,
-                                      sin=sin, filling_sinks=ctx.filling_sinks)
+                                      sin=sin, filling_sinks=ctx.filling_sinks, cached=self.config.cache_tokens > 0)
 
-    def _with_memory(self, hidden_states, q, k, v, softmax_out, state, seen) -> torch.Tensor:
-        """o_proj of the softmax branch mixed with the memory read (or alone when the memory cannot
-        contribute: then it is not computed and its state stays empty). `seen`: tokens before this piece,
-        an int (prefill) or per row [B] (decode)."""
+    def _output(self, hidden_states, softmax_out, read, seen) -> torch.Tensor:
+        """o_proj of the softmax branch mixed with the memory read, or alone when the memory does not take
+        part in the mix (mu = 0: its read is then None, or not used). `seen`: tokens before this piece, an int
+        (prefill) or per row [B] (decode)."""
         if self.mag_gate is None and self.config.mag_weight == 0.0:
             return self.o_proj(_merge_heads(softmax_out))
-        read = self._sized_read(self._memory_branch(q, k, v, state, seen), softmax_out)
-        return self._mix(softmax_out, read, self._memory_weight(hidden_states, seen))
+        return self._mix(softmax_out, self._sized_read(read, softmax_out), self._memory_weight(hidden_states, seen))
 
     def _memory_weight(self, hidden_states: torch.Tensor, seen) -> torch.Tensor:
         """mu [B or 1, T, Hq * D or 1]: constant, or one value per head and token (repeated over the head's
         channels); 0 at positions before the first eviction (t < sinks + window), where the window still
         holds every earlier token, so the softmax branch is full attention and the memory has nothing to add.
-        `seen` as in `_with_memory`."""
+        `seen` as in `_output`."""
         mu = (self.config.mag_weight if self.mag_gate is None else
               torch.sigmoid(self.mag_gate(hidden_states)).repeat_interleave(self.head_dim, dim=-1))
         length = hidden_states.shape[1]
@@ -204,7 +208,8 @@ class LiZAttention(nn.Module):
         return table
 
     def _memory_branch(self, q, k, v, state, seen):
-        """The memory read [B, Hq, T, D]; `seen` as in `_with_memory` (a tensor means one decode token)."""
+        """The memory read [B, Hq, T, D] and each token's write norm [B, Hkv, T] (its exact-token cache score;
+        None where no cache needs it); `seen` as in `_output` (a tensor means one decode token)."""
         cfg = self.config
         pooled_k = self._pooled_gate_input(k, self.gate_input_k, state, "gate_k", seen)
         pooled_v = self._pooled_gate_input(v, self.gate_input_v, state, "gate_v", seen) if cfg.gates_read_v else None
@@ -217,20 +222,21 @@ class LiZAttention(nn.Module):
         k_virtual = F.normalize(memory_inputs.expand_virtual(k_mem, state["prev_k"], cfg.order, cfg.trick), dim=-1,
                                 eps=VIRTUAL_KEY_EPS)
         v_virtual = memory_inputs.expand_virtual(v, state["prev_v"], cfg.order, cfg.trick)
-        _store(state, "prev_k", k_mem[:, :, -1:])
-        _store(state, "prev_v", v[:, :, -1:])
+        store(state, "prev_k", k_mem[:, :, -1:])
+        store(state, "prev_v", v[:, :, -1:])
         beta = beta.unsqueeze(-1).expand(*beta.shape, cfg.order)
+        scored = cfg.cache_tokens > 0
         if torch.is_tensor(seen):
-            out, memory = delta_product.recurrent_step(
-                q_mem, k_virtual, v_virtual, beta, g, state["memory"], seen, cfg.nonlinear_chunk)
-        elif fla_kernels.usable(q_mem, cfg.nonlinear_chunk):
-            out, memory = fla_kernels.chunk(q_mem, k_virtual, v_virtual, beta, g, state["memory"], True)
+            out, memory, *scores = delta_product.recurrent_step(
+                q_mem, k_virtual, v_virtual, beta, g, state["memory"], seen, cfg.nonlinear_chunk, scored)
+        elif not scored and fla_kernels.usable(q_mem, cfg.nonlinear_chunk):  # fla returns no write norms
+            out, memory, *scores = fla_kernels.chunk(q_mem, k_virtual, v_virtual, beta, g, state["memory"], True)
         else:
-            out, memory = delta_product.chunk(
+            out, memory, *scores = delta_product.chunk(
                 q_mem, k_virtual, v_virtual, beta, g, state["memory"], True, cfg.chunk_size, cfg.nonlinear_chunk,
-                offset=seen)
-        _store(state, "memory", memory)
-        return out
+                offset=seen, output_write_norms=scored)
+        store(state, "memory", memory)
+        return out, (scores[0] if scored else None)
 
     def transfer_loss(self, hidden_states, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention transfer (training, stage 1): how far the memory's own parameters are from what full
@@ -246,7 +252,7 @@ class LiZAttention(nn.Module):
         with torch.enable_grad():
             q, k, v, hidden_states = (t.detach() for t in (q, k, v, hidden_states))
             o_full, o_far, lam = _split_attention(q, k, v, self, self.config)  # [B, Hq, T, D] x2, [B, Hq, T]
-            memory = self._memory_branch(q, k, v, self.new_state(q.shape[0], q.dtype, q.device), 0)
+            memory, _ = self._memory_branch(q, k, v, self.new_state(q.shape[0], q.dtype, q.device), 0)
             scaled = self.read_scale is not None
             error = _read_error(self._sized_read(memory, o_far) if scaled else memory, o_far, scaled)
             positions = self.context.transfer_weights
@@ -263,7 +269,7 @@ class LiZAttention(nn.Module):
         GateInput); keeps the last inputs in state[name]."""
         gate_in = as_float32(x).mean(-1) if learned is None else learned(as_float32(x))
         pooled = memory_inputs.causal_mean_pool(gate_in, state[name], seen)
-        _store(state, name, _last(state[name], gate_in, self.config.gate_pool - 1))
+        store(state, name, _last(state[name], gate_in, self.config.gate_pool - 1))
         return pooled
 
     def _sized_read(self, read: torch.Tensor, softmax_out: torch.Tensor) -> torch.Tensor:
@@ -311,15 +317,6 @@ def _read_error(read: torch.Tensor, o_far: torch.Tensor, scaled: bool) -> torch.
 
 def _log_rms(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x.pow(2).mean(-1).add(1e-12).log()
-
-
-def _store(state: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
-    """Write `value` into the session's tensor in place. Under autograd (training: a fresh state every
-    forward) the graph still needs the old tensor, so there it is replaced instead."""
-    if value.requires_grad and torch.is_grad_enabled():
-        state[name] = value
-    else:
-        state[name].copy_(value)
 
 
 def _learned_gate(like: nn.Linear, heads: int, config: TpttConfig) -> nn.Linear:

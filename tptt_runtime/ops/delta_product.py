@@ -12,7 +12,9 @@ Pure tensor functions; nothing here knows about layers, models or sessions. All 
 
 Per token t (docs/math.md, section 2):  S <- exp(g_t) S;  for j in 1..n:  S <- S + beta k (v - k^T S)^T;
 o_t = S^T q_t;  then, if `nonlinear_chunk` > 0 and the absolute position offset + t + 1 is a multiple of it,
-S <- phi(S). The chunkwise form is an exact reformulation of that loop: for every chunk size and every length
+S <- phi(S). With `output_write_norms`, each function also returns [B, Hkv, T]: the size of what each token's
+first step wrote, ||beta (v - k^T S)|| (write strength times prediction error, the exact-token cache's score,
+ops/exact_cache.py). The chunkwise form is an exact reformulation of that loop: for every chunk size and every length
 its output and final state equal `naive_recurrent` up to float error. Chunks are aligned to absolute positions
 (zero-padded with identity steps), so the nonlinearity always falls on a chunk boundary.
 """
@@ -44,33 +46,40 @@ def _initial(state: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor) -> to
 
 def _token_update(state, k, v, beta, g):
     """One token: decay, then its Householder steps. state: [B, Hkv, K, V] float32; k: [B, Hkv, n, K];
-    v: [B, Hkv, n, V]; beta: [B, Hkv, n]; g: [B, Hkv] or None. Returns a new tensor (state is not modified)."""
+    v: [B, Hkv, n, V]; beta: [B, Hkv, n]; g: [B, Hkv] or None. Returns a new tensor (state is not modified)
+    and the norm of the first step's write [B, Hkv]."""
     if g is not None:
         state = state * as_float32(g).exp()[..., None, None]
     keys, values, beta = as_float32(k).unsqueeze(-1), as_float32(v).unsqueeze(-2), as_float32(beta)[..., None, None]
+    writes = []
     for j in range(k.shape[2]):
         key = keys[:, :, j]  # [B, Hkv, K, 1]
         predicted = key.transpose(-1, -2) @ state  # [B, Hkv, 1, V]
-        state = state + key * (beta[:, :, j] * (values[:, :, j] - predicted))
-    return state
+        writes.append(beta[:, :, j] * (values[:, :, j] - predicted))
+        state = state + key * writes[-1]
+    return state, writes[0].norm(dim=-1)[..., 0]
 
 
-def naive_recurrent(q, k, v, beta, g, initial_state=None, output_final_state=False, nonlinear_chunk=0, offset=0):
+def naive_recurrent(q, k, v, beta, g, initial_state=None, output_final_state=False, nonlinear_chunk=0, offset=0,
+                    output_write_norms=False):
     """The reference: one token, one Householder step at a time. Slow and obviously correct."""
     batch, kv_heads, seq_len, _, _ = k.shape
     groups = q.shape[1] // kv_heads
     state = _initial(initial_state, k, v).clone()
     q = q.float().reshape(batch, kv_heads, groups, seq_len, -1)
     out = q.new_empty(batch, kv_heads, groups, seq_len, v.shape[-1])
+    write_norms = q.new_empty(batch, kv_heads, seq_len)
     for t in range(seq_len):
-        state = _token_update(state, k[:, :, t], v[:, :, t], beta[:, :, t], None if g is None else g[:, :, t])
+        state, write_norms[:, :, t] = _token_update(state, k[:, :, t], v[:, :, t], beta[:, :, t],
+                                                    None if g is None else g[:, :, t])
         out[:, :, :, t] = torch.einsum("bhgk,bhkv->bhgv", q[:, :, :, t], state)
         if nonlinear_chunk and (offset + t + 1) % nonlinear_chunk == 0:
             state = memory_nonlinearity(state)
-    return out.reshape(batch, kv_heads * groups, seq_len, -1), (state if output_final_state else None)
+    result = out.reshape(batch, kv_heads * groups, seq_len, -1), (state if output_final_state else None)
+    return result + (write_norms,) if output_write_norms else result
 
 
-def recurrent_step(q, k, v, beta, g, initial_state, positions, nonlinear_chunk=0):
+def recurrent_step(q, k, v, beta, g, initial_state, positions, nonlinear_chunk=0, output_write_norms=False):
     """One decode token per batch row (T = 1); `positions` [B] are the tokens' absolute positions.
 
     Returns (o [B, Hq, 1, V], new state). Rows may sit at different positions: the nonlinearity is applied
@@ -78,12 +87,13 @@ def recurrent_step(q, k, v, beta, g, initial_state, positions, nonlinear_chunk=0
     """
     batch, kv_heads = k.shape[:2]
     groups = q.shape[1] // kv_heads
-    state = _token_update(as_float32(initial_state), k[:, :, 0], v[:, :, 0], beta[:, :, 0], None if g is None else g[:, :, 0])
+    state, write_norm = _token_update(as_float32(initial_state), k[:, :, 0], v[:, :, 0], beta[:, :, 0],
+                                      None if g is None else g[:, :, 0])
     out = (as_float32(q).reshape(batch, kv_heads, groups, -1) @ state).reshape(batch, kv_heads * groups, 1, -1)
     if nonlinear_chunk:
         at_boundary = ((positions + 1) % nonlinear_chunk == 0)[:, None, None, None]
         state = torch.where(at_boundary, memory_nonlinearity(state), state)
-    return out, state
+    return (out, state, write_norm.unsqueeze(-1)) if output_write_norms else (out, state)
 
 
 def _pad_time(x: torch.Tensor, lead: int, trail: int, dim: int = 2) -> torch.Tensor:
@@ -95,7 +105,7 @@ def _pad_time(x: torch.Tensor, lead: int, trail: int, dim: int = 2) -> torch.Ten
 
 
 def chunk(q, k, v, beta, g, initial_state=None, output_final_state=False, chunk_size=64, nonlinear_chunk=0,
-          offset=0):
+          offset=0, output_write_norms=False):
     """Chunkwise parallel prefill (WY form, no Python loop over tokens inside a chunk).
 
     Inside a chunk of L = C * n virtual steps with cumulative log decay Gam and S0 the state entering it:
@@ -158,4 +168,8 @@ def chunk(q, k, v, beta, g, initial_state=None, output_final_state=False, chunk_
 
     out = out.reshape(batch, kv_heads, num_chunks, groups, chunk_size, value_dim).permute(0, 1, 3, 2, 4, 5)
     out = out.reshape(batch, kv_heads * groups, num_chunks * chunk_size, value_dim)
-    return out[:, :, lead:lead + seq_len], (state if output_final_state else None)
+    result = out[:, :, lead:lead + seq_len], (state if output_final_state else None)
+    if not output_write_norms:
+        return result
+    first_steps = torch.stack(u, dim=2)[..., ::order, :]  # [B, Hkv, N, C, V]: u of each token's first step
+    return result + (first_steps.norm(dim=-1).flatten(2)[..., lead:lead + seq_len],)

@@ -6,9 +6,15 @@ inside that visible set (StreamingLLM): a window key j sits at distance t - j fr
 distance min(t, sinks + window - 1) - i. No distance ever exceeds sinks + window - 1, so a context of any
 length only uses positions the base model was trained on, and rotary angles stay small (exact in fp32).
 
+With an exact-token cache (`cache_size` > 0, ops/exact_cache.py) the query also sees the best `cache_size`
+tokens per kv head that left the window before it, all placed at one position between the sinks and the
+window: distance `window` from the query, and the sinks one further (min(t, sinks + window) - i). Before the
+first eviction nothing changes, and the largest distance is sinks + window.
+
 The cache of one layer is a dict of fixed-size tensors (its size never depends on the context length):
     sink_k, sink_v: [B, Hkv, sinks, D]   the first tokens
     win_k, win_v:   [B, Hkv, window, D]  a ring: position p (>= sinks) lives in slot (p - sinks) % window
+    (with cache_size > 0, also ops/exact_cache.py's tensors)
 Keys are stored before rotary; positions of the slots are derived from the token count.
 """
 
@@ -18,6 +24,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from . import exact_cache, store
 
 
 def rotary_factors(positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,49 +65,60 @@ class Layout:
     q_sink: tuple[torch.Tensor, torch.Tensor] | None  # the same against sink keys (None without sinks)
     k_sink: tuple[torch.Tensor, torch.Tensor] | None
     mask: torch.Tensor                                # [B, 1, 1, Tq, S + N]: which keys each query sees
+    q_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # [1, 1, 1, D] rotary of every query against
+                                                              # cache keys (distance `window`); None: no cache
 
 
-def layout(q_pos, sink_pos, win_pos, *, window, sinks, cos, sin) -> Layout:
+def layout(q_pos, sink_pos, win_pos, *, window, sinks, cos, sin, cached: bool = False) -> Layout:
     """q_pos: [B, Tq] consecutive positions; sink_pos: [B, S], win_pos: [B, N] (-1 marks an empty slot; keys
     outside the query's window are masked, so extra keys are harmless). cos, sin: [P, D] with
-    P >= max(sinks + window, window + Tq)."""
+    P >= max(sinks + window + 1, window + Tq). `cached`: an exact-token cache sits between sinks and window."""
     # window part: shift positions so the first query sits at window - 1 (all positions >= 0, < window + Tq)
     base = q_pos[:, :1] - window + 1
     key_pos, query_pos = win_pos[:, None, :], q_pos[:, :, None]
     mask = (key_pos >= sinks) & (key_pos <= query_pos) & (key_pos > query_pos - window)  # [B, Tq, N]
     q_sink = k_sink = None
     if sinks:
-        q_sink = rotary_factors(q_pos.clamp(max=sinks + window - 1), cos, sin)
+        q_sink = rotary_factors(q_pos.clamp(max=sinks + window - 1 + int(cached)), cos, sin)
         k_sink = rotary_factors(sink_pos.clamp(min=0), cos, sin)
         sink_key_pos = sink_pos[:, None, :]
         mask = torch.cat([(sink_key_pos >= 0) & (sink_key_pos <= query_pos), mask], dim=-1)
+    q_cache = rotary_factors(torch.full((1, 1), window, device=q_pos.device), cos, sin) if cached else None
     return Layout(rotary_factors(q_pos - base, cos, sin), rotary_factors((win_pos - base).clamp(min=0), cos, sin),
-                  q_sink, k_sink, mask[:, None, None])
+                  q_sink, k_sink, mask[:, None, None], q_cache)
 
 
-def attend(q, sink_k, sink_v, win_k, win_v, lay: Layout, *, scaling, softcap=None) -> torch.Tensor:
-    """Attention of q [B, Hq, Tq, D] (before rotary) over sink keys [B, Hkv, S, D] and window keys
-    [B, Hkv, N, D] placed by `lay`. Returns [B, Hq, Tq, D]."""
+def attend(q, sink_k, sink_v, win_k, win_v, lay: Layout, *, scaling, softcap=None, cache=None) -> torch.Tensor:
+    """Attention of q [B, Hq, Tq, D] (before rotary) over sink keys [B, Hkv, S, D], cache keys and window keys
+    [B, Hkv, N, D] placed by `lay`. `cache`: (k, v [B, Hkv, M, D], seen [B, Hkv, Tq, M]: which of them each
+    query sees), all at distance `window` (lay.q_cache), or None. Returns [B, Hq, Tq, D]."""
     batch, q_heads, q_len, head_dim = q.shape
-    groups = q_heads // win_k.shape[1]
-    scores = [grouped_scores(apply_rotary(q, lay.q_win), apply_rotary(win_k, lay.k_win), groups)]
-    values = [win_v]
+    groups, num_sinks = q_heads // win_k.shape[1], sink_k.shape[2] if lay.q_sink is not None else 0
+    parts = []  # (scores [B, Hkv, G, Tq, keys], values [B, Hkv, keys, D], mask [B, 1 or Hkv, 1, Tq, keys])
     if lay.q_sink is not None:
-        scores.insert(0, grouped_scores(apply_rotary(q, lay.q_sink), apply_rotary(sink_k, lay.k_sink), groups))
-        values.insert(0, sink_v)
-    logits = torch.cat(scores, dim=-1) * scaling  # [B, Hkv, G, Tq, S + N]
+        parts.append((grouped_scores(apply_rotary(q, lay.q_sink), apply_rotary(sink_k, lay.k_sink), groups), sink_v,
+                      lay.mask[..., :num_sinks]))
+    if cache is not None:
+        cache_k, cache_v, seen = cache
+        parts.append((grouped_scores(apply_rotary(q, lay.q_cache), cache_k, groups), cache_v, seen.unsqueeze(2)))
+    parts.append((grouped_scores(apply_rotary(q, lay.q_win), apply_rotary(win_k, lay.k_win), groups), win_v,
+                  lay.mask[..., num_sinks:]))
+    scores, values, masks = zip(*parts)
+    heads = max(m.shape[1] for m in masks)
+    mask = torch.cat([m.expand(-1, heads, -1, -1, -1) for m in masks], dim=-1)
+    logits = torch.cat(scores, dim=-1) * scaling  # [B, Hkv, G, Tq, S + M + N]
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
-    probs = logits.masked_fill(~lay.mask, -math.inf).softmax(dim=-1)
+    probs = logits.masked_fill(~mask, -math.inf).softmax(dim=-1)
     return grouped_values(probs, torch.cat(values, dim=2)).reshape(batch, q_heads, q_len, head_dim)
 
 
 def window_attention(q, q_pos, sink_k, sink_v, sink_pos, win_k, win_v, win_pos, *, window, sinks, scaling, cos,
-                     sin, softcap=None):
-    """Attention of queries over explicit sink keys and window keys, each with absolute positions (`layout`
-    and `attend` in one call)."""
-    lay = layout(q_pos, sink_pos, win_pos, window=window, sinks=sinks, cos=cos, sin=sin)
-    return attend(q, sink_k, sink_v, win_k, win_v, lay, scaling=scaling, softcap=softcap)
+                     sin, softcap=None, cache=None):
+    """Attention of queries over explicit sink keys, cache keys (`attend`'s `cache`) and window keys, each
+    with absolute positions (`layout` and `attend` in one call)."""
+    lay = layout(q_pos, sink_pos, win_pos, window=window, sinks=sinks, cos=cos, sin=sin, cached=cache is not None)
+    return attend(q, sink_k, sink_v, win_k, win_v, lay, scaling=scaling, softcap=softcap, cache=cache)
 
 
 def grouped_scores(q: torch.Tensor, k: torch.Tensor, groups: int) -> torch.Tensor:
@@ -122,10 +141,13 @@ def new_cache(batch, kv_heads, head_dim, *, window, sinks, dtype, device) -> dic
             for part in ("sink", "win") for kind in ("k", "v")}
 
 
-def prefill(q, k, v, cache, start: int, *, window, sinks, scaling, cos, sin, softcap=None, block=256):
+def prefill(q, k, v, cache, start: int, *, window, sinks, scaling, cos, sin, softcap=None, block=256, scores=None):
     """Attend a chunk of T new tokens at positions start .. start+T-1 (same start for every row), then store
     them in `cache` (updated in place). q: [B, Hq, T, D]; k, v: [B, Hkv, T, D]. Queries go in blocks of
-    `block`, so memory is O(block * (window + block)) whatever T is."""
+    `block`, so memory is O(block * (window + block + cache size)) whatever T is. With an exact-token cache in
+    `cache`, `scores` [B, Hkv, T] are the new tokens' cache scores (ops/exact_cache.py): each block's queries
+    see the held tokens and those evicted since, each query exactly the best it would hold at its position,
+    and the cache then keeps the best of them for the next block."""
     batch, _, seq_len, _ = q.shape
     positions = torch.arange(start, start + seq_len, device=q.device)
     new_sinks = max(0, min(sinks - start, seq_len))
@@ -135,6 +157,9 @@ def prefill(q, k, v, cache, start: int, *, window, sinks, scaling, cos, sin, sof
     end = torch.full((batch,), start + seq_len, device=q.device)
     sink_pos = sink_positions(end, sinks)
     ring_pos = ring_positions(end - seq_len, sinks, window)
+    cached = "cache_k" in cache
+    held = tuple(cache[name] for name in HELD) if cached else None
+    scores = scores.detach() if cached else None  # a selection, not differentiable
     out = torch.empty_like(q)
     for a in range(0, seq_len, block):
         b = min(seq_len, a + block)
@@ -144,15 +169,53 @@ def prefill(q, k, v, cache, start: int, *, window, sinks, scaling, cos, sin, sof
             win_k = torch.cat([cache["win_k"], win_k], dim=2)
             win_v = torch.cat([cache["win_v"], win_v], dim=2)
             win_pos = torch.cat([ring_pos, win_pos], dim=1)
+        seen_cache = None
+        if cached:
+            candidates = _candidates(held, cache, k, v, scores, start, start + a, start + b, window=window,
+                                     sinks=sinks)
+            seen = exact_cache.visible(candidates[2], candidates[3], positions[a:b], window=window,
+                                       size=held[0].shape[2])
+            seen_cache = (candidates[0], candidates[1], seen)
+            if candidates[0].shape[2] > held[0].shape[2]:
+                held = exact_cache.keep_best(*candidates, size=held[0].shape[2])
         out[:, :, a:b] = window_attention(
             q[:, :, a:b], positions[a:b].expand(batch, -1), cache["sink_k"], cache["sink_v"], sink_pos, win_k,
-            win_v, win_pos, window=window, sinks=sinks, scaling=scaling, cos=cos, sin=sin, softcap=softcap)
+            win_v, win_pos, window=window, sinks=sinks, scaling=scaling, cos=cos, sin=sin, softcap=softcap,
+            cache=seen_cache)
     end_pos = start + seq_len
     keep = torch.arange(min(max(start, sinks, end_pos - window), end_pos), end_pos, device=q.device)
     slots = torch.remainder(keep - sinks, window)
     cache["win_k"][:, :, slots] = k[:, :, keep - start]
     cache["win_v"][:, :, slots] = v[:, :, keep - start]
+    if cached:
+        cache["win_score"][:, :, slots] = scores[:, :, keep - start]
+        for name, value in zip(HELD, held):
+            if value is not cache[name]:
+                store(cache, name, value)
     return out
+
+
+HELD = ("cache_k", "cache_v", "cache_score", "cache_pos")
+
+
+def _candidates(held, cache, k, v, scores, start: int, first: int, last: int, *, window: int, sinks: int):
+    """The held tokens (k, v, score, pos, each [B, Hkv, M, ...]) followed by those that queries first ..
+    last - 1 evict: positions max(sinks, first - window) .. last - 1 - window, read from the ring where they
+    precede this chunk (`start`), else from the chunk's own k, v, scores."""
+    lo, hi = max(sinks, first - window), last - window
+    parts = [held]
+    if lo < min(hi, start):
+        from_ring = torch.arange(lo, min(hi, start), device=k.device)
+        slots = torch.remainder(from_ring - sinks, window)
+        parts.append((cache["win_k"][:, :, slots], cache["win_v"][:, :, slots], cache["win_score"][:, :, slots],
+                      from_ring.expand(*held[3].shape[:2], -1)))
+    if max(lo, start) < hi:
+        here = slice(max(lo, start) - start, hi - start)
+        from_chunk = torch.arange(max(lo, start), hi, device=k.device)
+        parts.append((k[:, :, here], v[:, :, here], scores[:, :, here], from_chunk.expand(*held[3].shape[:2], -1)))
+    if len(parts) == 1:
+        return held
+    return tuple(torch.cat(tensors, dim=2) for tensors in zip(*parts))
 
 
 @dataclass
@@ -164,23 +227,28 @@ class DecodePlan:
     sink_slot: torch.Tensor        # [B] sink slot of the rows still filling their sinks (clamped)
     in_sinks: torch.Tensor | None  # [B, 1, 1] rows whose new token is a sink; None when no row's is
     layout: Layout
+    evicted: torch.Tensor          # [B] position of the token each row's new token pushes out of the window
+    evicting: torch.Tensor         # [B] whether that is a real token (>= sinks), offered to the exact-token cache
 
 
-def decode_plan(positions, *, window, sinks, cos, sin, filling_sinks: bool) -> DecodePlan:
+def decode_plan(positions, *, window, sinks, cos, sin, filling_sinks: bool, cached: bool = False) -> DecodePlan:
     """`positions` [B]: the absolute position of each row's new token. `filling_sinks`: whether any of them is
-    below `sinks`, known on the host (no device sync; the sink slots are written only then)."""
+    below `sinks`, known on the host (no device sync; the sink slots are written only then). `cached`: the
+    layers have an exact-token cache."""
     count = positions + 1
     in_sinks = (positions < sinks)[:, None, None] if filling_sinks else None
     lay = layout(positions[:, None], sink_positions(count, sinks), ring_positions(count, sinks, window),
-                 window=window, sinks=sinks, cos=cos, sin=sin)
+                 window=window, sinks=sinks, cos=cos, sin=sin, cached=cached)
+    evicted = positions - window
     return DecodePlan(positions, torch.arange(positions.shape[0], device=positions.device),
                       torch.remainder(positions - sinks, window), positions.clamp(max=max(sinks - 1, 0)), in_sinks,
-                      lay)
+                      lay, evicted, evicted >= sinks)
 
 
-def decode(q, k, v, cache, plan: DecodePlan, *, scaling, softcap=None):
+def decode(q, k, v, cache, plan: DecodePlan, *, scaling, softcap=None, score=None):
     """One new token per row, placed by `plan` (`decode_plan`; rows may sit at different positions): store it
-    in `cache`, then attend. q: [B, Hq, 1, D]; k, v: [B, Hkv, 1, D].
+    in `cache`, then attend. q: [B, Hq, 1, D]; k, v: [B, Hkv, 1, D]. With an exact-token cache, the token
+    that leaves the window is offered to it first, and `score` [B, Hkv, 1] is the new token's.
 
     The new key always goes to its ring slot, even for a position that is a sink: that slot then holds a
     position below `sinks` until the ring reaches it, and `ring_positions` marks such slots empty."""
@@ -189,7 +257,14 @@ def decode(q, k, v, cache, plan: DecodePlan, *, scaling, softcap=None):
         slot = plan.sink_slot
         cache["sink_k"][rows, :, slot] = torch.where(plan.in_sinks, key, cache["sink_k"][rows, :, slot])
         cache["sink_v"][rows, :, slot] = torch.where(plan.in_sinks, value, cache["sink_v"][rows, :, slot])
+    held = None
+    if "cache_k" in cache:
+        slot = plan.ring_slot
+        exact_cache.insert(cache, cache["win_k"][rows, :, slot], cache["win_v"][rows, :, slot],
+                           cache["win_score"][rows, :, slot], plan.evicted, plan.evicting)
+        cache["win_score"][rows, :, slot] = score[:, :, 0]
+        held = (cache["cache_k"], cache["cache_v"], (cache["cache_pos"] >= 0).unsqueeze(2))
     cache["win_k"][rows, :, plan.ring_slot] = key
     cache["win_v"][rows, :, plan.ring_slot] = value
     return attend(q, cache["sink_k"], cache["sink_v"], cache["win_k"], cache["win_v"], plan.layout,
-                  scaling=scaling, softcap=softcap)
+                  scaling=scaling, softcap=softcap, cache=held)

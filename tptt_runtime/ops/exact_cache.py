@@ -1,0 +1,75 @@
+"""The exact-token cache: a fixed number of past tokens per kv head, kept because the memory wrote them hardest.
+
+Pure tensor functions; nothing here knows about layers or sessions. A token becomes a candidate when it
+leaves the window; each kv head holds the `size` best candidates seen so far, best meaning a higher score,
+a later position breaking ties (`beats`). The score is fixed when the token is written (docs/math.md,
+section 3b: the memory's write strength times its prediction error), so the set a query at position t sees
+is the top `size` of the tokens evicted before it, whatever split of the sequence into forwards led there.
+
+Tensors of one layer (in the same dict as the window ring of ops/window_attention.py):
+    cache_k, cache_v: [B, Hkv, size, D]  keys (before rotary) and values of the held tokens, in no order
+    cache_score:      [B, Hkv, size]     float32 score of each held token, -inf in an empty slot
+    cache_pos:        [B, Hkv, size]     int64 absolute position of each held token, -1 in an empty slot
+    win_score:        [B, Hkv, window]   float32 score of the token in each window ring slot
+"""
+
+from __future__ import annotations
+
+import torch
+
+EMPTY_POSITION = -1
+
+
+def new_tensors(batch, kv_heads, head_dim, *, window, size, dtype, device) -> dict[str, torch.Tensor]:
+    """An empty cache of `size` slots per kv head and the ring's scores."""
+    held = (batch, kv_heads, size)
+    return {"cache_k": torch.zeros(*held, head_dim, dtype=dtype, device=device),
+            "cache_v": torch.zeros(*held, head_dim, dtype=dtype, device=device),
+            "cache_score": torch.full(held, -torch.inf, dtype=torch.float32, device=device),
+            "cache_pos": torch.full(held, EMPTY_POSITION, dtype=torch.long, device=device),
+            "win_score": torch.zeros(batch, kv_heads, window, dtype=torch.float32, device=device)}
+
+
+def beats(score_a, pos_a, score_b, pos_b) -> torch.Tensor:
+    """Whether token a ranks above token b: a higher score, or the same score and a later position."""
+    return (score_a > score_b) | ((score_a == score_b) & (pos_a > pos_b))
+
+
+def visible(score: torch.Tensor, pos: torch.Tensor, query_pos: torch.Tensor, *, window: int, size: int):
+    """Which candidates each query sees [B, Hkv, Tq, M]: those evicted before it (position <= t - window)
+    that are among the `size` best of all candidates evicted by then.
+
+    score, pos: [B, Hkv, M] candidates (the held tokens and the ones evicted since; empty slots have position
+    -1); query_pos: [Tq]. Exact as long as the candidates include every token held before the first query:
+    a token dropped earlier is beaten by all of those, so it could never outrank a candidate."""
+    evicted = (pos >= 0).unsqueeze(-2) & (pos.unsqueeze(-2) <= query_pos[:, None] - window)  # [B, Hkv, Tq, M]
+    outranks = beats(score.unsqueeze(-1), pos.unsqueeze(-1), score.unsqueeze(-2), pos.unsqueeze(-2))  # [.., M, M]
+    rank = evicted.float() @ outranks.float()  # [B, Hkv, Tq, M]: how many evicted candidates beat each one
+    return evicted & (rank < size)
+
+
+def keep_best(k, v, score, pos, size: int):
+    """The `size` best of M candidates (k, v [B, Hkv, M, D], score, pos [B, Hkv, M]; all evicted), best
+    first, empty slots last. Returns (k, v, score, pos) with `size` slots."""
+    by_position = pos.argsort(dim=-1, descending=True, stable=True)
+    by_score = score.gather(-1, by_position).argsort(dim=-1, descending=True, stable=True)
+    order = by_position.gather(-1, by_score)[..., :size]  # [B, Hkv, size]
+    rows = order.unsqueeze(-1).expand(*order.shape, k.shape[-1])
+    return k.gather(2, rows), v.gather(2, rows), score.gather(-1, order), pos.gather(-1, order)
+
+
+def insert(cache: dict[str, torch.Tensor], key, value, score, position, offered) -> None:
+    """Offer one evicted token per row to the cache (updated in place): it takes the weakest held token's
+    slot when it beats that token. key, value: [B, Hkv, D]; score: [B, Hkv]; position, offered: [B] (rows
+    where `offered` is false evict nothing)."""
+    held_score, held_pos = cache["cache_score"], cache["cache_pos"]
+    weakest_score = held_score.min(dim=-1, keepdim=True).values  # [B, Hkv, 1]
+    ties = torch.where(held_score == weakest_score, held_pos, torch.iinfo(held_pos.dtype).max)
+    slot = ties.argmin(dim=-1, keepdim=True)  # the weakest: lowest score, then earliest position
+    enters = offered[:, None, None] & beats(score.unsqueeze(-1), position[:, None, None], weakest_score,
+                                            held_pos.gather(-1, slot))
+    target = (torch.arange(held_score.shape[-1], device=slot.device) == slot) & enters  # [B, Hkv, size]
+    cache["cache_k"].copy_(torch.where(target.unsqueeze(-1), key.unsqueeze(2), cache["cache_k"]))
+    cache["cache_v"].copy_(torch.where(target.unsqueeze(-1), value.unsqueeze(2), cache["cache_v"]))
+    held_score.copy_(torch.where(target, score.unsqueeze(-1), held_score))
+    held_pos.copy_(torch.where(target, position[:, None, None], held_pos))
