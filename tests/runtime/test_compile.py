@@ -1,6 +1,7 @@
 """TitansModel.compile(): decode steps through one torch.compile graph give the eager logits, batch 1 and
 batched, sessions at different positions, and the graph has no breaks (one graph per batch shape)."""
 
+import pytest
 import torch
 from torch._dynamo.utils import counters
 
@@ -15,11 +16,12 @@ def ids(n, seed):
     return torch.randint(3, 97, (n,), generator=torch.Generator().manual_seed(seed))
 
 
-def test_compiled_decode_equals_forward_full():
+@pytest.mark.parametrize("cache_tokens", [0, 3])
+def test_compiled_decode_equals_forward_full(cache_tokens):
     torch._dynamo.reset()
     counters.clear()
     config = TpttConfig(window=4, sinks=2, mag_gate="learned", mag_weight=0.3, feature_map="learned",
-                        nonlinear_chunk=4)
+                        nonlinear_chunk=4, cache_tokens=cache_tokens)
     model = TitansModel(tiny_model("llama"), config)
     model.compile()
     streams = [ids(16, seed=s) for s in range(3)]

@@ -5,6 +5,7 @@ import torch
 
 from tests.conftest import tiny_model
 from tptt_runtime import SessionState, TitansModel, TpttConfig
+from tptt_runtime.state import FORMAT_VERSION
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +80,24 @@ def test_garbage_and_future_versions_are_clear_errors(model):
         SessionState.from_bytes(b"\x00\x01garbage")
     with pytest.raises(ValueError, match="not a TPTT session state"):
         SessionState.from_bytes(b"")
-    blob = model.new_session().to_bytes().replace(b'"format_version":"1"', b'"format_version":"9"')
-    with pytest.raises(ValueError, match="version 9 is not supported"):
-        SessionState.from_bytes(blob)
+    current = f'"format_version":"{FORMAT_VERSION}"'.encode()
+    for version in ("1", "9"):  # 1: before the exact-token cache, never misread as a state without one
+        blob = model.new_session().to_bytes()
+        assert current in blob
+        with pytest.raises(ValueError, match=f"version {version} is not supported.*start a new session"):
+            SessionState.from_bytes(blob.replace(current, f'"format_version":"{version}"'.encode()))
+
+
+def test_a_cached_state_round_trips_and_never_grows():
+    cached = TitansModel(tiny_model("llama"), TpttConfig(window=4, sinks=1, mag_weight=0.5, cache_tokens=3))
+    state = cached.new_session()
+    empty = state.nbytes
+    cached.prefill(state, tokens(40))
+    assert state.nbytes == empty and (state.layers[0]["cache_pos"] >= 0).all()
+    copy = SessionState.from_bytes(state.to_bytes(), cached.fingerprint)
+    for mine, theirs in zip(state.layers, copy.layers):
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[name], theirs[name]) for name in mine)
+    torch.testing.assert_close(cached.step(copy, 5), cached.step(state, 5), atol=0, rtol=0)
 
 
 def test_bad_token_ids_are_clear_errors(model):

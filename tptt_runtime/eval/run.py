@@ -7,6 +7,10 @@
 Measures (a) mean KL to the base per token on held-out text at --kl-contexts, (b) passkey retrieval at
 --passkey-contexts (depths 0.1 / 0.5 / 0.9), (c) top-1 agreement with the base's greedy continuation of held-out
 chat prompts (teacher-forced over its first 16 tokens). Table on stdout, JSON + PNG in --out.
+
+`--suite` runs the held-out needle suite instead (eval/suite.py: passkey, multi-key and document QA in wording
+no training text uses, raw and chat formats, accuracy with 95 % Wilson intervals); `--probe` the recall probe
+(eval/recall.py).
 """
 
 from __future__ import annotations
@@ -111,14 +115,19 @@ def agreement_table(models, base, tokenizer) -> dict:
     return {name: sum(v) / len(v) for name, v in results.items()}
 
 
-def run(adapter: str, kl_contexts, passkey_contexts, per_context: int, trials: int, out_dir: Path) -> dict:
+def load_models(adapter: str) -> tuple:
+    """The converted model and the three compared: [base, window-only, converted]."""
     converted = load(adapter)
     base_dir = str(base_directory(converted.config.base_model or "default"))  # the base weights, no adapter
     window_only = load(base_dir, window=converted.config.window, sinks=converted.config.sinks, mag_weight=0.0)
-    tokenizer = converted.tokenizer
     hf = load_base_model(converted.config.base_model or "default")
     base = Base(hf, hf.config.max_position_embeddings)
-    models = [base, Converted(window_only, "window-only"), Converted(converted, "converted")]
+    return converted, [base, Converted(window_only, "window-only"), Converted(converted, "converted")]
+
+
+def run(adapter: str, kl_contexts, passkey_contexts, per_context: int, trials: int, out_dir: Path) -> dict:
+    converted, models = load_models(adapter)
+    base, tokenizer = models[0], converted.tokenizer
     results = {"adapter": adapter, "window": converted.config.window, "sinks": converted.config.sinks,
                "mag_weight": converted.config.mag_weight,
                "kl": kl_table(models[1:], base, tokenizer, [c for c in kl_contexts if c <= base.max_len],
@@ -164,20 +173,36 @@ def figure(results: dict):
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
+    from . import needles, suite
+
     p = argparse.ArgumentParser(prog="tptt-eval", description=__doc__)
     p.add_argument("adapter", nargs="?", default="default", help='"default" or an adapter directory')
     p.add_argument("--kl-contexts", type=int, nargs="+", default=[512, 2048, 8192])
     p.add_argument("--passkey-contexts", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
     p.add_argument("--per-context", type=int, default=2, help="held-out sequences per KL context")
-    p.add_argument("--trials", type=int, default=3, help="passkey prompts per context (depths 0.1, 0.5, 0.9)")
+    p.add_argument("--trials", type=int, default=None,
+                   help="prompts per context: passkey 3 (depths 0.1, 0.5, 0.9), --suite 20 per task and format")
     p.add_argument("--probe", action="store_true",
                    help="instead: the recall probe (eval/recall.py) of the adapter at --passkey-contexts")
+    p.add_argument("--suite", action="store_true",
+                   help="instead: the held-out needle suite (eval/suite.py) with 95 %% Wilson intervals")
+    p.add_argument("--suite-contexts", type=suite.context_tokens, nargs="+", default=list(suite.CONTEXTS),
+                   help="suite context lengths in tokens, 4096 or 4k (default 1k..32k; 64k on request)")
+    p.add_argument("--tasks", nargs="+", choices=needles.TASKS, default=list(needles.TASKS), help="suite tasks")
+    p.add_argument("--formats", nargs="+", choices=needles.FORMATS, default=list(needles.FORMATS),
+                   help="suite prompt formats: raw text with an answer lead-in, or a chat-template user message")
+    p.add_argument("--new-tokens", type=int, default=suite.NEW_TOKENS, help="suite greedy continuation length")
+    p.add_argument("--seed", type=int, default=0, help="suite prompts are a function of the seed")
     p.add_argument("--out", type=Path, default=Path("eval-results"))
     args = p.parse_args(argv)
+    if args.suite:
+        suite.run(args.adapter, args.suite_contexts, args.trials or suite.TRIALS, args.tasks, args.formats,
+                  args.new_tokens, args.seed, args.out)
+        return
     if args.probe:
         from . import recall
 
         results = recall.probe(load(args.adapter), args.passkey_contexts)
         report.write(args.out, "probe", results, recall.figure(results), recall.table(results))
         return
-    run(args.adapter, args.kl_contexts, args.passkey_contexts, args.per_context, args.trials, args.out)
+    run(args.adapter, args.kl_contexts, args.passkey_contexts, args.per_context, args.trials or 3, args.out)

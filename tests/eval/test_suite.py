@@ -1,0 +1,134 @@
+"""The needle suite's runner (eval/suite.py): Wilson intervals against values computed by hand, scoring with
+oracle models, and a run end to end on tiny random models (base, window-only, converted) with a character
+tokenizer, through the table, JSON and PNG."""
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import tiny_model
+from tptt_runtime import TitansModel, TpttConfig
+from tptt_runtime.eval import needles, suite
+from tptt_runtime.eval.run import Base, Converted, main
+
+Z = 1.959963984540054
+
+
+class CharTokenizer:
+    """One token per character, ids 3..96 (0-2 special), so the prompts fit the tiny models' 97-token vocab."""
+    chars = "\n" + "".join(chr(c) for c in range(32, 127) if chr(c) not in "`~")
+    eos_token_id = 2
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [3 + self.chars.find(c) if c in self.chars else 3 + self.chars.index("?")
+                              for c in text]}
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(self.chars[i - 3] for i in ids if i >= 3)
+
+    def apply_chat_template(self, messages, add_generation_prompt=False):
+        text = "".join(f"<{m['role']}>{m['content']}" for m in messages) + ("<assistant>" if add_generation_prompt
+                                                                            else "")
+        return {"input_ids": self(text)["input_ids"]}
+
+
+class Echo:
+    """A model that 'continues' with the whole prompt: every answer is in it."""
+    name, max_len = "echo", None
+
+    def greedy(self, ids, n):
+        return ids
+
+
+class Mute:
+    name, max_len = "mute", 500
+
+    def greedy(self, ids, n):
+        return []
+
+
+@pytest.mark.parametrize("hits, trials, low, high", [
+    (0, 20, 0.0, Z * Z / (20 + Z * Z)),  # the upper bound at 0 successes has this closed form
+    (20, 20, 20 / (20 + Z * Z), 1.0),
+    (10, 20, 0.2992980, 0.7007020),
+    (1, 20, 0.0088814, 0.2361312),
+])
+def test_wilson_against_known_values(hits, trials, low, high):
+    lo, hi = suite.wilson(hits, trials)
+    assert lo == pytest.approx(low, abs=1e-6) and hi == pytest.approx(high, abs=1e-6)
+
+
+@pytest.mark.parametrize("hits, trials", [(3, 20), (7, 11), (1, 3), (49, 50)])
+def test_wilson_bounds_are_where_the_score_test_just_rejects(hits, trials):
+    """The interval's ends are the p with (p_hat - p)^2 = z^2 p (1 - p) / n."""
+    p_hat = hits / trials
+    for p in suite.wilson(hits, trials):
+        assert (p_hat - p) ** 2 == pytest.approx(Z * Z * p * (1 - p) / trials, abs=1e-12)
+    assert suite.wilson(0, 0) == (0.0, 1.0)
+
+
+def test_context_tokens():
+    assert [suite.context_tokens(t) for t in ("4096", "4k", "64K", "1000")] == [4096, 4096, 65536, 1000]
+
+
+def test_scoring_with_oracle_models():
+    tokenizer = CharTokenizer()
+    records = suite.evaluate([Echo(), Mute()], tokenizer, [450, 600], trials=4, tasks=["passkey", "docqa"],
+                             formats=["raw"], new_tokens=8, seed=1)
+    summary = suite.summarize(records)
+    echo = summary["accuracy"]["passkey"]["raw"]["echo"]["450"]
+    assert echo == {"hits": 4, "trials": 4, "accuracy": 1.0, "ci95": list(suite.wilson(4, 4))}
+    assert summary["accuracy"]["docqa"]["raw"]["mute"]["450"]["accuracy"] == 0.0
+    assert "600" not in summary["pooled"]["mute"]  # beyond its max_len: not run
+    assert summary["pooled"]["echo"]["600"]["trials"] == 8
+    assert {r["prompt_tokens"] for r in records} <= set(range(448, 453)) | set(range(598, 603))
+
+
+@pytest.fixture(scope="module")
+def tiny_models():
+    config = TpttConfig(window=16, sinks=2, mag_weight=0.5)
+    base = tiny_model("llama")
+    return [Base(base, max_len=500),
+            Converted(TitansModel(tiny_model("llama"), config.replace(mag_weight=0.0)), "window-only"),
+            Converted(TitansModel(tiny_model("llama"), config), "converted")]
+
+
+def test_end_to_end_on_tiny_models(tiny_models, tmp_path):
+    tokenizer = CharTokenizer()
+    results = suite.measure(tiny_models, tokenizer, [450, 520], trials=1, tasks=list(needles.TASKS),
+                            formats=list(needles.FORMATS), new_tokens=4, seed=0)
+    suite.write(tmp_path, results)
+    saved = json.loads((tmp_path / "suite.json").read_text())
+    assert (tmp_path / "suite.png").stat().st_size > 1000
+    assert saved["models"] == ["base", "window-only", "converted"] and saved["contexts"] == [450, 520]
+    assert len(saved["trials_run"]) == 3 * 2 * (3 + 2)  # tasks * formats * models per context (1 trial)
+    for task in needles.TASKS:
+        for fmt in needles.FORMATS:
+            row = saved["accuracy"][task][fmt]
+            assert set(row["base"]) == {"450"} and set(row["converted"]) == {"450", "520"}
+            for cell in row["converted"].values():
+                lo, hi = cell["ci95"]
+                assert cell["trials"] == 1 and 0 <= lo <= cell["accuracy"] <= hi <= 1
+    text = suite.table(saved)
+    assert "multikey / chat" in text and "all tasks" in text and "-" in text  # base is not run at 520
+    assert saved["pooled"]["converted"]["520"]["trials"] == 6
+
+
+def test_converted_wrapper_continues_like_the_model(tiny_models):
+    """The suite's continuation is the model's greedy decode: a prompt and its first continuation token agree
+    with an argmax over forward_full."""
+    converted = tiny_models[2]
+    ids = CharTokenizer()("The vault sequence is")["input_ids"]
+    first = converted.greedy(ids, 1)[0]
+    assert first == int(torch.argmax(converted.model.forward_full(ids)[-1]))
+
+
+def test_cli_runs_the_suite(monkeypatch, tmp_path):
+    calls = {}
+    monkeypatch.setattr(suite, "run", lambda *args: calls.update(args=args))
+    main(["default", "--suite", "--suite-contexts", "1k", "3000", "--trials", "5", "--tasks", "docqa",
+          "--formats", "chat", "--new-tokens", "12", "--seed", "3", "--out", str(tmp_path)])
+    assert calls["args"] == ("default", [1024, 3000], 5, ["docqa"], ["chat"], 12, 3, tmp_path)
+    main(["default", "--suite", "--out", str(tmp_path)])
+    assert calls["args"][1:3] == (list(suite.CONTEXTS), suite.TRIALS)

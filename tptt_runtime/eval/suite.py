@@ -1,0 +1,174 @@
+"""`tptt-eval --suite`: held-out needle retrieval (eval/needles.py), models side by side, with confidence intervals.
+
+For each context length, task (passkey, multikey, docqa) and format (raw, chat): `trials` prompts, the asked
+fact at depths spread evenly over 0..1, the task's filler sources in turn. Each model continues each prompt
+greedily for `new_tokens` tokens (24 by default: tokenizers that split numbers into single digits spend 7 on
+a key, and chat answers tend to restate the question first). A trial is a hit when the answer is in the
+continuation and no other key of the same document is (needles.found: listing every key is no hit).
+Reported per model, task, format and context: hits / trials, accuracy and its 95 % Wilson score interval; and
+the same pooled over tasks and formats. A model with a `max_len` (the base model: full attention only up to
+its trained positions) skips the contexts beyond it. Table on stdout, <out>/suite.json (every trial, with its
+continuation) and <out>/suite.png.
+
+Boundaries: prompts come from needles.py, models from the wrappers of eval/run.py (`greedy(ids, n)`, `name`,
+`max_len`); this module only schedules, scores and reports.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..bench import report
+from . import needles
+
+CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768)  # 65536 on request
+TRIALS = 20
+NEW_TOKENS = 24
+Z95 = 1.959963984540054  # the standard normal's 97.5 % quantile
+
+
+def wilson(hits: int, trials: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion (95 % at the default z); (0, 1) without trials."""
+    if trials == 0:
+        return 0.0, 1.0
+    p, z2 = hits / trials, z * z
+    centre = (p + z2 / (2 * trials)) / (1 + z2 / trials)
+    half = z * math.sqrt(p * (1 - p) / trials + z2 / (4 * trials * trials)) / (1 + z2 / trials)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def context_tokens(text: str) -> int:
+    """A context length from the command line: 4096, 4k (= 4096) or 64K."""
+    text = text.strip().lower()
+    return int(text[:-1]) * 1024 if text.endswith("k") else int(text)
+
+
+def runs_at(models, context: int) -> list:
+    """The models that run at `context`: all but those whose max_len is below it."""
+    return [m for m in models if m.max_len is None or context <= m.max_len]
+
+
+def trial(model, probe: needles.Probe, context: int, tokenizer, new_tokens: int) -> dict:
+    """One greedy continuation of one prompt (asked for at `context` tokens), scored."""
+    output = tokenizer.decode(model.greedy(probe.ids, new_tokens), skip_special_tokens=True)
+    return {"model": model.name, "task": probe.task, "format": probe.format, "context": context,
+            "prompt_tokens": len(probe.ids), "source": probe.source, "depth": probe.depth, "answer": probe.answer,
+            "output": output, "hit": needles.found(output, probe.answer, probe.others)}
+
+
+def evaluate(models, tokenizer, contexts, trials: int, tasks=needles.TASKS, formats=needles.FORMATS,
+             new_tokens: int = NEW_TOKENS, seed: int = 0) -> list[dict]:
+    """Every (context, task, format, trial, model) once: a list of trial records."""
+    cells = [(c, t, f) for c in contexts for t in tasks for f in formats]
+    records = []
+    with tqdm(total=sum(trials * len(runs_at(models, c)) for c, _, _ in cells), desc="suite") as bar:
+        for context, task, fmt in cells:
+            for probe in needles.probes(tokenizer, task, fmt, context, trials, seed):
+                for model in runs_at(models, context):
+                    records.append(trial(model, probe, context, tokenizer, new_tokens))
+                    bar.update()
+    return records
+
+
+def cell(records: list[dict]) -> dict:
+    """hits, trials, accuracy and 95 % Wilson interval of some trial records."""
+    hits = sum(r["hit"] for r in records)
+    return {"hits": hits, "trials": len(records), "accuracy": hits / len(records),
+            "ci95": list(wilson(hits, len(records)))}
+
+
+def summarize(records: list[dict]) -> dict:
+    """{"accuracy": {task: {format: {model: {context: cell}}}}, "pooled": {model: {context: cell}}}."""
+    accuracy: dict = {}
+    pooled: dict = {}
+    for r in records:
+        by_model = accuracy.setdefault(r["task"], {}).setdefault(r["format"], {}).setdefault(r["model"], {})
+        by_model.setdefault(str(r["context"]), []).append(r)
+        pooled.setdefault(r["model"], {}).setdefault(str(r["context"]), []).append(r)
+    return {"accuracy": _cells(accuracy), "pooled": _cells(pooled)}
+
+
+def _cells(tree):
+    """`tree` with each list of trial records replaced by its cell."""
+    return cell(tree) if isinstance(tree, list) else {key: _cells(value) for key, value in tree.items()}
+
+
+def measure(models, tokenizer, contexts, trials: int, tasks=needles.TASKS, formats=needles.FORMATS,
+            new_tokens: int = NEW_TOKENS, seed: int = 0) -> dict:
+    """The run's settings, its summary (accuracy per cell, pooled) and every trial."""
+    records = evaluate(models, tokenizer, contexts, trials, tasks, formats, new_tokens, seed)
+    return {**settings(models, contexts, trials, tasks, formats, new_tokens, seed), **summarize(records),
+            "trials_run": records}
+
+
+def settings(models, contexts, trials, tasks, formats, new_tokens, seed) -> dict:
+    """What a run was asked to do, and the held-out documents its prose came from."""
+    return {"models": [m.name for m in models], "contexts": list(contexts), "trials": trials,
+            "tasks": list(tasks), "formats": list(formats), "new_tokens": new_tokens, "seed": seed,
+            "prose_documents": [path for path, _ in needles.held_out_documents()]}
+
+
+def write(out_dir: Path, results: dict) -> None:
+    report.write(out_dir, "suite", results, figure(results), table(results))
+
+
+def run(adapter: str, contexts, trials: int, tasks, formats, new_tokens: int, seed: int, out_dir: Path) -> dict:
+    """Load base / window-only / converted for `adapter` (eval/run.py), measure, write <out>/suite.{json,png}."""
+    from .run import load_models
+
+    converted, models = load_models(adapter)
+    results = {"adapter": adapter, "window": converted.config.window, "sinks": converted.config.sinks,
+               **measure(models, converted.tokenizer, contexts, trials, tasks, formats, new_tokens, seed)}
+    write(out_dir, results)
+    return results
+
+
+def _cell_text(c: dict | None) -> str:
+    return "-" if c is None else f"{c['accuracy']:.2f} [{c['ci95'][0]:.2f},{c['ci95'][1]:.2f}]"
+
+
+def _rows(lines: list[str], title: str, by_model: dict, models, contexts) -> None:
+    lines.append(f"{title:<16}" + "".join(f"{c:>18}" for c in contexts))
+    for name in models:
+        row = by_model.get(name, {})
+        lines.append(f"  {name:<14}" + "".join(f"{_cell_text(row.get(str(c))):>18}" for c in contexts))
+
+
+def table(results: dict) -> str:
+    models, contexts = results["models"], results["contexts"]
+    lines = [f"needle suite: {results['trials']} trials per cell, {results['new_tokens']} new tokens, "
+             f"seed {results['seed']}; accuracy [95 % Wilson interval]; - = not run"]
+    for task in results["tasks"]:
+        for fmt in results["formats"]:
+            _rows(lines, f"{task} / {fmt}", results["accuracy"].get(task, {}).get(fmt, {}), models, contexts)
+    _rows(lines, "all tasks", results["pooled"], models, contexts)
+    return "\n".join(lines)
+
+
+def figure(results: dict):
+    tasks = results["tasks"]
+    fig, axes = report.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 4), squeeze=False)
+    colors = {name: f"C{i}" for i, name in enumerate(results["models"])}
+    series = [(fmt, style, name) for fmt, style in zip(results["formats"], ("o-", "s--")) for name in colors]
+    for axis, task in zip(axes[0], tasks):
+        for i, (fmt, style, name) in enumerate(series):
+            row = results["accuracy"].get(task, {}).get(fmt, {}).get(name)
+            if not row:
+                continue
+            xs = sorted(int(c) for c in row)
+            ys = [row[str(x)]["accuracy"] for x in xs]
+            errors = [[y - row[str(x)]["ci95"][0] for x, y in zip(xs, ys)],
+                      [row[str(x)]["ci95"][1] - y for x, y in zip(xs, ys)]]
+            dodge = 2 ** (0.03 * (i - (len(series) - 1) / 2))  # side by side, so the intervals stay readable
+            axis.errorbar([x * dodge for x in xs], ys, yerr=errors, fmt=style, color=colors[name], capsize=3,
+                          label=f"{name} ({fmt})")
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("context tokens")
+        axis.set_ylabel("accuracy (95 % Wilson)")
+        axis.set_ylim(-0.05, 1.05)
+        axis.set_title(task)
+        axis.legend(fontsize=7)
+    return fig
