@@ -173,3 +173,14 @@ def test_visible_and_keep_best_agree_with_sorting():
     _, _, best_score, best_pos = exact_cache.keep_best(torch.zeros(1, 1, 12, 2), torch.zeros(1, 1, 12, 2), score, pos,
                                                        size=5)
     assert best_pos[0, 0].tolist() == [pos[0, 0, i].item() for i in ranked[:5]]
+
+
+@pytest.mark.parametrize("block", [1, 3, 64])
+def test_held_over_time_is_each_querys_best(block):
+    scores = random_scores(seq_len=30, ties=True)
+    window, sinks, size = 4, 2, 3
+    held = exact_cache.held_over_time(scores, window=window, sinks=sinks, size=size, block=block)
+    for t in range(30):
+        expected = best_evicted(scores, t, window, sinks, size)
+        for (b, h), positions in expected.items():
+            assert torch.nonzero(held[b, h, t]).flatten().tolist() == positions

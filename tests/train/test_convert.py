@@ -112,11 +112,14 @@ def test_learned_gates_train_and_round_trip(tmp_path):
     assert constant.config.mag_gate == "constant" and all(layer.mag_gate is None for layer in constant.layers)
 
 
-def test_attention_transfer_trains_the_memory_alone(tmp_path):
+@pytest.mark.parametrize("cache_tokens", [0, 3])
+def test_attention_transfer_trains_the_memory_alone(tmp_path, cache_tokens):
     """Stage 1 lowers the attention-transfer loss by moving only the memory's own parameters (feature maps and
-    gates); LoRA weights stay at their initial values; then distillation steps follow."""
+    gates); LoRA weights stay at their initial values; then distillation steps follow. With an exact-token
+    cache in the loop of both stages too."""
     torch.manual_seed(0)
-    config = TPTT.replace(mag_gate="learned", mag_weight=0.1, feature_map="learned", window=4, sinks=1)
+    config = TPTT.replace(mag_gate="learned", mag_weight=0.1, feature_map="learned", window=4, sinks=1,
+                          cache_tokens=cache_tokens)
     student = TitansModel(peaked_model(), config)
     train = TrainConfig(steps=22, seq_len=48, lr=1e-2, gate_lr=3e-2, warmup_steps=1, checkpoint_every=100,
                         transfer_steps=20)
@@ -262,6 +265,27 @@ def test_transfer_weights_pick_the_positions_of_the_loss():
     prefix_last[0, 30] = 1.0
     assert abs(loss(ids, at_30) - loss(ids[:, :31], prefix_last)) < 1e-5
     assert abs(loss(ids, at_30) - plain) > 1e-3
+
+
+def test_the_cache_takes_its_tokens_out_of_the_transfer_target():
+    """Stage 1 with a cache: the memory's target is full attention over the far tokens the cache does not hold
+    (a cache holding every evicted token leaves it nothing: lam = 0), and o_full is full attention either way."""
+    from tptt_runtime.layers import liza
+    from tptt_runtime.ops import exact_cache
+
+    torch.manual_seed(0)
+    layer = TitansModel(peaked_model(), TPTT.replace(window=4, sinks=1, mag_weight=0.3)).layers[0]
+    q, k, v = torch.randn(1, 4, 20, 8), torch.randn(1, 2, 20, 8), torch.randn(1, 2, 20, 8)
+    scores = torch.rand(1, 2, 20)
+    full, _, lam = liza._split_attention(q, k, v, layer, layer.config)
+    assert lam[..., 10:].min() > 0
+    everything = exact_cache.held_over_time(scores, window=4, sinks=1, size=20)
+    held_full, _, none_left = liza._split_attention(q, k, v, layer, layer.config, everything)
+    torch.testing.assert_close(held_full, full)
+    assert none_left.abs().max() == 0
+    some = exact_cache.held_over_time(scores, window=4, sinks=1, size=2)
+    _, _, rest = liza._split_attention(q, k, v, layer, layer.config, some)
+    assert (rest <= lam + 1e-6).all() and (rest[..., 10:] < lam[..., 10:]).any()
 
 
 def test_attention_transfer_forward_is_the_teachers():

@@ -244,15 +244,19 @@ class LiZAttention(nn.Module):
         passes on: every layer learns on the inputs full attention gives it, as in LoLCATs). Full attention
         splits exactly into
             o_full = (1 - lam) o_window + lam o_far,  lam = softmax mass beyond the window and sinks,
-        so the memory read should point where o_far points (MSE of per-head unit-RMS vectors, weighted by lam;
+        (with an exact-token cache, the tokens it holds for each query are not far: the softmax branch sees
+        them), so the memory read should point where o_far points (MSE of per-head unit-RMS vectors, weighted by lam;
         with a learned read_scale the scaled read should also have o_far's size: squared log of their ratio)
         and a learned gate should say lam (cross-entropy against it), each position also weighted by the
         context's `transfer_weights` when it has them. Inputs are detached: only the memory's
         parameters (feature map, gate, read scale) get gradients, whatever the surrounding forward does."""
         with torch.enable_grad():
             q, k, v, hidden_states = (t.detach() for t in (q, k, v, hidden_states))
-            o_full, o_far, lam = _split_attention(q, k, v, self, self.config)  # [B, Hq, T, D] x2, [B, Hq, T]
-            memory, _ = self._memory_branch(q, k, v, self.new_state(q.shape[0], q.dtype, q.device), 0)
+            memory, scores = self._memory_branch(q, k, v, self.new_state(q.shape[0], q.dtype, q.device), 0)
+            cfg = self.config
+            cached = None if scores is None else exact_cache.held_over_time(
+                scores.detach(), window=cfg.window, sinks=cfg.sinks, size=cfg.cache_tokens, block=QUERY_BLOCK)
+            o_full, o_far, lam = _split_attention(q, k, v, self, cfg, cached)  # [B, Hq, T, D] x2, [B, Hq, T]
             scaled = self.read_scale is not None
             error = _read_error(self._sized_read(memory, o_far) if scaled else memory, o_far, scaled)
             positions = self.context.transfer_weights
@@ -352,10 +356,10 @@ def _identity_map(dim: int, like: nn.Linear) -> nn.Linear:
     return map_
 
 
-def _split_attention(q, k, v, layer: LiZAttention, config: TpttConfig):
+def _split_attention(q, k, v, layer: LiZAttention, config: TpttConfig, cached: torch.Tensor | None = None):
     """Full causal softmax attention (absolute rotary positions) and its split at the window: the output over
-    all keys, the output over keys beyond the window and sinks alone, and the share of the softmax mass they
-    hold (0 where there are none)."""
+    all keys, the output over keys beyond the window and sinks (and not `cached` [B, Hkv, T, T] for the query:
+    held by the exact-token cache) alone, and the share of the softmax mass they hold (0 where there are none)."""
     batch, q_heads, seq_len, dim = q.shape
     groups = q_heads // k.shape[1]
     cos, sin = _rotary_table(layer._rotary[0], layer.layer_type, seq_len, q)
@@ -367,6 +371,8 @@ def _split_attention(q, k, v, layer: LiZAttention, config: TpttConfig):
     position = torch.arange(seq_len, device=q.device)
     causal = position[None, :] <= position[:, None]
     far = (position[None, :] <= position[:, None] - config.window) & (position[None, :] >= config.sinks)
+    if cached is not None:
+        far = far & ~cached.unsqueeze(2)  # [B, Hkv, 1, T, T]
     probs = logits.masked_fill(~causal, -math.inf).softmax(-1)  # [B, Hkv, G, T, T]
     far_probs = probs.masked_fill(~far, 0.0)
     o_full = window_ops.grouped_values(probs, v).reshape(batch, q_heads, seq_len, dim)

@@ -48,14 +48,41 @@ def visible(score: torch.Tensor, pos: torch.Tensor, query_pos: torch.Tensor, *, 
     return evicted & (rank < size)
 
 
+def best(score: torch.Tensor, pos: torch.Tensor, size: int) -> torch.Tensor:
+    """Indices [B, Hkv, size] of the `size` best of M candidates (score, pos [B, Hkv, M]), best first, empty
+    slots last."""
+    by_position = pos.argsort(dim=-1, descending=True, stable=True)
+    by_score = score.gather(-1, by_position).argsort(dim=-1, descending=True, stable=True)
+    return by_position.gather(-1, by_score)[..., :size]
+
+
 def keep_best(k, v, score, pos, size: int):
     """The `size` best of M candidates (k, v [B, Hkv, M, D], score, pos [B, Hkv, M]; all evicted), best
     first, empty slots last. Returns (k, v, score, pos) with `size` slots."""
-    by_position = pos.argsort(dim=-1, descending=True, stable=True)
-    by_score = score.gather(-1, by_position).argsort(dim=-1, descending=True, stable=True)
-    order = by_position.gather(-1, by_score)[..., :size]  # [B, Hkv, size]
+    order = best(score, pos, size)
     rows = order.unsqueeze(-1).expand(*order.shape, k.shape[-1])
     return k.gather(2, rows), v.gather(2, rows), score.gather(-1, order), pos.gather(-1, order)
+
+
+def held_over_time(score: torch.Tensor, *, window: int, sinks: int, size: int, block: int = 128) -> torch.Tensor:
+    """[B, Hkv, T, T]: whether the query at t sees token j in the cache, for a sequence from its first token
+    with scores [B, Hkv, T] (what a prefill computes block by block, as one mask; training's attention
+    transfer takes these tokens out of what the memory must recall). Exact for any `block`."""
+    batch, heads, seq_len = score.shape
+    held_score = score.new_full((batch, heads, size), -torch.inf)
+    held_pos = torch.full((batch, heads, size), EMPTY_POSITION, dtype=torch.long, device=score.device)
+    seen_at = torch.zeros(batch, heads, seq_len, seq_len, dtype=torch.int8, device=score.device)
+    for a in range(0, seq_len, block):
+        b = min(seq_len, a + block)
+        evicted = torch.arange(max(sinks, a - window), max(sinks, b - window), device=score.device)
+        cand_score = torch.cat([held_score, score[..., evicted]], dim=-1)
+        cand_pos = torch.cat([held_pos, evicted.expand(batch, heads, -1)], dim=-1)
+        seen = visible(cand_score, cand_pos, torch.arange(a, b, device=score.device), window=window, size=size)
+        index = cand_pos.clamp(min=0).unsqueeze(-2).expand_as(seen)  # empty slots add 0 at position 0
+        seen_at[:, :, a:b].scatter_add_(-1, index, seen.to(torch.int8))
+        order = best(cand_score, cand_pos, size)
+        held_score, held_pos = cand_score.gather(-1, order), cand_pos.gather(-1, order)
+    return seen_at > 0
 
 
 def insert(cache: dict[str, torch.Tensor], key, value, score, position, offered) -> None:

@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--decay", type=float,
                    help="what the memory state is multiplied by per token (default 1: no decay); with --init, a "
                         "change to that adapter's config")
+    p.add_argument("--cache-tokens", type=int,
+                   help="exact-token cache slots per layer and kv head (default 0: none), in the loop of both "
+                        "stages; with --init, a change to that adapter's config")
     p.add_argument("--transfer-steps", type=int, default=0,
                    help="stage 1: steps of attention transfer (memory vs full attention) before distillation")
     p.add_argument("--ce-weight", type=float, default=0.0)
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
                         "they are ~1 %% of the tokens)")
     p.add_argument("--init", help='start from this adapter ("default" or a directory): its config replaces the '
                                   "model flags above (but the changes --read-scale, --gate-input, --alpha-gate, "
-                                  "--decay) and its weights the fresh LoRA, gates and feature maps")
+                                  "--decay, --cache-tokens) and its weights the fresh LoRA, gates and feature maps")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
                       lora_alpha=2 * args.lora_rank, lora_targets=list(args.lora_targets), mag_gate=args.mag_gate,
                       feature_map=args.feature_map, read_scale=args.read_scale or "softmax_rms",
                       gate_input=args.gate_input or "mean", alpha_gate=args.alpha_gate or "c",
-                      decay=1.0 if args.decay is None else args.decay,
+                      decay=1.0 if args.decay is None else args.decay, cache_tokens=args.cache_tokens or 0,
                       mag_weight=args.mag_weight if args.mag_gate == "learned" else 0.0)
     train = TrainConfig(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
                         gate_lr=args.gate_lr, transfer_steps=args.transfer_steps,
@@ -80,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
                         retrieval=args.retrieval, init=args.init,
                         init_changes={name: value for name, value in (
                             ("read_scale", args.read_scale), ("gate_input", args.gate_input),
-                            ("alpha_gate", args.alpha_gate), ("decay", args.decay)) if value is not None},
+                            ("alpha_gate", args.alpha_gate), ("decay", args.decay),
+                            ("cache_tokens", args.cache_tokens)) if value is not None},
                         recall_weight=args.recall_weight)
     out = convert(args.base, args.out, tptt, train, resume=args.resume, device=args.device)
     print(f"adapter written to {out}")
