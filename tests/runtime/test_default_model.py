@@ -82,3 +82,28 @@ def test_64k_context_decodes_with_constant_state(default_model):
         assert torch.isfinite(logits).all()
     assert state.num_tokens == 65_540
     assert state.nbytes == empty_bytes
+
+
+@pytest.mark.parametrize("depth,source", [(0.15, "sentences"), (0.5, "prose")])
+def test_finds_a_passkey_beyond_its_window_in_a_fresh_chat_prompt(default_model, depth, source):
+    """A passkey stated once in a ~600-token chat message, in wording no training text uses (eval/needles.py,
+    which train/ never imports), hundreds of tokens before the question: far outside the 128-token window."""
+    from tptt_runtime.eval import needles
+
+    probe = needles.probe(default_model.tokenizer, "passkey", "chat", 600, depth, source, seed=f"test/{depth}")
+    assert len(probe.ids) - _answer_position(default_model, probe) > 2 * default_model.config.window
+    state = default_model.new_session()
+    logits = default_model.prefill(state, probe.ids)
+    answer = []
+    for _ in range(24):
+        answer.append(int(logits.argmax()))
+        logits = default_model.step(state, answer[-1])
+    assert needles.found(default_model.tokenizer.decode(answer), probe.answer)
+
+
+def _answer_position(model, probe) -> int:
+    """The position of the first prompt token whose text starts the needle's answer."""
+    for position in range(len(probe.ids)):
+        if model.tokenizer.decode(probe.ids[position:position + 8]).replace(" ", "").startswith(probe.answer[:3]):
+            return position
+    raise AssertionError("the answer is not in the prompt")
