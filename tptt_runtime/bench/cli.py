@@ -19,6 +19,8 @@ def main(argv: list[str] | None = None) -> None:
     runtime.add_argument("--mag-weight", type=float, default=None,
                          help="a constant memory weight instead of the default adapter's (which is used as is, "
                               "unless it has no memory: then 0.5, so the DeltaProduct branch is always measured)")
+    runtime.add_argument("--cache-tokens", type=int, default=None,
+                         help="exact-token cache size instead of the default adapter's (0: none)")
     runtime.add_argument("--compile", action="store_true",
                          help="our decode step through torch.compile (TitansModel.compile); the baseline stays "
                               "as Hugging Face generate runs it")
@@ -50,7 +52,8 @@ def main(argv: list[str] | None = None) -> None:
         from .runtime import run
 
         run(sorted(args.contexts), args.baseline_max, args.decode_tokens, args.mag_weight, args.out, args.compile,
-            shape=args.shape, device=args.device, dtype=getattr(torch, args.dtype), batches=args.batch)
+            shape=args.shape, device=args.device, dtype=getattr(torch, args.dtype), batches=args.batch,
+            cache_tokens=args.cache_tokens)
     elif args.bench == "server":
         from .server import run as run_server
 

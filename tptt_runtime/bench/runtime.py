@@ -47,16 +47,19 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def build_models(shape: str, device: str, dtype: torch.dtype, mag_weight: float | None):
-    """(ours, baseline): the same weights, ours converted (window, sinks and memory of the default adapter)."""
+def build_models(shape: str, device: str, dtype: torch.dtype, mag_weight: float | None,
+                 cache_tokens: int | None = None):
+    """(ours, baseline): the same weights, ours converted (window, sinks, memory and exact-token cache of the
+    default adapter; `cache_tokens` another cache size)."""
     if shape == "default":
-        ours = load("default", mag_weight=mag_weight, device=device, dtype=dtype)
+        ours = load("default", mag_weight=mag_weight, cache_tokens=cache_tokens, device=device, dtype=dtype)
         baseline = load_base_model("default").to(device=device, dtype=dtype)
     else:
         torch.manual_seed(0)
         baseline = LlamaForCausalLM(LlamaConfig(**SHAPES[shape])).to(device=device, dtype=dtype).eval()
         weight = UNTRAINED_MAG_WEIGHT if mag_weight is None else mag_weight
-        config = TpttConfig.load(DEFAULT_ADAPTER).replace(base_model=shape, mag_gate="constant", mag_weight=weight)
+        config = TpttConfig.load(DEFAULT_ADAPTER).replace(base_model=shape, mag_gate="constant", mag_weight=weight,
+                                                          cache_tokens=cache_tokens)
         ours = TitansModel(copy.deepcopy(baseline), config, name=shape)
         fuse_projections(ours.hf, ours.layers)
         ours.refresh_fingerprint()
@@ -133,9 +136,9 @@ def _baseline_prefill(hf_model, prompt: torch.Tensor):
 
 def run(contexts: list[int], ours_only_above: int, decode_tokens: int, mag_weight: float | None,
         out_dir: Path, compile_decode: bool = False, shape: str = "default", device: str = "cpu",
-        dtype: torch.dtype = torch.float32, batches: tuple[int, ...] = (1,)) -> dict:
+        dtype: torch.dtype = torch.float32, batches: tuple[int, ...] = (1,), cache_tokens: int | None = None) -> dict:
     torch.manual_seed(0)
-    ours, baseline = build_models(shape, device, dtype, mag_weight)
+    ours, baseline = build_models(shape, device, dtype, mag_weight, cache_tokens)
     if compile_decode:
         ours.compile()
         with tqdm(total=1, desc="compiling our decode step") as bar:
