@@ -42,6 +42,29 @@ def test_chunk_with_nonlinearity_equals_reference(nonlinear_chunk, offset, chunk
     torch.testing.assert_close(final, ref_state, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("order", [1, 2])
+@pytest.mark.parametrize("chunk_size,offset,nonlinear_chunk", [(1, 0, 0), (4, 5, 0), (16, 3, 8), (64, 0, 0)])
+def test_write_norms_equal_reference(order, chunk_size, offset, nonlinear_chunk):
+    """The exact-token cache's score, ||beta (v - k^T S)|| of each token's first step: the chunkwise form (rows
+    of U) and decode steps give the loop's, with decay, a carried state and a nonlinearity."""
+    q, k, v, beta, g, state = random_inputs(29, order)
+    *_, ref = dp.naive_recurrent(q, k, v, beta, g, state, True, nonlinear_chunk, offset, output_write_norms=True)
+    *_, norms = dp.chunk(q, k, v, beta, g, state, True, chunk_size, nonlinear_chunk, offset, output_write_norms=True)
+    torch.testing.assert_close(norms, ref, atol=1e-5, rtol=1e-5)
+    steps = []
+    for t in range(29):
+        piece = slice(t, t + 1)
+        _, state, norm = dp.recurrent_step(q[:, :, piece], k[:, :, piece], v[:, :, piece], beta[:, :, piece],
+                                           g[:, :, piece], state, torch.full((2,), offset + t), nonlinear_chunk,
+                                           output_write_norms=True)
+        steps.append(norm)
+    torch.testing.assert_close(torch.cat(steps, dim=-1), ref, atol=1e-5, rtol=1e-5)
+    _, _, _, _, _, state0 = random_inputs(29, order)  # the first token's write, by hand: beta (v - k^T g S0)
+    decayed = state0 * g[:, :, 0].exp()[..., None, None]
+    by_hand = beta[:, :, 0, 0, None] * (v[:, :, 0, 0] - (k[:, :, 0, 0, :, None] * decayed).sum(-2))
+    torch.testing.assert_close(ref[:, :, 0], by_hand.norm(dim=-1), atol=1e-5, rtol=1e-5)
+
+
 def test_nonlinearity_changes_the_state():
     """Guard against a nonlinearity that is silently never applied."""
     q, k, v, beta, g, state = random_inputs(16, 2)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import tptt_runtime as tr
+from tptt_runtime.eval.run import Base, Converted
 from tptt_runtime.loading import base_directory, load_base_model
 
 
@@ -45,7 +46,7 @@ def test_bfloat16_weights_with_float32_memory():
 
 
 def greedy_answer(model, question: str, max_tokens: int) -> str:
-    return greedy_ids_answer(model, chat_ids(model, question), max_tokens)
+    return model.tokenizer.decode(Converted(model, "converted").greedy(chat_ids(model, question), max_tokens))
 
 
 def test_answers_a_simple_question(default_model):
@@ -88,30 +89,19 @@ def test_finds_a_passkey_beyond_its_window_in_fresh_chat_prompts(default_model):
     same 3), and the base finds enough of them for that to mean something."""
     from tptt_runtime.eval import needles
 
-    base = load_base_model("default")
+    hf = load_base_model("default")
+    converted, base = Converted(default_model, "converted"), Base(hf, hf.config.max_position_embeddings)
     hits = {"converted": 0, "base": 0}
     for depth, source in FRESH_PASSKEYS:
         probe = needles.probe(default_model.tokenizer, "passkey", "chat", 600, depth, source, seed=f"test/{depth}")
         assert len(probe.ids) - _answer_position(default_model, probe) > 2 * default_model.config.window
-        converted = needles.found(greedy_ids_answer(default_model, probe.ids, 24), probe.answer)
-        with torch.inference_mode():
-            prompt = torch.tensor([probe.ids])
-            out = base.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24, do_sample=False)
-        in_base = needles.found(default_model.tokenizer.decode(out[0, len(probe.ids):]), probe.answer)
-        hits["converted"] += converted
-        hits["base"] += in_base
-        assert converted or not in_base, f"the base model finds {probe.answer} ({source}, depth {depth}), we do not"
+        found = {model.name: needles.found(default_model.tokenizer.decode(model.greedy(probe.ids, 24)), probe.answer)
+                 for model in (converted, base)}
+        for name in hits:
+            hits[name] += found[name]
+        assert found["converted"] or not found["base"], \
+            f"the base model finds {probe.answer} ({source}, depth {depth}), we do not"
     assert hits["base"] >= 3
-
-
-def greedy_ids_answer(model, ids: list[int], max_tokens: int) -> str:
-    state = model.new_session()
-    logits = model.prefill(state, ids)
-    answer = []
-    for _ in range(max_tokens):
-        answer.append(int(logits.argmax()))
-        logits = model.step(state, answer[-1])
-    return model.tokenizer.decode(answer)
 
 
 def _answer_position(model, probe) -> int:

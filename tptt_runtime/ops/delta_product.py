@@ -164,12 +164,13 @@ def chunk(q, k, v, beta, g, initial_state=None, output_final_state=False, chunk_
         end = first_position + (c + 1) * chunk_size
         if nonlinear_chunk and end % nonlinear_chunk == 0 and end <= offset + seq_len:
             state = memory_nonlinearity(state)
-    out = intra @ torch.stack(u, dim=2) + q_decayed @ torch.stack(entering, dim=2)  # [B, Hkv, N, G * C, V]
+    u = torch.stack(u, dim=2)  # [B, Hkv, N, L, V]: what each step wrote
+    out = intra @ u + q_decayed @ torch.stack(entering, dim=2)  # [B, Hkv, N, G * C, V]
 
     out = out.reshape(batch, kv_heads, num_chunks, groups, chunk_size, value_dim).permute(0, 1, 3, 2, 4, 5)
     out = out.reshape(batch, kv_heads * groups, num_chunks * chunk_size, value_dim)
     result = out[:, :, lead:lead + seq_len], (state if output_final_state else None)
     if not output_write_norms:
         return result
-    first_steps = torch.stack(u, dim=2)[..., ::order, :]  # [B, Hkv, N, C, V]: u of each token's first step
+    first_steps = u[..., ::order, :]  # [B, Hkv, N, C, V]: u of each token's first step
     return result + (first_steps.norm(dim=-1).flatten(2)[..., lead:lead + seq_len],)

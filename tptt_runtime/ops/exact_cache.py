@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 EMPTY_POSITION = -1
+HELD = ("cache_k", "cache_v", "cache_score", "cache_pos")  # the held tokens' tensors, in the order functions take
 
 
 def new_tensors(batch, kv_heads, head_dim, *, window, size, dtype, device) -> dict[str, torch.Tensor]:

@@ -158,7 +158,7 @@ def prefill(q, k, v, cache, start: int, *, window, sinks, scaling, cos, sin, sof
     sink_pos = sink_positions(end, sinks)
     ring_pos = ring_positions(end - seq_len, sinks, window)
     cached = "cache_k" in cache
-    held = tuple(cache[name] for name in HELD) if cached else None
+    held = tuple(cache[name] for name in exact_cache.HELD) if cached else None
     scores = scores.detach() if cached else None  # a selection, not differentiable
     out = torch.empty_like(q)
     for a in range(0, seq_len, block):
@@ -189,13 +189,10 @@ def prefill(q, k, v, cache, start: int, *, window, sinks, scaling, cos, sin, sof
     cache["win_v"][:, :, slots] = v[:, :, keep - start]
     if cached:
         cache["win_score"][:, :, slots] = scores[:, :, keep - start]
-        for name, value in zip(HELD, held):
+        for name, value in zip(exact_cache.HELD, held):
             if value is not cache[name]:
                 store(cache, name, value)
     return out
-
-
-HELD = ("cache_k", "cache_v", "cache_score", "cache_pos")
 
 
 def _candidates(held, cache, k, v, scores, start: int, first: int, last: int, *, window: int, sinks: int):
