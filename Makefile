@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve test bench clean
+.PHONY: setup serve test bench image image-check clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,15 @@ test: setup
 
 bench: setup
 	$(VENV)/bin/tptt-bench runtime
+
+# The CPU image, built here (a local Debian base when no registry can be reached): docker/check_image.py.
+# GPU hosts: docker compose build.
+image: setup
+	$(PY) docker/check_image.py --build-only
+
+# Builds the image and checks it from outside: API, streaming, metrics, Prometheus, restart, --network none.
+image-check: setup
+	$(PY) docker/check_image.py
 
 clean:
 	rm -rf $(VENV) bench-results

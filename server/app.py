@@ -142,7 +142,10 @@ def create_app(settings: Settings, model: TitansModel) -> FastAPI:
     async def health():
         if not ctx.engine.thread.is_alive():
             raise APIError(503, "the engine loop is not running", kind="service_unavailable_error")
-        return {"status": "ok"}
+        remote = ctx.store.remote
+        if remote is None:
+            return {"status": "ok"}
+        return {"status": "ok", "store": "ok" if remote.stats()["redis_up"] else "degraded"}
 
     @app.get("/metrics")
     async def metrics():

@@ -139,6 +139,13 @@ def open_session(ctx, body: SamplingFields, header_id: str | None, owner: str, k
     return session
 
 
+async def finish_turn(ctx, job: Job, choices: list[Choice]) -> None:
+    """Record the turn in its session and, with a shared store, wait until the turn's states are there: a reply
+    the client holds can then be continued on any server. Off the event loop (both may wait on Redis)."""
+    await asyncio.to_thread(close_session, ctx, job, choices[0])
+    await asyncio.to_thread(ctx.store.wait_shared, [key for choice in choices for key in choice.snapshot_keys])
+
+
 def close_session(ctx, job: Job, choice: Choice) -> None:
     """Record a finished turn in its session (aborted or failed turns leave the session as it was)."""
     session = job.session
@@ -239,7 +246,7 @@ async def collect(ctx, job: Job) -> list[Choice]:
         index, output = item
         check_failed(output)
         choices[index].add(output)
-    close_session(ctx, job, choices[0])
+    await finish_turn(ctx, job, choices)
     return choices
 
 
@@ -272,7 +279,7 @@ async def stream_events(ctx, job: Job, body: SamplingFields, kind: str, opening,
             choices[index].add(output)
             for entry in entries(choices[index], output):
                 yield chunk([entry])
-        close_session(ctx, job, choices[0])
+        await finish_turn(ctx, job, choices)
         if body.stream_options and body.stream_options.include_usage:
             yield chunk([], usage=usage(choices, job))
     except APIError as error:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
                    20.0, 40.0, 80.0, 160.0)
@@ -30,6 +30,12 @@ GAUGES = {  # metric -> (engine stats key, help)
     "tptt_sessions_on_disk": ("sessions_on_disk", "Named sessions whose states are on disk only"),
 }
 
+REDIS_COUNTERS = {
+    "errors": "Redis calls that failed (each marks the shared store down for a moment)",
+    "skipped": "Redis entries skipped and deleted: corrupt, or made by another model or format",
+    "writes": "Snapshots written to Redis",
+}
+
 
 class EngineGauges:
     """Collector that turns the engine's latest stats into gauges at scrape time."""
@@ -41,6 +47,16 @@ class EngineGauges:
         stats = self.stats()
         for name, (key, help_text) in GAUGES.items():
             yield GaugeMetricFamily(name, help_text, value=stats[key])
+        hits = CounterMetricFamily("tptt_store_prefix_hits", "Prompts resumed from a stored snapshot, by the tier "
+                                   "it came from (ram, disk, redis)", labels=["tier"])
+        for tier in ("ram", "disk", "redis"):
+            hits.add_metric([tier], stats[f"hits_{tier}"])
+        yield hits
+        if "redis_up" in stats:  # only with --redis-url
+            yield GaugeMetricFamily("tptt_store_redis_up", "1 while the shared Redis store answers, 0 while it is "
+                                    "down (serving goes on from RAM and disk)", value=stats["redis_up"])
+            for name in ("errors", "skipped", "writes"):
+                yield CounterMetricFamily(f"tptt_store_redis_{name}", REDIS_COUNTERS[name], value=stats[f"redis_{name}"])
 
 
 class Metrics:

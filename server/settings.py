@@ -30,6 +30,8 @@ HELP = {
     "store_bytes": "bytes of resident state snapshots (LRU beyond, spilled to --store-dir)",
     "store_dir": "directory where snapshots and named sessions spill and persist across restarts",
     "store_disk_bytes": "cap on unpinned snapshot files in --store-dir (0 = no cap)",
+    "redis_url": "Redis shared by several servers (redis://host:6379/0): every snapshot and named session is also "
+                 "written there, so any of them resumes any conversation; serving goes on without it when it is down",
     "max_body_bytes": "largest accepted request body (413 beyond)",
     "compile": "decode steps through torch.compile: faster one-token steps; compiles before serving (minutes on "
                "a small CPU the first time, seconds from torch's on-disk cache afterwards)",
@@ -57,6 +59,7 @@ class Settings:
     store_bytes: int = 1 << 30
     store_dir: str = ""
     store_disk_bytes: int = 0
+    redis_url: str = ""
     max_body_bytes: int = 8 << 20
     compile: bool = False
     log_level: str = "info"
@@ -78,7 +81,7 @@ class Settings:
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             max_waiting=self.max_waiting, max_prompt_tokens=self.max_prompt_tokens, prefix_reuse=self.prefix_reuse,
             store_bytes=self.store_bytes, store_dir=self.store_dir or None,
-            store_disk_bytes=self.store_disk_bytes or None)
+            store_disk_bytes=self.store_disk_bytes or None, redis_url=self.redis_url or None)
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None, environ=os.environ) -> "Settings":

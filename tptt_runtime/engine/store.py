@@ -15,6 +15,11 @@ Invariants:
   saved (write-through), may leave memory, and are never deleted while a session holds them. Session records
   are small JSON files beside the snapshots. `flush()` (at shutdown) writes every other resident snapshot.
 
+- With `remote` (a RedisTier, `--redis-url`), every new snapshot and every session record is also written there,
+  a prefix lookup also asks Redis for a longer snapshot than the local tiers hold, and a session record read
+  from Redis wins over the local one: several processes then serve one set of conversations
+  (engine/redis_tier.py says what is stored and what happens when Redis is down).
+
 Thread safety: one lock around every public method (the engine thread and HTTP handlers both call in).
 """
 
@@ -36,6 +41,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..state import SessionState
+from .redis_tier import RedisTier
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +79,10 @@ def snapshot_key(namespace: str, ids: np.ndarray) -> str:
 
 class SessionStore:
     def __init__(self, fingerprint: str, max_bytes: int, disk_dir: str | Path | None = None,
-                 max_disk_bytes: int | None = None):
+                 max_disk_bytes: int | None = None, remote: RedisTier | None = None):
         self.fingerprint = fingerprint
+        self.remote = remote
+        self.hits: Counter = Counter()                          # prefix hits by tier: ram, disk, redis
         self.max_bytes = max_bytes
         self.max_disk_bytes = max_disk_bytes
         self.disk_dir = Path(disk_dir) if disk_dir else None
@@ -82,6 +90,7 @@ class SessionStore:
         self.resident: OrderedDict[str, None] = OrderedDict()   # LRU order of snapshots in memory
         self.lengths: dict[str, Counter] = {}                   # namespace -> stored lengths
         self.sessions: dict[tuple[str, str], Session] = {}
+        self.unshared: set[tuple[str, str]] = set()             # sessions saved while Redis was down
         self.resident_bytes = 0
         self.lock = threading.RLock()
         if self.disk_dir:
@@ -104,25 +113,60 @@ class SessionStore:
                                 on_disk=old.on_disk if old else False, pins=old.pins if old else 0)
             self._add(snapshot)
             self._make_resident(snapshot)
+            if self.remote is not None:
+                self._share_snapshot(key)
             return key
 
     def longest_prefix(self, namespace: str, ids, max_len: int | None = None
                        ) -> tuple[SessionState, torch.Tensor | None, int] | None:
         """A private copy of the longest stored state whose ids prefix `ids` (at most `max_len` of them), with
-        its logits and its length; None when nothing matches."""
+        its logits and its length; None when nothing matches. Looks in RAM and on disk, then in Redis for a
+        longer one (another process may have served the conversation's last turn)."""
         ids = np.asarray(ids, dtype=np.int32)
         limit = len(ids) if max_len is None else min(max_len, len(ids))
         with self.lock:
-            for length in sorted(self.lengths.get(namespace, ()), reverse=True):
-                if length > limit:
-                    continue
-                snapshot = self.snapshots.get(snapshot_key(namespace, ids[:length]))
-                if snapshot is None or not np.array_equal(snapshot.ids, ids[:length]):
-                    continue
-                state = self._load(snapshot)
-                if state is None:
-                    continue
-                return state.fork(), snapshot.logits, length
+            local = self._longest_local(namespace, ids, limit)
+            shared = self._longest_shared(namespace, ids, limit, local[2] if local else 0) if self.remote else None
+            return shared or local
+
+    def _longest_local(self, namespace: str, ids: np.ndarray, limit: int):
+        for length in sorted(self.lengths.get(namespace, ()), reverse=True):
+            if length > limit:
+                continue
+            snapshot = self.snapshots.get(snapshot_key(namespace, ids[:length]))
+            if snapshot is None or not np.array_equal(snapshot.ids, ids[:length]):
+                continue
+            tier = "ram" if snapshot.state is not None else "disk"
+            state = self._load(snapshot)
+            if state is None:
+                continue
+            self.hits[tier] += 1
+            return state.fork(), snapshot.logits, length
+        return None
+
+    def _longest_shared(self, namespace: str, ids: np.ndarray, limit: int, floor: int):
+        """The longest snapshot in Redis longer than `floor`, made resident here; entries that are corrupt, of
+        another model or of other ids are skipped (and deleted there), never loaded."""
+        for length in self.remote.lengths(namespace):
+            key = snapshot_key(namespace, ids[:length])
+            if not floor < length <= limit or key in self.snapshots:
+                continue
+            entry = self.remote.get_snapshot(key)
+            if entry is None:
+                continue
+            try:
+                state, logits, stored_ids = decode_snapshot(*entry, self.fingerprint)
+                if entry[1].get("namespace") != namespace or not np.array_equal(stored_ids, ids[:length]):
+                    raise ValueError("the entry holds another conversation's state")
+            except Exception as error:  # noqa: BLE001 - whatever is wrong with an entry, it is not loaded
+                self.remote.skip(key, error)
+                continue
+            nbytes = state.nbytes + (logits.numel() * logits.element_size() if logits is not None else 0)
+            snapshot = Snapshot(key, namespace, stored_ids, state, logits, nbytes)
+            self._add(snapshot)
+            self._make_resident(snapshot)
+            self.hits["redis"] += 1
+            return state.fork(), logits, length
         return None
 
     def get(self, key: str) -> Snapshot | None:
@@ -131,41 +175,108 @@ class SessionStore:
 
     # -------------------------------------------------------------------------------------- sessions
     def get_session(self, owner: str, session_id: str) -> Session | None:
+        """The session's record. With Redis, its copy there wins (another process may have served the last turn
+        or deleted the session); the local copy answers while Redis cannot, and a record saved while Redis
+        was down is written there on the next read."""
+        record = self.remote.get_session(owner, session_id) if self.remote else None
         with self.lock:
+            if record is not None:
+                self._replace_session(Session(**record))
+            elif self.remote is not None and self.remote.up:
+                self._reconcile_missing(owner, session_id)
             return self.sessions.get((owner, session_id))
 
     def list_sessions(self, owner: str) -> list[Session]:
+        records = self.remote.list_sessions(owner) if self.remote else None
         with self.lock:
+            if records is not None:
+                for record in records:
+                    self._replace_session(Session(**record))
+                shared = {record["session_id"] for record in records}
+                for (o, session_id) in list(self.sessions):
+                    if o == owner and session_id not in shared:
+                        self._reconcile_missing(owner, session_id)
             return sorted((s for (o, _), s in self.sessions.items() if o == owner), key=lambda s: s.created)
 
     def save_session(self, session: Session) -> None:
-        """Create or update a session record; pins its snapshots and unpins the ones it no longer holds."""
+        """Create or update a session record; pins its snapshots and unpins the ones it no longer holds. With
+        Redis, the record is written there once its snapshots are, so any process can resume the session."""
         with self.lock:
-            old = self.sessions.get((session.owner, session.session_id))
             for key in session.snapshots:
-                self._pin(key, +1)
                 self._persist(key)
-            for key in old.snapshots if old else ():
-                self._pin(key, -1)
-            self.sessions[(session.owner, session.session_id)] = session
+            self._replace_session(session)
             self._write_session(session)
+        if self.remote is not None:
+            self._share_session(session)
+
+    def _share_session(self, session: Session) -> None:
+        self.remote.wait_written(session.snapshots)
+        shared = self.remote.put_session(asdict(session))
+        with self.lock:
+            (self.unshared.discard if shared else self.unshared.add)((session.owner, session.session_id))
+
+    def _share_snapshot(self, key: str) -> None:
+        """Queue a Redis write of a stored snapshot (read back from disk if it left memory)."""
+        snapshot = self.snapshots.get(key)
+        state = self._load(snapshot) if snapshot is not None else None
+        if state is None:
+            return
+        frozen = Snapshot(key, snapshot.namespace, snapshot.ids, state, snapshot.logits, snapshot.nbytes)
+        self.remote.put_snapshot(key, snapshot.namespace, len(snapshot.ids), lambda: encode_snapshot(frozen))
+
+    def _reconcile_missing(self, owner: str, session_id: str) -> None:
+        """Redis answered and has no such session: a local record saved while Redis was down is written there
+        now; any other local record was deleted by another process, so it goes here too."""
+        session = self.sessions.get((owner, session_id))
+        if session is None:
+            return
+        if (owner, session_id) in self.unshared:
+            for key in session.snapshots:
+                self._share_snapshot(key)
+            self._share_session(session)
+        else:
+            self._drop_session(owner, session_id)
 
     def delete_session(self, owner: str, session_id: str) -> bool:
+        existed = self.remote is not None and self.remote.get_session(owner, session_id) is not None
+        if self.remote is not None:
+            self.remote.delete_session(owner, session_id)
         with self.lock:
-            session = self.sessions.pop((owner, session_id), None)
-            if session is None:
-                return False
-            for key in session.snapshots:
-                self._pin(key, -1)
-            if self.disk_dir:
-                self._session_path(session).unlink(missing_ok=True)
-            return True
+            self.unshared.discard((owner, session_id))
+            return self._drop_session(owner, session_id) or existed
+
+    def _drop_session(self, owner: str, session_id: str) -> bool:
+        session = self.sessions.pop((owner, session_id), None)
+        if session is None:
+            return False
+        for key in session.snapshots:
+            self._pin(key, -1)
+        if self.disk_dir:
+            self._session_path(session).unlink(missing_ok=True)
+        return True
+
+    def _replace_session(self, session: Session) -> None:
+        """Make `session` the local record of its (owner, id): pin its snapshots, unpin the old record's."""
+        old = self.sessions.get((session.owner, session.session_id))
+        for key in session.snapshots:
+            self._pin(key, +1)
+        for key in old.snapshots if old else ():
+            self._pin(key, -1)
+        self.sessions[(session.owner, session.session_id)] = session
+
+    def wait_shared(self, keys) -> None:
+        """With Redis: return once the queued writes of these snapshots are done (at most a few seconds)."""
+        if self.remote is not None:
+            self.remote.wait_written(keys)
 
     def flush(self) -> None:
-        """Write every resident snapshot that is not on disk yet (at shutdown: a restart finds them all)."""
+        """Write every resident snapshot that is not on disk yet (at shutdown: a restart finds them all), and
+        finish the queued Redis writes."""
         with self.lock:
             for key in list(self.resident):
                 self._persist(key)
+        if self.remote is not None:
+            self.remote.drain()
 
     # ------------------------------------------------------------------------------------------- stats
     def stats(self) -> dict[str, int]:
@@ -182,6 +293,8 @@ class SessionStore:
                     bool(s.snapshots) and all(k in self.resident for k in s.snapshots)
                     for s in self.sessions.values())),
                 "sessions_on_disk": len(self.sessions) - resident_sessions,
+                **{f"hits_{tier}": self.hits[tier] for tier in ("ram", "disk", "redis")},
+                **(self.remote.stats() if self.remote else {}),
             }
 
     def is_resident(self, key: str) -> bool:
@@ -251,14 +364,8 @@ class SessionStore:
         return self.disk_dir / "sessions" / f"{name}.json"
 
     def _write_snapshot(self, snapshot: Snapshot) -> None:
-        tensors, metadata = snapshot.state.to_tensors()
-        tensors = {f"state.{name}": t.cpu() for name, t in tensors.items()}
-        tensors["token_ids"] = torch.from_numpy(snapshot.ids.copy())
-        if snapshot.logits is not None:
-            tensors["logits"] = snapshot.logits.float().cpu()
-        metadata.update(namespace=snapshot.namespace, checksum=checksum(tensors))
-        path = self._snapshot_path(snapshot.key)
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        tensors, metadata = encode_snapshot(snapshot)
+        atomic_write(self._snapshot_path(snapshot.key), lambda tmp: save_file(tensors, tmp, metadata=metadata))
         snapshot.on_disk = True
 
     def _read_snapshot(self, key: str) -> tuple[SessionState, torch.Tensor | None] | None:
@@ -266,15 +373,11 @@ class SessionStore:
         try:
             with safe_open(path, "pt") as f:
                 metadata = f.metadata()
-            tensors = load_file(path)
-            if checksum(tensors) != metadata.get("checksum"):
-                raise ValueError("checksum mismatch")
-            state_tensors = {k.removeprefix("state."): t for k, t in tensors.items() if k.startswith("state.")}
-            state = SessionState.from_tensors(state_tensors, metadata, self.fingerprint)
+            state, logits, _ = decode_snapshot(load_file(path), metadata, self.fingerprint)
         except Exception as error:  # any unreadable file is reported and set aside, never loaded
             self._quarantine(path, error)
             return None
-        return state, tensors.get("logits")
+        return state, logits
 
     def _index_disk(self) -> None:
         """Rebuild the index from the files a previous run left (restart survival); delete the temp files of
@@ -329,6 +432,29 @@ class SessionStore:
             os.replace(path, path.with_name(path.name + ".corrupt"))
         except OSError:
             pass
+
+
+def encode_snapshot(snapshot: Snapshot) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A snapshot as safetensors tensors + metadata: the state (format version, fingerprint, token count), the ids,
+    the logits, the namespace and a checksum over every tensor. The disk and Redis tiers store exactly this."""
+    tensors, metadata = snapshot.state.to_tensors()
+    tensors = {f"state.{name}": t.cpu() for name, t in tensors.items()}
+    tensors["token_ids"] = torch.from_numpy(snapshot.ids.copy())
+    if snapshot.logits is not None:
+        tensors["logits"] = snapshot.logits.float().cpu()
+    metadata.update(namespace=snapshot.namespace, checksum=checksum(tensors))
+    return tensors, metadata
+
+
+def decode_snapshot(tensors: dict[str, torch.Tensor], metadata: dict[str, str], fingerprint: str
+                    ) -> tuple[SessionState, torch.Tensor | None, np.ndarray]:
+    """Inverse of encode_snapshot: (state, logits, ids). Raises ValueError on a checksum mismatch and on a state of
+    another format version or model, so no caller can load either."""
+    if checksum(tensors) != metadata.get("checksum"):
+        raise ValueError("checksum mismatch")
+    state_tensors = {k.removeprefix("state."): t for k, t in tensors.items() if k.startswith("state.")}
+    state = SessionState.from_tensors(state_tensors, metadata, fingerprint)
+    return state, tensors.get("logits"), tensors["token_ids"].numpy().astype(np.int32)
 
 
 def checksum(tensors: dict[str, torch.Tensor]) -> str:
