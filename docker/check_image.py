@@ -316,27 +316,27 @@ def check_api(base_url: str, report: dict) -> None:
     report["model"] = model
 
 
-def session_turn(base_url: str, session_id: str, content: str) -> dict:
+def session_turn(base_url: str, model: str, session_id: str, content: str) -> dict:
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{base_url}/v1", api_key="image-check", timeout=120, max_retries=0)
-    reply = client.chat.completions.create(model="default", messages=[{"role": "user", "content": content}],
+    reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
                                            max_tokens=8, temperature=0, extra_body={"session_id": session_id})
     return reply.model_dump()
 
 
-def check_session_survives_restart(server: Container, base_url: str) -> None:
+def check_session_survives_restart(server: Container, base_url: str, model: str) -> None:
     session = "image-check-restart"
-    session_turn(base_url, session, "My name is Ada and I keep bees.")
+    session_turn(base_url, model, session, "My name is Ada and I keep bees.")
     before = json.loads(http_get(f"{base_url}/v1/sessions/{session}"))
     docker("restart", server.name, timeout=120)
     wait_healthy(server, base_url)
     after = json.loads(http_get(f"{base_url}/v1/sessions/{session}"))
-    if after["tokens"] != before["tokens"]:
+    if after["num_tokens"] != before["num_tokens"]:
         raise CheckFailed(f"session after restart {after} differs from before {before}")
-    usage = session_turn(base_url, session, "What do I keep?")["usage"]
+    usage = session_turn(base_url, model, session, "What do I keep?")["usage"]
     cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
-    if cached < before["tokens"]:
+    if cached < before["num_tokens"]:
         raise CheckFailed(f"the turn after restart reused {cached} of the session's {before['tokens']} tokens")
     log(f"[ok] named session survived docker restart: {before['tokens']} tokens, {cached} reused after it")
 
@@ -371,12 +371,13 @@ def check_prometheus(network: str, port: int) -> Container:
     return prometheus
 
 
-def check_offline(image: str) -> None:
+def check_offline(image: str, model: str) -> None:
     """The image serves a completion with no network at all (the model was baked at build time)."""
     offline = Container("tptt-check-offline", "--network", "none", image)
+    body = json.dumps({"model": model, "prompt": "The capital of France is", "max_tokens": 4})
     request = ("import json, urllib.request as u; r = u.Request('http://127.0.0.1:8000/v1/completions', "
-               "json.dumps({'model': 'default', 'prompt': 'The capital of France is', 'max_tokens': 4}).encode(), "
-               "{'Content-Type': 'application/json'}); print(json.load(u.urlopen(r, timeout=120))['choices'][0]['text'])")
+               f"{body!r}.encode(), {{'Content-Type': 'application/json'}}); "
+               "print(json.load(u.urlopen(r, timeout=120))['choices'][0]['text'])")
     try:
         wait_until("--network none container /health",
                    lambda: offline.exec("python", "-c", "import urllib.request as u; "
@@ -403,10 +404,10 @@ def check_containers(args, report: dict) -> None:
         check_api(base_url, report)
         check_non_root(server)
         prometheus = check_prometheus(network, prometheus_port)
-        check_session_survives_restart(server, base_url)
-    except CheckFailed as error:
+        check_session_survives_restart(server, base_url, report["model"])
+    except Exception as error:  # noqa: BLE001 - an HTTP or client error is a failed check, with the server's log
         logs = f"\n--- {server.name} log ---\n{server.logs()}" if server else ""
-        raise CheckFailed(f"{error}{logs}") from error
+        raise CheckFailed(f"{type(error).__name__}: {error}{logs}") from error
     finally:
         if not args.keep:
             for container in (prometheus, server):
@@ -414,7 +415,7 @@ def check_containers(args, report: dict) -> None:
                     container.remove()
             docker("network", "rm", network, check=False)
             docker("volume", "rm", volume, check=False)
-    check_offline(SERVER_IMAGE)
+    check_offline(SERVER_IMAGE, report["model"])
 
 
 def main(argv: list[str] | None = None) -> int:

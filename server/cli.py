@@ -14,23 +14,34 @@ from .app import create_app
 from .settings import Settings
 
 
+def load_model(settings: Settings) -> tr.TitansModel:
+    """The model `settings` ask for, on their device, threads and dtype, compiled when asked."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    logging.getLogger("tptt-serve").info("loading %s", settings.model)
+    model = tr.load(settings.model, device=settings.device, dtype=getattr(torch, settings.dtype))
+    if settings.compile:
+        logging.getLogger("tptt-serve").info("compiling the decode step (batch 1 and batched)")
+        model.compile()
+        model.warm_up()
+    return model
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         settings = Settings.from_args(argv)
     except ValueError as error:
         sys.exit(f"tptt-serve: {error}")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    logging.getLogger("tptt-serve").info("loading %s", settings.model)
+    if settings.cluster:
+        from .cluster import serve_cluster
+
+        serve_cluster(settings)
+        return
     try:
-        model = tr.load(settings.model, device=settings.device, dtype=getattr(torch, settings.dtype))
+        model = load_model(settings)
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"tptt-serve: cannot load {settings.model!r}: {error}")
-    if settings.compile:
-        logging.getLogger("tptt-serve").info("compiling the decode step (batch 1 and batched)")
-        model.compile()
-        model.warm_up()
     app = create_app(settings, model)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=5)

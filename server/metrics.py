@@ -55,8 +55,8 @@ class EngineGauges:
         if "redis_up" in stats:  # only with --redis-url
             yield GaugeMetricFamily("tptt_store_redis_up", "1 while the shared Redis store answers, 0 while it is "
                                     "down (serving goes on from RAM and disk)", value=stats["redis_up"])
-            for name in ("errors", "skipped", "writes"):
-                yield CounterMetricFamily(f"tptt_store_redis_{name}", REDIS_COUNTERS[name], value=stats[f"redis_{name}"])
+            for name, help_text in REDIS_COUNTERS.items():
+                yield CounterMetricFamily(f"tptt_store_redis_{name}", help_text, value=stats[f"redis_{name}"])
 
 
 class Metrics:

@@ -32,6 +32,11 @@ HELP = {
     "store_disk_bytes": "cap on unpinned snapshot files in --store-dir (0 = no cap)",
     "redis_url": "Redis shared by several servers (redis://host:6379/0): every snapshot and named session is also "
                  "written there, so any of them resumes any conversation; serving goes on without it when it is down",
+    "replicas": "cluster mode: serve from this many Ray Serve replicas (one engine each; needs --redis-url); "
+                "0 = one process, no Ray",
+    "min_replicas": "cluster mode with autoscaling: fewest replicas (with --max-replicas)",
+    "max_replicas": "cluster mode with autoscaling: most replicas (Ray Serve adds replicas as requests queue)",
+    "ray_address": "cluster mode: the Ray cluster to join (e.g. ray://head:10001 or auto); empty = start a local one",
     "max_body_bytes": "largest accepted request body (413 beyond)",
     "compile": "decode steps through torch.compile: faster one-token steps; compiles before serving (minutes on "
                "a small CPU the first time, seconds from torch's on-disk cache afterwards)",
@@ -60,6 +65,10 @@ class Settings:
     store_dir: str = ""
     store_disk_bytes: int = 0
     redis_url: str = ""
+    replicas: int = 0
+    min_replicas: int = 0
+    max_replicas: int = 0
+    ray_address: str = ""
     max_body_bytes: int = 8 << 20
     compile: bool = False
     log_level: str = "info"
@@ -74,7 +83,21 @@ class Settings:
             raise ValueError("threads must be >= 0")
         if self.max_tokens_limit < 1:
             raise ValueError("max_tokens_limit must be >= 1")
+        if min(self.replicas, self.min_replicas, self.max_replicas) < 0:
+            raise ValueError("replicas, min_replicas and max_replicas must be >= 0")
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("--min-replicas needs a --max-replicas at least as large")
+        if self.replicas and self.max_replicas:
+            raise ValueError("give either --replicas (fixed) or --min-replicas / --max-replicas (autoscaling)")
+        if self.cluster and not self.redis_url:
+            raise ValueError("cluster mode (--replicas / --max-replicas) needs --redis-url: the replicas share "
+                             "sessions through it")
         self.engine_config()  # validates the engine's share
+
+    @property
+    def cluster(self) -> bool:
+        """Serve on Ray Serve replicas rather than in this process."""
+        return bool(self.replicas or self.max_replicas)
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(

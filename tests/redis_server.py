@@ -46,12 +46,25 @@ class RedisServer:
         return redis.Redis.from_url(self.url)
 
 
-@pytest.fixture
-def redis_server():
+def started() -> RedisServer:
     binary = find_or_install("redis-server", "redis-server")
     if binary is None:
         pytest.skip("redis-server is not installed and `apt-get install redis-server` failed here")
-    server = RedisServer(binary).start()
+    return RedisServer(binary).start()
+
+
+@pytest.fixture
+def redis_server():
+    server = started()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def module_redis_server():
+    server = started()
     try:
         yield server
     finally:

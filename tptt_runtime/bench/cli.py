@@ -38,6 +38,13 @@ def main(argv: list[str] | None = None) -> None:
     server.add_argument("--clients", type=int, default=16)
     server.add_argument("--decode-tokens", type=int, default=64)
     server.add_argument("--out", type=Path, default=Path("bench-results"))
+    cluster = sub.add_parser("cluster", help="moving a conversation between servers through Redis vs staying, "
+                                             "vs a cold prefill; the session move itself")
+    cluster.add_argument("--turn-tokens", type=int, default=1024, help="tokens of each user turn")
+    cluster.add_argument("--reply-tokens", type=int, default=16, help="cap on the replies to turns 1 and 2")
+    cluster.add_argument("--trials", type=int, default=3, help="chat pairs (one stays, one moves)")
+    cluster.add_argument("--moves", type=int, default=50, help="timed Redis reads + restores of one state")
+    cluster.add_argument("--out", type=Path, default=Path("bench-results"))
     load = sub.add_parser("load", help="bounded load test (loopback): N clients for a while, errors, p50/p99, memory")
     load.add_argument("--clients", type=int, default=64)
     load.add_argument("--duration", type=float, default=120.0, help="seconds")
@@ -54,6 +61,10 @@ def main(argv: list[str] | None = None) -> None:
         run(sorted(args.contexts), args.baseline_max, args.decode_tokens, args.mag_weight, args.out, args.compile,
             shape=args.shape, device=args.device, dtype=getattr(torch, args.dtype), batches=args.batch,
             cache_tokens=args.cache_tokens)
+    elif args.bench == "cluster":
+        from .cluster import run as run_cluster
+
+        run_cluster(args.turn_tokens, args.reply_tokens, args.trials, args.moves, args.out)
     elif args.bench == "server":
         from .server import run as run_server
 

@@ -1,0 +1,114 @@
+"""Cluster mode for real: `tptt-serve --replicas 2` on a local Ray instance with a real Redis. Conversations stick
+to a replica, answer as one process does, and survive `kill -9` of the replica serving them; every replica's
+metrics reach the one /metrics with a replica label. Plus the routing key and the metrics merge, without Ray."""
+
+import os
+import signal
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.cluster import merged_metrics, routing_key
+from server.settings import Settings
+from tests.redis_server import module_redis_server  # noqa: F401 - fixture
+from tests.server.conftest import MODEL
+from tptt_runtime.bench.serving import launch
+
+GREEDY = {"model": MODEL, "max_tokens": 6, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def cluster(module_redis_server):  # noqa: F811
+    server = launch("--replicas", "2", "--redis-url", module_redis_server.url, "--threads", "1")
+    yield server.url
+    server.stop()
+
+
+def post_chat(url: str, messages: list[dict], **extra) -> httpx.Response:
+    response = httpx.post(url + "/v1/chat/completions", json={**GREEDY, "messages": messages, **extra}, timeout=300)
+    assert response.status_code == 200, response.text
+    return response
+
+
+def conversation(url: str, questions: list[str], session_id: str | None = None) -> list[httpx.Response]:
+    """Turns of a chat: resent in full (unnamed), or only the new message (named session)."""
+    messages, responses = [], []
+    for question in questions:
+        messages.append({"role": "user", "content": question})
+        extra = {"session_id": session_id} if session_id else {}
+        response = post_chat(url, messages[-1:] if session_id else messages, **extra)
+        messages.append({"role": "assistant", "content": response.json()["choices"][0]["message"]["content"]})
+        responses.append(response)
+    return responses
+
+
+def replica(response: httpx.Response) -> tuple[str, int]:
+    name, pid = response.headers["x-tptt-replica"].split(" pid=")
+    return name, int(pid)
+
+
+def texts(responses) -> list[str]:
+    return [r.json()["choices"][0]["message"]["content"] for r in responses]
+
+
+def test_an_unnamed_chat_sticks_to_a_replica_and_answers_as_one_process(cluster, base_url):
+    questions = ["Name a fruit.", "Name a colour."]
+    clustered = conversation(cluster, questions)
+    assert replica(clustered[0]) == replica(clustered[1])
+    assert clustered[1].json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert texts(clustered) == texts(conversation(base_url, questions))
+
+
+def test_every_replica_reports_metrics_with_its_label(cluster):
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(cluster + "/metrics").text)}
+    replicas = {sample.labels["replica"] for sample in families["tptt_num_requests_running"].samples}
+    assert len(replicas) == 2
+    assert all("replica" in s.labels for s in families["tptt_request_success"].samples)
+
+
+def test_a_named_session_survives_kill_9_of_its_replica(cluster, base_url):
+    questions = ["My dog is called Rex.", "What is my dog called?", "Say it again."]
+    first = conversation(cluster, questions[:2], session_id="kill-test")
+    assert replica(first[0]) == replica(first[1])
+    name, pid = replica(first[1])
+    os.kill(pid, signal.SIGKILL)
+    (third,) = conversation(cluster, questions[2:], session_id="kill-test")
+    assert replica(third)[0] != name
+    turn_two = first[1].json()["usage"]
+    assert third.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= turn_two["total_tokens"] - 1
+    session = httpx.get(cluster + "/v1/sessions/kill-test").json()
+    assert session["num_messages"] == 6
+    assert texts(first) + texts([third]) == texts(conversation(base_url, questions, session_id="kill-same"))
+
+
+def test_cluster_mode_needs_redis_and_one_kind_of_replica_count():
+    with pytest.raises(ValueError, match="--redis-url"):
+        Settings.from_args(["--replicas", "2"], environ={})
+    with pytest.raises(ValueError, match="either"):
+        Settings.from_args(["--replicas", "2", "--max-replicas", "3", "--redis-url", "redis://x"], environ={})
+    assert Settings.from_args(["--max-replicas", "3", "--redis-url", "redis://x"], environ={}).cluster
+
+
+def test_routing_key_follows_the_conversation_and_the_api_key():
+    turn = lambda *messages: f'{{"messages": [{", ".join(messages)}]}}'.encode()  # noqa: E731
+    first, reply, second = '{"role": "user", "content": "hi"}', '{"role": "assistant", "content": "yo"}', \
+        '{"role": "user", "content": "more"}'
+    alice = {"authorization": "Bearer a"}
+    assert routing_key("/v1/chat/completions", alice, turn(first)) == \
+        routing_key("/v1/chat/completions", alice, turn(first, reply, second))
+    assert routing_key("/v1/chat/completions", alice, turn(first)) != \
+        routing_key("/v1/chat/completions", {"authorization": "Bearer b"}, turn(first))
+    named = routing_key("/v1/chat/completions", alice, b'{"session_id": "s", "messages": []}')
+    assert named == routing_key("/v1/chat/completions", {**alice, "x-session-id": "s"}, b'{"messages": []}')
+    assert routing_key("/x", alice, b"not json") == routing_key("/x", alice, b"")
+
+
+def test_merged_metrics_label_every_sample_and_keep_one_header_per_family():
+    page = ('# HELP tptt_a Things.\n# TYPE tptt_a gauge\ntptt_a 1.0\n'
+            '# HELP tptt_b_total Events.\n# TYPE tptt_b_total counter\ntptt_b_total{reason="x"} 2.0\n')
+    merged = merged_metrics({"r1": page, "r2": page.replace("1.0", "3.0")})
+    assert merged.count("# HELP tptt_a ") == 1
+    families = {f.name: f for f in text_string_to_metric_families(merged)}
+    assert sorted((s.labels["replica"], s.value) for s in families["tptt_a"].samples) == [("r1", 1.0), ("r2", 3.0)]
+    assert {s.labels["reason"] for s in families["tptt_b"].samples} == {"x"}

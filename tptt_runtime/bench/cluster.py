@@ -1,0 +1,158 @@
+"""`tptt-bench cluster`: what it costs to move a conversation between server processes through a shared Redis.
+
+Starts a redis-server (Debian's package) on loopback and three `python -m server` processes: A and B share the
+Redis (`--redis-url`); C runs without prefix reuse, so it prefills every prompt cold, which is what a KV-cache
+server pays when a routing miss sends a conversation to a replica without its cache. For each of `--trials`
+pairs of three-turn chats (user turns of `--turn-tokens`, replies of up to `--reply-tokens`), turns 1-2 go to A,
+then turn 3 goes to A (same replica) in one chat and to B (moved: B resumes from Redis) in the other; C answers
+both turn-3 prompts cold. Medians of the time to first token and their ratios are the result.
+
+The move itself is timed here too: a default-model snapshot (the state, its ids and logits) read from Redis and
+restored into a SessionState, p50 / p95 over `--moves` reads (what B does before it prefills turn 3's new tokens).
+Table on stdout, JSON + PNG in --out. Not measured here yet: Ray Serve replicas (issue 20's cluster mode).
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from . import report
+from .server import filler, stream_chat
+from .serving import free_port, served
+
+
+def redis_server() -> tuple[subprocess.Popen, str]:
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not Path(binary).exists():
+        raise SystemExit("tptt-bench cluster needs redis-server (Debian: apt-get install redis-server)")
+    port = free_port()
+    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    import redis
+
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            redis.Redis.from_url(url).ping()
+            return process, url
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                process.kill()
+                raise
+            time.sleep(0.05)
+
+
+def chat_to_turn_three(first: str, tokenizer, turn_tokens: int, reply_tokens: int, seed: int) -> list[dict]:
+    """Turns 1 and 2 on `first`; returns turn 3's messages (a third long user turn)."""
+    messages = []
+    for turn in range(3):
+        messages.append({"role": "user", "content": filler(tokenizer, turn_tokens, seed + turn) + "\nContinue."})
+        if turn < 2:
+            reply = stream_chat(first, messages, reply_tokens)
+            messages.append({"role": "assistant", "content": reply["text"]})
+    return messages
+
+
+def session_moves(url: str, moves: int) -> dict:
+    """p50 / p95 milliseconds of reading a default-model snapshot from Redis and restoring it."""
+    import tptt_runtime as tr
+
+    from ..engine.redis_tier import RedisTier
+    from ..engine.store import Snapshot, decode_snapshot, encode_snapshot, snapshot_key
+
+    model = tr.load("default")
+    ids = np.arange(100, 612, dtype=np.int32)
+    state = model.new_session()
+    logits = model.prefill(state, ids.tolist())
+    key = snapshot_key("bench", ids)
+    tier = RedisTier(url, model.fingerprint)
+    snapshot = Snapshot(key, "bench", ids, state, logits.float().flatten(), state.nbytes)
+    tier.put_snapshot(key, "bench", len(ids), lambda: encode_snapshot(snapshot))
+    tier.drain()
+    times = []
+    for _ in range(moves):
+        start = time.perf_counter()
+        tensors, metadata = tier.get_snapshot(key)
+        restored, _, _ = decode_snapshot(tensors, metadata, model.fingerprint)
+        times.append(time.perf_counter() - start)
+    tier.close()
+    return {"state_bytes": restored.nbytes, "p50_ms": 1000 * statistics.median(times),
+            "p95_ms": 1000 * float(np.percentile(times, 95)), "moves": moves}
+
+
+def run(turn_tokens: int, reply_tokens: int, trials: int, moves: int, out_dir: Path) -> dict:
+    from transformers import AutoTokenizer
+
+    from ..loading import base_directory
+
+    tokenizer = AutoTokenizer.from_pretrained(base_directory("default"))
+    redis, url = redis_server()
+    rows = {"same": [], "moved": [], "cold": []}
+    cached = {"same": [], "moved": []}
+    progress = tqdm(total=2 * trials + 1, desc="tptt-bench cluster")
+    try:
+        with served("--redis-url", url) as a, served("--redis-url", url) as b, served("--no-prefix-reuse") as c:
+            for server in (a, b, c):
+                stream_chat(server.url, [{"role": "user", "content": "Hi"}], 4)  # warm-up
+            for trial in range(trials):
+                for name, last in (("same", a), ("moved", b)):
+                    messages = chat_to_turn_three(a.url, tokenizer, turn_tokens, reply_tokens,
+                                                  seed=10 * trial + (name == "moved") * 5)
+                    warm = stream_chat(last.url, messages, 8)
+                    rows[name].append(warm["ttft_s"])
+                    cached[name].append(warm["cached_tokens"])
+                    rows["cold"].append(stream_chat(c.url, messages, 8)["ttft_s"])
+                    progress.update()
+        moves_result = session_moves(url, moves)
+        progress.update()
+    finally:
+        progress.close()
+        redis.kill()
+        redis.wait()
+    medians = {name: statistics.median(times) for name, times in rows.items()}
+    results = {"turn_tokens": turn_tokens, "reply_tokens": reply_tokens, "trials": trials,
+               "turn3_ttft_s": {**medians, "all": rows},
+               "cached_tokens": cached,
+               "moved_over_same": medians["moved"] / medians["same"],
+               "moved_over_cold": medians["moved"] / medians["cold"],
+               "session_move": moves_result}
+    report.write(out_dir, "cluster", results, figure(results), table(results))
+    return results
+
+
+def table(results: dict) -> str:
+    t, move = results["turn3_ttft_s"], results["session_move"]
+    return "\n".join([
+        f"3-turn chats, user turns of {results['turn_tokens']} tokens, {results['trials']} trials (medians)",
+        "turn-3 time to first token (s)   same replica   moved (Redis)   cold prefill",
+        f"                                 {t['same']:12.3f}   {t['moved']:13.3f}   {t['cold']:12.3f}",
+        f"moved / same {results['moved_over_same']:.2f}x   moved / cold {results['moved_over_cold']:.2f}x   "
+        f"cached tokens same {results['cached_tokens']['same']} moved {results['cached_tokens']['moved']}",
+        f"session move (Redis GET + restore of a {move['state_bytes'] / 1e6:.2f} MB state): "
+        f"p50 {move['p50_ms']:.1f} ms, p95 {move['p95_ms']:.1f} ms over {move['moves']}"])
+
+
+def figure(results: dict):
+    fig, (left, right) = report.subplots(1, 2, figsize=(10, 4))
+    t = results["turn3_ttft_s"]
+    names = ["same", "moved", "cold"]
+    left.bar(["same replica", "moved (Redis)", "cold prefill"], [t[n] for n in names],
+             color=["tab:green", "tab:blue", "tab:red"])
+    for i, name in enumerate(names):
+        left.scatter([i] * len(t["all"][name]), t["all"][name], color="black", s=8, zorder=3)
+    left.set_ylabel("turn-3 time to first token (s)")
+    left.set_title(f"user turns of {results['turn_tokens']} tokens")
+    move = results["session_move"]
+    right.bar(["p50", "p95"], [move["p50_ms"], move["p95_ms"]], color="tab:blue")
+    right.set_ylabel("ms")
+    right.set_title(f"session move: Redis GET + restore ({move['state_bytes'] / 1e6:.1f} MB)")
+    fig.tight_layout()
+    return fig
