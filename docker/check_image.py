@@ -337,8 +337,8 @@ def check_session_survives_restart(server: Container, base_url: str, model: str)
     usage = session_turn(base_url, model, session, "What do I keep?")["usage"]
     cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
     if cached < before["num_tokens"]:
-        raise CheckFailed(f"the turn after restart reused {cached} of the session's {before['tokens']} tokens")
-    log(f"[ok] named session survived docker restart: {before['tokens']} tokens, {cached} reused after it")
+        raise CheckFailed(f"the turn after restart reused {cached} of the session's {before['num_tokens']} tokens")
+    log(f"[ok] named session survived docker restart: {before['num_tokens']} tokens, {cached} reused after it")
 
 
 def check_non_root(server: Container) -> None:

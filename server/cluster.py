@@ -190,7 +190,11 @@ def build_application(settings: Settings):
                     continue
             return merged_metrics(pages)
 
-    engine_options = {"ray_actor_options": {"num_cpus": settings.threads or 1}, "max_ongoing_requests": 1024,
+    replicas = max(settings.replicas, settings.max_replicas)
+    resources = {"num_cpus": settings.threads or 1}
+    if settings.device.startswith("cuda"):  # Ray hides the GPUs from an actor that asks for none
+        resources["num_gpus"] = 1 / replicas  # every replica fits on one GPU (not checked on a GPU host yet)
+    engine_options = {"ray_actor_options": resources, "max_ongoing_requests": 1024,
                       "graceful_shutdown_timeout_s": SHUTDOWN_S,
                       "request_router_config": RequestRouterConfig(
                           request_router_class="ray.serve.experimental.consistent_hash_router.ConsistentHashRouter",
@@ -247,6 +251,22 @@ def build_application(settings: Settings):
 
     engine_settings = asdict(replace(settings, replicas=0, min_replicas=0, max_replicas=0))
     return Front.bind(Engine.bind(engine_settings), asdict(settings))
+
+
+def app_builder(args: dict):
+    """Application builder for `serve run` and KubeRay's RayService (`import_path: server.cluster:app_builder`):
+    `args` are Settings fields (e.g. {"redis_url": ..., "replicas": 2}); TPTT_* environment variables fill the rest."""
+    argv = []
+    for key, value in args.items():
+        name = key.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(f"--{name}" if value else f"--no-{name}")
+        else:
+            argv += [f"--{name}={item}" for item in (value if isinstance(value, list) else [value])]
+    settings = Settings.from_args(argv)
+    if not settings.cluster:
+        raise ValueError("the application builder serves cluster mode: give replicas or max_replicas")
+    return build_application(settings)
 
 
 def serve_cluster(settings: Settings) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests import redis_server
 from tests.debian import find_or_install, located
 from tests.server.conftest import free_port, live_server
 
@@ -82,10 +83,15 @@ def drive(base_url: str) -> None:
 
 @pytest.fixture(scope="session")
 def deploy_server(default_model):
-    """Base URL of a live server that has already answered a few requests."""
-    with live_server(default_model) as (base_url, _):
-        drive(base_url)
-        yield base_url
+    """Base URL of a live server, sharing its store through a real Redis (so the dashboard's store panels have
+    data), that has already answered a few requests."""
+    redis = redis_server.started()
+    try:
+        with live_server(default_model, redis_url=redis.url) as (base_url, _):
+            drive(base_url)
+            yield base_url
+    finally:
+        redis.stop()
 
 
 def scrape_config(target: str) -> dict:

@@ -68,8 +68,9 @@ def dockerfile_args() -> dict[str, str | None]:
 
 def test_services_profiles_and_dotenv(stack, gpu, cpu):
     services = stack["services"]
-    assert set(services) == {"server", "server-cpu", "prometheus", "grafana"}
+    assert set(services) == {"server", "server-cpu", "server-cluster", "redis", "prometheus", "grafana"}
     assert (gpu["profiles"], cpu["profiles"]) == (["gpu"], ["cpu"])
+    assert services["server-cluster"]["profiles"] == services["redis"]["profiles"] == ["cluster"]
     assert "profiles" not in services["prometheus"] and "profiles" not in services["grafana"]
     env = dotenv()
     assert env["COMPOSE_PROFILES"] == "gpu" and env["COMPOSE_PROJECT_NAME"] == "tptt"
@@ -80,9 +81,21 @@ def test_services_profiles_and_dotenv(stack, gpu, cpu):
 
 
 def test_no_service_depends_on_a_server_of_one_profile(stack):
-    """Compose refuses a dependency on a service whose profile is off, so nothing may depend on a server."""
-    for name, service in stack["services"].items():
-        assert not {"server", "server-cpu"} & set(service.get("depends_on", [])), name
+    """Compose refuses a dependency on a service whose profile is off: only services of one profile depend on
+    each other."""
+    services = stack["services"]
+    for name, service in services.items():
+        for needed in service.get("depends_on", []):
+            assert services[needed].get("profiles") == service.get("profiles"), (name, needed)
+
+
+def test_the_cluster_server_runs_replicas_on_the_compose_redis(stack):
+    cluster = stack["services"]["server-cluster"]
+    settings = settings_of(cluster)
+    assert settings.cluster and settings.replicas == 2 and settings.threads == 1
+    assert settings.redis_url == "redis://redis:6379/0" and cluster["depends_on"] == ["redis"]
+    assert "cluster" in cluster["build"]["args"]["EXTRAS"].split(",")
+    assert cluster["shm_size"] and "server" in cluster["networks"]["default"]["aliases"]
 
 
 def settings_of(service: dict) -> Settings:

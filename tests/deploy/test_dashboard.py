@@ -22,7 +22,15 @@ REQUIRED = {  # panel topic -> metrics its queries must use
     "tokens/s": {"tptt_generation_tokens_total", "tptt_prompt_tokens_total"},
     "requests": {"tptt_num_requests_running", "tptt_num_requests_waiting"},
     "prefix hit rate": {"tptt_prefix_cache_hits_total", "tptt_prefix_cache_queries_total"},
+    "hits by store tier": {"tptt_store_prefix_hits_total"},
+    "shared store": {"tptt_store_redis_up", "tptt_store_redis_errors_total", "tptt_store_redis_skipped_total"},
 }
+
+
+def test_per_replica_panels_split_by_the_replica_label(dashboard):
+    by_replica = [expr for expr in exprs(dashboard) if "by (replica)" in expr]
+    assert {"tptt_generation_tokens_total", "tptt_num_requests_running"} <= \
+        {name for expr in by_replica for name in METRIC.findall(expr)}
 
 
 @pytest.fixture(scope="module")

@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> None:
     cluster.add_argument("--reply-tokens", type=int, default=16, help="cap on the replies to turns 1 and 2")
     cluster.add_argument("--trials", type=int, default=3, help="chat pairs (one stays, one moves)")
     cluster.add_argument("--moves", type=int, default=50, help="timed Redis reads + restores of one state")
+    cluster.add_argument("--clients", type=int, default=8, help="concurrent streams for the replica scaling")
+    cluster.add_argument("--decode-tokens", type=int, default=32)
+    cluster.add_argument("--no-ray", action="store_true", help="skip the Ray Serve replicas (no `cluster` extra)")
     cluster.add_argument("--out", type=Path, default=Path("bench-results"))
     load = sub.add_parser("load", help="bounded load test (loopback): N clients for a while, errors, p50/p99, memory")
     load.add_argument("--clients", type=int, default=64)
@@ -64,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.bench == "cluster":
         from .cluster import run as run_cluster
 
-        run_cluster(args.turn_tokens, args.reply_tokens, args.trials, args.moves, args.out)
+        run_cluster(args.turn_tokens, args.reply_tokens, args.trials, args.moves, args.out, args.clients,
+                    args.decode_tokens, not args.no_ray)
     elif args.bench == "server":
         from .server import run as run_server
 

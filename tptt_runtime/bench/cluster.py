@@ -9,7 +9,12 @@ both turn-3 prompts cold. Medians of the time to first token and their ratios ar
 
 The move itself is timed here too: a default-model snapshot (the state, its ids and logits) read from Redis and
 restored into a SessionState, p50 / p95 over `--moves` reads (what B does before it prefills turn 3's new tokens).
-Table on stdout, JSON + PNG in --out. Not measured here yet: Ray Serve replicas (issue 20's cluster mode).
+
+Cluster mode (`--replicas`, Ray Serve), one thread per engine: aggregate decode tokens/s of `--clients` streams
+with 1 and with 2 replicas, and one stream's decode tokens/s and time to first token through Ray vs a plain
+`tptt-serve --threads 1` (the overhead of the Front hop and the handle). On a 2-core machine two replicas share
+the cores with Ray's own processes: the scaling figure says what this machine allows, not what a GPU host does.
+Table on stdout, JSON + PNG in --out.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import report
-from .server import filler, stream_chat
+from .server import concurrent_decode, filler, stream_chat
 from .serving import free_port, served
 
 
@@ -88,7 +93,33 @@ def session_moves(url: str, moves: int) -> dict:
             "p95_ms": 1000 * float(np.percentile(times, 95)), "moves": moves}
 
 
-def run(turn_tokens: int, reply_tokens: int, trials: int, moves: int, out_dir: Path) -> dict:
+def median_ttft(url: str, repeats: int = 5) -> float:
+    return statistics.median(stream_chat(url, [{"role": "user", "content": f"Say hello {i}."}], 2)["ttft_s"]
+                             for i in range(repeats))
+
+
+def ray_scaling(url: str, clients: int, decode_tokens: int) -> dict:
+    """Decode tokens/s with 1 and 2 Ray Serve replicas vs a plain server, one engine thread each."""
+    rows = {}
+    with served("--threads", "1") as plain:
+        stream_chat(plain.url, [{"role": "user", "content": "Hi"}], 4)
+        rows["plain_1_stream"] = concurrent_decode(plain.url, 1, decode_tokens)
+        rows["plain_ttft_s"] = median_ttft(plain.url)
+    for replicas in (1, 2):
+        with served("--replicas", str(replicas), "--redis-url", url, "--threads", "1") as cluster:
+            stream_chat(cluster.url, [{"role": "user", "content": "Hi"}], 4)
+            if replicas == 1:
+                rows["ray1_1_stream"] = concurrent_decode(cluster.url, 1, decode_tokens)
+                rows["ray1_ttft_s"] = median_ttft(cluster.url)
+            rows[f"ray{replicas}_{clients}_streams"] = concurrent_decode(cluster.url, clients, decode_tokens)
+    rows["scaling_2_over_1"] = rows[f"ray2_{clients}_streams"] / rows[f"ray1_{clients}_streams"]
+    rows["ray_over_plain_decode"] = rows["ray1_1_stream"] / rows["plain_1_stream"]
+    rows["ray_over_plain_ttft"] = rows["ray1_ttft_s"] / rows["plain_ttft_s"]
+    return rows
+
+
+def run(turn_tokens: int, reply_tokens: int, trials: int, moves: int, out_dir: Path, clients: int = 8,
+        decode_tokens: int = 32, with_ray: bool = True) -> dict:
     from transformers import AutoTokenizer
 
     from ..loading import base_directory
@@ -97,7 +128,7 @@ def run(turn_tokens: int, reply_tokens: int, trials: int, moves: int, out_dir: P
     redis, url = redis_server()
     rows = {"same": [], "moved": [], "cold": []}
     cached = {"same": [], "moved": []}
-    progress = tqdm(total=2 * trials + 1, desc="tptt-bench cluster")
+    progress = tqdm(total=2 * trials + 2, desc="tptt-bench cluster")
     try:
         with served("--redis-url", url) as a, served("--redis-url", url) as b, served("--no-prefix-reuse") as c:
             for server in (a, b, c):
@@ -113,6 +144,8 @@ def run(turn_tokens: int, reply_tokens: int, trials: int, moves: int, out_dir: P
                     progress.update()
         moves_result = session_moves(url, moves)
         progress.update()
+        ray_rows = ray_scaling(url, clients, decode_tokens) if with_ray else None
+        progress.update()
     finally:
         progress.close()
         redis.kill()
@@ -123,7 +156,7 @@ def run(turn_tokens: int, reply_tokens: int, trials: int, moves: int, out_dir: P
                "cached_tokens": cached,
                "moved_over_same": medians["moved"] / medians["same"],
                "moved_over_cold": medians["moved"] / medians["cold"],
-               "session_move": moves_result}
+               "session_move": moves_result, "clients": clients, "ray": ray_rows}
     report.write(out_dir, "cluster", results, figure(results), table(results))
     return results
 
@@ -137,11 +170,24 @@ def table(results: dict) -> str:
         f"moved / same {results['moved_over_same']:.2f}x   moved / cold {results['moved_over_cold']:.2f}x   "
         f"cached tokens same {results['cached_tokens']['same']} moved {results['cached_tokens']['moved']}",
         f"session move (Redis GET + restore of a {move['state_bytes'] / 1e6:.2f} MB state): "
-        f"p50 {move['p50_ms']:.1f} ms, p95 {move['p95_ms']:.1f} ms over {move['moves']}"])
+        f"p50 {move['p50_ms']:.1f} ms, p95 {move['p95_ms']:.1f} ms over {move['moves']}",
+        *ray_table(results)])
+
+
+def ray_table(results: dict) -> list[str]:
+    ray, n = results.get("ray"), results.get("clients")
+    if not ray:
+        return []
+    return [f"decode tokens/s, 1 engine thread each   1 stream   {n} streams",
+            f"  plain tptt-serve                     {ray['plain_1_stream']:8.1f}",
+            f"  Ray Serve, 1 replica                 {ray['ray1_1_stream']:8.1f}   {ray[f'ray1_{n}_streams']:9.1f}",
+            f"  Ray Serve, 2 replicas                           {ray[f'ray2_{n}_streams']:9.1f}",
+            f"2 replicas / 1: {ray['scaling_2_over_1']:.2f}x   Ray / plain, one stream: decode "
+            f"{ray['ray_over_plain_decode']:.2f}x, time to first token {ray['ray_over_plain_ttft']:.2f}x"]
 
 
 def figure(results: dict):
-    fig, (left, right) = report.subplots(1, 2, figsize=(10, 4))
+    fig, (left, right, third) = report.subplots(1, 3, figsize=(15, 4))
     t = results["turn3_ttft_s"]
     names = ["same", "moved", "cold"]
     left.bar(["same replica", "moved (Redis)", "cold prefill"], [t[n] for n in names],
@@ -154,5 +200,13 @@ def figure(results: dict):
     right.bar(["p50", "p95"], [move["p50_ms"], move["p95_ms"]], color="tab:blue")
     right.set_ylabel("ms")
     right.set_title(f"session move: Redis GET + restore ({move['state_bytes'] / 1e6:.1f} MB)")
+    ray, n = results.get("ray"), results.get("clients")
+    if ray:
+        third.bar(["plain, 1 stream", "Ray 1 replica, 1 stream", f"Ray 1 replica, {n}", f"Ray 2 replicas, {n}"],
+                  [ray["plain_1_stream"], ray["ray1_1_stream"], ray[f"ray1_{n}_streams"], ray[f"ray2_{n}_streams"]],
+                  color=["tab:gray", "tab:blue", "tab:blue", "tab:green"])
+        third.set_ylabel("decode tokens/s")
+        third.set_title("cluster mode, one engine thread per replica")
+        third.tick_params(axis="x", labelrotation=20)
     fig.tight_layout()
     return fig
