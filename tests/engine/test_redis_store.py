@@ -86,7 +86,8 @@ def plant(store: SessionStore, namespace: str, ids: list[int], value: bytes) -> 
 
 def encoded(ids: list[int], fingerprint: str = FINGERPRINT, namespace: str = "a") -> bytes:
     ids = np.asarray(ids, dtype=np.int32)
-    snapshot = Snapshot("k", namespace, ids, SessionState(state(len(ids)).layers, fingerprint, len(ids)), None, 0)
+    snapshot = Snapshot(snapshot_key(namespace, ids), namespace, ids,
+                        SessionState(state(len(ids)).layers, fingerprint, len(ids)), None, 0)
     tensors, metadata = encode_snapshot(snapshot)
     return save(tensors, metadata=metadata)
 

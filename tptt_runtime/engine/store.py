@@ -156,7 +156,8 @@ class SessionStore:
                 continue
             try:
                 state, logits, stored_ids = decode_snapshot(*entry, self.fingerprint)
-                if entry[1].get("namespace") != namespace or not np.array_equal(stored_ids, ids[:length]):
+                if (entry[1].get("namespace") != namespace or entry[1].get("prefix_hash") != key
+                        or not np.array_equal(stored_ids, ids[:length])):
                     raise ValueError("the entry holds another conversation's state")
             except Exception as error:  # noqa: BLE001 - whatever is wrong with an entry, it is not loaded
                 self.remote.skip(key, error)
@@ -436,13 +437,14 @@ class SessionStore:
 
 def encode_snapshot(snapshot: Snapshot) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A snapshot as safetensors tensors + metadata: the state (format version, fingerprint, token count), the ids,
-    the logits, the namespace and a checksum over every tensor. The disk and Redis tiers store exactly this."""
+    the logits, the namespace, the prefix hash (the snapshot's key) and a checksum over every tensor. The disk and
+    Redis tiers store exactly this."""
     tensors, metadata = snapshot.state.to_tensors()
     tensors = {f"state.{name}": t.cpu() for name, t in tensors.items()}
     tensors["token_ids"] = torch.from_numpy(snapshot.ids.copy())
     if snapshot.logits is not None:
         tensors["logits"] = snapshot.logits.float().cpu()
-    metadata.update(namespace=snapshot.namespace, checksum=checksum(tensors))
+    metadata.update(namespace=snapshot.namespace, prefix_hash=snapshot.key, checksum=checksum(tensors))
     return tensors, metadata
 
 
