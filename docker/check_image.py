@@ -336,7 +336,7 @@ def check_session_survives_restart(server: Container, base_url: str, model: str)
         raise CheckFailed(f"session after restart {after} differs from before {before}")
     usage = session_turn(base_url, model, session, "What do I keep?")["usage"]
     cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
-    if cached < before["num_tokens"]:
+    if cached < before["num_tokens"] - 1:  # all but the last sampled token, which the state never consumed
         raise CheckFailed(f"the turn after restart reused {cached} of the session's {before['num_tokens']} tokens")
     log(f"[ok] named session survived docker restart: {before['num_tokens']} tokens, {cached} reused after it")
 

@@ -12,6 +12,10 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from tptt_runtime.engine.request import FinishReason
+
+FINISH_REASONS = (FinishReason.STOP, FinishReason.LENGTH, FinishReason.ABORT, FinishReason.ERROR)
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
                    20.0, 40.0, 80.0, 160.0)
 BYTES_PER_TOKEN_BUCKETS = tuple(2.0 ** e for e in range(4, 28, 2))  # 16 B .. 64 MiB per token
@@ -74,6 +78,8 @@ class Metrics:
             "tptt_prefix_cache_hits", "Prompt tokens resumed from a stored state snapshot", registry=r)
         self.request_success = Counter(
             "tptt_request_success", "Finished requests by reason", ["finished_reason"], registry=r)
+        for reason in FINISH_REASONS:  # every series exists from start-up, at 0 (Prometheus' instrumentation guide)
+            self.request_success.labels(finished_reason=reason)
         self.ttft = Histogram("tptt_time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS,
                               registry=r)
         self.itl = Histogram("tptt_inter_token_latency_seconds", "Time between output tokens",

@@ -169,3 +169,10 @@ def test_metrics_parse_and_carry_every_name(base_url):
     assert not [n for n in required if n not in names]
     assert metric(base_url, "tptt_session_state_bytes") > 0
     assert metric(base_url, "tptt_kv_cache_equivalent_bytes") > 0
+
+
+def test_every_finish_reason_series_exists_at_zero_from_start_up(start_server):
+    with start_server() as (url, _):
+        text = httpx.get(url + "/metrics").text
+    for reason in ("stop", "length", "abort", "error"):
+        assert f'tptt_request_success_total{{finished_reason="{reason}"}} 0.0' in text

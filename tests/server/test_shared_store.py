@@ -97,3 +97,4 @@ def test_the_setting_reaches_the_engine(setting):
     settings = (Settings.from_args([setting, url], environ={}) if setting.startswith("--")
                 else Settings.from_args([], environ={setting: url}))
     assert settings.engine_config().redis_url == url
+
