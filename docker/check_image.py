@@ -262,7 +262,7 @@ class Container:
 
     def __init__(self, name: str, *run_args: str):
         self.name = name
-        docker("rm", "-f", name, check=False)
+        docker("rm", "-f", "-v", name, check=False)
         docker("run", "-d", "--name", name, *run_args, timeout=120)
 
     def alive(self) -> None:
@@ -277,7 +277,7 @@ class Container:
         return docker("exec", self.name, *command, timeout=timeout)
 
     def remove(self) -> None:
-        docker("rm", "-f", self.name, check=False)
+        docker("rm", "-f", "-v", self.name, check=False)  # with its anonymous volumes
 
 
 def http_get(url: str, timeout: float = 10) -> bytes:

@@ -141,3 +141,12 @@ def test_an_outage_degrades_serving_goes_on_and_writes_resume(redis_server):  # 
     assert b.get_session("a", "s").num_tokens == 3 and b.longest_prefix("a", [3, 4, 5, 6])[2] == 3
     for store in (a, b):
         store.remote.close()
+
+
+def test_writes_beyond_the_queue_bound_are_dropped_and_counted(redis_server):  # noqa: F811
+    store = SessionStore(FINGERPRINT, max_bytes=1 << 20, remote=RedisTier(redis_server.url, FINGERPRINT, max_queued=0))
+    put(store, [1, 2, 3])
+    store.remote.drain()
+    assert store.stats()["redis_dropped"] == 1 and store.stats()["redis_writes"] == 0
+    assert store.longest_prefix("a", [1, 2, 3, 4])[2] == 3  # the local tiers keep it
+    store.remote.close()

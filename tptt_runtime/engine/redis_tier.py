@@ -45,14 +45,14 @@ def digest(*parts: str) -> str:
 
 class RedisTier:
     def __init__(self, url: str, fingerprint: str, ttl_s: int = 7 * 86400, retry_s: float = 2.0,
-                 timeout_s: float = 2.0):
+                 timeout_s: float = 2.0, max_queued: int = 64):
         self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self.url = url
         self.prefix = f"tptt:{fingerprint[:16]}:"
-        self.ttl_s, self.retry_s = ttl_s, retry_s
+        self.ttl_s, self.retry_s, self.max_queued = ttl_s, retry_s, max_queued
         self.up = True
         self.retry_at = 0.0
-        self.counts: Counter = Counter()          # hits, misses, errors, skipped (corrupt / foreign), writes
+        self.counts: Counter = Counter()          # hits, misses, errors, skipped (corrupt / foreign), writes, dropped
         self.pending: dict[str, int] = {}         # snapshot key -> queued writes not finished yet
         self.written = threading.Condition()
         self.queue: queue.Queue = queue.Queue()
@@ -62,7 +62,11 @@ class RedisTier:
 
     # ------------------------------------------------------------------------------------- snapshots
     def put_snapshot(self, key: str, namespace: str, length: int, encode) -> None:
-        """Queue a snapshot write; `encode()` (run on the writer thread) returns (tensors, metadata)."""
+        """Queue a snapshot write; `encode()` (run on the writer thread) returns (tensors, metadata). Dropped (and
+        counted) while Redis is known to be down or `max_queued` writes already wait: the queue holds states."""
+        if (not self.up and time.monotonic() < self.retry_at) or self.queue.qsize() >= self.max_queued:
+            self.counts["dropped"] += 1
+            return
         with self.written:
             self.pending[key] = self.pending.get(key, 0) + 1
         self.queue.put((key, namespace, length, encode))
@@ -154,7 +158,7 @@ class RedisTier:
             self._call(lambda r: r.ping())
         return {"redis_up": int(self.up), "redis_hits": self.counts["hits"], "redis_misses": self.counts["misses"],
                 "redis_errors": self.counts["errors"], "redis_skipped": self.counts["skipped"],
-                "redis_writes": self.counts["writes"]}
+                "redis_writes": self.counts["writes"], "redis_dropped": self.counts["dropped"]}
 
     def drain(self, timeout_s: float = 30.0) -> bool:
         """Wait for every queued write (at shutdown)."""
