@@ -42,6 +42,7 @@ APP_NAME = "tptt"
 HOP_BY_HOP = {"content-length", "transfer-encoding", "connection", "keep-alive"}
 REPLICA_TTL_S = 30  # a replica's metrics address expires from Redis unless refreshed
 SHUTDOWN_S = 10     # requests in flight get this long to finish when the cluster stops
+QUIET = {"enable_access_log": False, "log_level": "WARNING"}  # Ray Serve's per-request lines; ours stay
 
 
 # ------------------------------------------------------------------------------------------- routing
@@ -153,7 +154,7 @@ def build_application(settings: Settings):
     front_app = FastAPI(title="tptt-serve (cluster)", openapi_url=None, docs_url=None, redoc_url=None)
 
     @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024,
-                      graceful_shutdown_timeout_s=SHUTDOWN_S)
+                      graceful_shutdown_timeout_s=SHUTDOWN_S, logging_config=QUIET)
     @serve.ingress(front_app)
     class Front:
         def __init__(self, engine, settings_dict: dict):
@@ -195,7 +196,7 @@ def build_application(settings: Settings):
     if settings.device.startswith("cuda"):  # Ray hides the GPUs from an actor that asks for none
         resources["num_gpus"] = 1 / replicas  # every replica fits on one GPU (not checked on a GPU host yet)
     engine_options = {"ray_actor_options": resources, "max_ongoing_requests": 1024,
-                      "graceful_shutdown_timeout_s": SHUTDOWN_S,
+                      "graceful_shutdown_timeout_s": SHUTDOWN_S, "logging_config": QUIET,
                       "request_router_config": RequestRouterConfig(
                           request_router_class="ray.serve.experimental.consistent_hash_router.ConsistentHashRouter",
                           request_router_kwargs={"num_fallback_replicas": 2})}

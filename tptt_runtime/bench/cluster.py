@@ -59,7 +59,8 @@ def chat_to_turn_three(first: str, tokenizer, turn_tokens: int, reply_tokens: in
     """Turns 1 and 2 on `first`; returns turn 3's messages (a third long user turn)."""
     messages = []
     for turn in range(3):
-        messages.append({"role": "user", "content": filler(tokenizer, turn_tokens, seed + turn) + "\nContinue."})
+        text = f"Document {seed}.{turn}:\n" + filler(tokenizer, turn_tokens, seed + turn)  # distinct per chat
+        messages.append({"role": "user", "content": text + "\nContinue."})
         if turn < 2:
             reply = stream_chat(first, messages, reply_tokens)
             messages.append({"role": "assistant", "content": reply["text"]})
@@ -136,7 +137,7 @@ def run(turn_tokens: int, reply_tokens: int, trials: int, moves: int, out_dir: P
             for trial in range(trials):
                 for name, last in (("same", a), ("moved", b)):
                     messages = chat_to_turn_three(a.url, tokenizer, turn_tokens, reply_tokens,
-                                                  seed=10 * trial + (name == "moved") * 5)
+                                                  seed=10 * trial + (name == "moved") * 5 + 1)
                     warm = stream_chat(last.url, messages, 8)
                     rows[name].append(warm["ttft_s"])
                     cached[name].append(warm["cached_tokens"])
@@ -167,7 +168,7 @@ def table(results: dict) -> str:
         f"3-turn chats, user turns of {results['turn_tokens']} tokens, {results['trials']} trials (medians)",
         "turn-3 time to first token (s)   same replica   moved (Redis)   cold prefill",
         f"                                 {t['same']:12.3f}   {t['moved']:13.3f}   {t['cold']:12.3f}",
-        f"moved / same {results['moved_over_same']:.2f}x   moved / cold {results['moved_over_cold']:.2f}x   "
+        f"moved / same {results['moved_over_same']:.2f}x   moved / cold {results['moved_over_cold']:.3f}x   "
         f"cached tokens same {results['cached_tokens']['same']} moved {results['cached_tokens']['moved']}",
         f"session move (Redis GET + restore of a {move['state_bytes'] / 1e6:.2f} MB state): "
         f"p50 {move['p50_ms']:.1f} ms, p95 {move['p95_ms']:.1f} ms over {move['moves']}",
