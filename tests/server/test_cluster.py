@@ -2,8 +2,11 @@
 to a replica, answer as one process does, and survive `kill -9` of the replica serving them; every replica's
 metrics reach the one /metrics with a replica label. Plus the routing key and the metrics merge, without Ray."""
 
+import contextlib
 import os
 import signal
+import threading
+import time
 
 import httpx
 import pytest
@@ -112,3 +115,36 @@ def test_merged_metrics_label_every_sample_and_keep_one_header_per_family():
     families = {f.name: f for f in text_string_to_metric_families(merged)}
     assert sorted((s.labels["replica"], s.value) for s in families["tptt_a"].samples) == [("r1", 1.0), ("r2", 3.0)]
     assert {s.labels["reason"] for s in families["tptt_b"].samples} == {"x"}
+
+
+def test_autoscaling_adds_a_replica_under_load(module_redis_server):  # noqa: F811
+    """--min-replicas 1 --max-replicas 2: with more requests in flight than a replica's target (max_num_seqs // 2),
+    Ray Serve starts a second replica and the hash ring sends conversations to it."""
+    server = launch("--min-replicas", "1", "--max-replicas", "2", "--max-num-seqs", "2", "--redis-url",
+                    module_redis_server.url, "--threads", "1")
+    seen: set[str] = set()
+    stop = threading.Event()
+
+    def client(i: int) -> None:
+        turn = 0
+        while not stop.is_set():
+            body = {**GREEDY, "max_tokens": 24, "messages": [{"role": "user", "content": f"Story {i}.{turn}."}]}
+            with contextlib.suppress(httpx.HTTPError):
+                response = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120)
+                if response.status_code == 200:
+                    seen.add(replica(response)[0])
+            turn += 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+    try:
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 240
+        while len(seen) < 2 and time.monotonic() < deadline:
+            time.sleep(2)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=150)
+        server.stop()
+    assert len(seen) == 2, f"one replica served everything: {seen}"
