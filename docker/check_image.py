@@ -33,6 +33,7 @@ import functools
 import http.server
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -50,7 +51,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_BASE = "tptt-local/debian:bookworm"
 SERVER_IMAGE = "tptt-serve:cpu"
+CLUSTER_IMAGE = "tptt-serve:cluster"
 PROMETHEUS_IMAGE = "tptt-prometheus:debian"
+REDIS_IMAGE = "tptt-redis:debian"
 DOCKERD_ARGS = ["--storage-driver=vfs", "--iptables=false", "--ip6tables=false", "--bridge=none"]
 NO_ENGINE = 77
 SERVER_START_S = 300
@@ -249,6 +252,18 @@ def build_images(args, report: dict) -> None:
                                   args.log_dir / "build-server.log")
     report["image_bytes"] = int(docker("image", "inspect", "-f", "{{.Size}}", SERVER_IMAGE))
     log(f"[ok] built {SERVER_IMAGE} in {report['build_s']:.0f} s, {report['image_bytes'] / 1e9:.2f} GB")
+    if args.cluster:
+        with contextlib.ExitStack() as stack:
+            if wheels:
+                server_args["PIP_FIND_LINKS"] = stack.enter_context(served_folder(wheels))
+            log(f"building {CLUSTER_IMAGE} (log: {args.log_dir / 'build-cluster.log'})")
+            report["cluster_build_s"] = build(CLUSTER_IMAGE, ROOT / "docker/Dockerfile", ROOT,
+                                              server_args | {"EXTRAS": "cluster"}, args.log_dir / "build-cluster.log")
+        report["cluster_image_bytes"] = int(docker("image", "inspect", "-f", "{{.Size}}", CLUSTER_IMAGE))
+        log(f"[ok] built {CLUSTER_IMAGE} in {report['cluster_build_s']:.0f} s, "
+            f"{report['cluster_image_bytes'] / 1e9:.2f} GB")
+        build(REDIS_IMAGE, ROOT / "docker/redis.Dockerfile", ROOT / "docker", {"BASE_IMAGE": args.base},
+              args.log_dir / "build-redis.log")
     if not args.build_only:
         log(f"building {PROMETHEUS_IMAGE}")
         build(PROMETHEUS_IMAGE, ROOT / "docker/prometheus.Dockerfile", ROOT / "docker", {"BASE_IMAGE": args.base},
@@ -418,11 +433,59 @@ def check_containers(args, report: dict) -> None:
     check_offline(SERVER_IMAGE, report["model"])
 
 
+def check_cluster(args, report: dict) -> None:
+    """The compose file's server-cluster service (its environment and shm size) on the cluster image, beside a
+    Redis container: replicas come up, a named session's turns land on one replica, /metrics carries both."""
+    service = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["server-cluster"]
+    defaults = {key: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(value)) for key, value in service["environment"].items()}
+    environment = {key: value for key, value in defaults.items() if value}  # compose's `${VAR:-default}` defaults
+    suffix = str(os.getpid())
+    network, port = f"tptt-cluster-{suffix}", free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    docker("network", "create", network)
+    containers = []
+    try:
+        redis_command = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["redis"]["command"]
+        containers.append(Container("tptt-check-redis", "--network", network, "--network-alias", "redis",
+                                    REDIS_IMAGE, *redis_command))
+        env_args = [arg for key, value in environment.items() for arg in ("-e", f"{key}={value}")]
+        server = Container("tptt-check-cluster", "--network", network, "-p", f"127.0.0.1:{port}:8000",
+                           "--shm-size", service["shm_size"], *env_args, CLUSTER_IMAGE)
+        containers.append(server)
+        report["cluster_start_s"] = wait_healthy(server, base_url)
+        log(f"[ok] cluster mode (2 replicas): /health after {report['cluster_start_s']:.0f} s")
+        replicas = set()
+        for content in ("My name is Ada.", "What is my name?"):
+            request = urllib.request.Request(f"{base_url}/v1/chat/completions", json.dumps(
+                {"model": report["model"], "max_tokens": 6, "session_id": "cluster-check",
+                 "messages": [{"role": "user", "content": content}]}).encode(), {"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=120) as response:
+                replicas.add(response.headers["x-tptt-replica"].split()[0])
+        if len(replicas) != 1:
+            raise CheckFailed(f"a named session's turns went to several replicas: {replicas}")
+        labels = wait_until("both replicas in /metrics", lambda: (lambda found: found if len(found) == 2 else None)({
+            line.split('replica="')[1].split('"')[0] for line in http_get(f"{base_url}/metrics").decode().splitlines()
+            if line.startswith("tptt_num_requests_running{")}), 60)
+        log(f"[ok] cluster mode: a named session stays on one replica, /metrics labels both replicas "
+            f"({', '.join(sorted(labels))})")
+    except Exception as error:  # noqa: BLE001 - any failure is a failed check, with the server's log
+        logs = "".join(f"\n--- {c.name} log ---\n{c.logs()}" for c in containers)
+        raise CheckFailed(f"cluster mode: {type(error).__name__}: {error}{logs}") from error
+    finally:
+        if not args.keep:
+            for container in containers:
+                container.remove()
+            docker("network", "rm", network, check=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base", default=LOCAL_BASE,
                         help=f"base image (default: {LOCAL_BASE}, made here with debootstrap when missing)")
     parser.add_argument("--build-only", action="store_true", help=f"build {SERVER_IMAGE} and stop")
+    parser.add_argument("--cluster", action="store_true",
+                        help=f"also build {CLUSTER_IMAGE} (the `cluster` extra) and run the compose file's "
+                             "server-cluster service with 2 replicas beside a Redis container")
     parser.add_argument("--keep", action="store_true", help="leave the check's server and Prometheus running")
     parser.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()) / "tptt-image-check")
     parser.add_argument("--report", type=Path, help="write the figures (build time, size, start time) as JSON")
@@ -434,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
             build_images(args, report)
             if not args.build_only:
                 check_containers(args, report)
+                if args.cluster:
+                    check_cluster(args, report)
     except CheckFailed as error:
         log(f"image-check FAILED: {error}")
         return 1

@@ -150,11 +150,15 @@ def test_prometheus_mounts_its_config(stack):
     assert flags["storage.tsdb.path"] in mounts(prometheus)
 
 
-def test_debian_prometheus_image_takes_the_compose_command():
-    """docker/prometheus.Dockerfile (used where prom/prometheus cannot be pulled) runs the same binary flags."""
-    text = (DOCKER / "prometheus.Dockerfile").read_text()
-    assert re.search(r'^ENTRYPOINT \["/usr/bin/prometheus"\]$', text, re.MULTILINE)
-    assert re.search(r"^USER (?!root)\w+$", text, re.MULTILINE)
+def test_debian_prometheus_and_redis_images_run_their_binary_as_a_user():
+    """docker/prometheus.Dockerfile and docker/redis.Dockerfile (for hosts that cannot pull the published images)
+    run the binary the compose file's flags are for, as a non-root user."""
+    for name, start in (("prometheus", 'ENTRYPOINT ["/usr/bin/prometheus"]'), ("redis", 'CMD ["redis-server"')):
+        text = (DOCKER / f"{name}.Dockerfile").read_text()
+        assert re.search(rf"^{re.escape(start)}", text, re.MULTILINE), name
+        assert re.search(r"^USER (?!root)\w+$", text, re.MULTILINE), name
+    redis = compose()["services"]["redis"]["command"]
+    assert redis[0] == "redis-server" and "--protected-mode" in redis  # replaces CMD, in either image
 
 
 def test_grafana_provisioning_points_at_prometheus_and_dashboard(stack):
