@@ -34,6 +34,7 @@ from dataclasses import asdict, replace
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
+from .errors import APIError
 from .settings import Settings
 
 log = logging.getLogger("tptt-serve.cluster")
@@ -171,7 +172,12 @@ def build_application(settings: Settings):
             key = routing_key(request.url.path, request.headers, body)
             stream = self.engine.options(session_id=key).handle.remote(
                 request.method, request.url.path, request.url.query.encode(), list(request.headers.raw), body)
-            start = await stream.__anext__()
+            try:
+                start = await stream.__anext__()
+            except Exception as error:  # noqa: BLE001 - the replica died before answering: retryable, say so
+                log.warning("cluster mode: no replica answered %s %s: %s", request.method, request.url.path, error)
+                return APIError(503, "no replica could take the request; retry it (a conversation resumes on any "
+                                "replica)", kind="service_unavailable_error", headers={"Retry-After": "1"}).response()
             headers = {k.decode(): v.decode() for k, v in start["headers"] if k.decode().lower() not in HOP_BY_HOP}
             return StreamingResponse(stream, status_code=start["status"], headers=headers)
 
