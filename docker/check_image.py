@@ -238,7 +238,10 @@ def build_images(args, report: dict) -> None:
     if args.base == LOCAL_BASE:
         ensure_local_base(LOCAL_BASE)
     copy_host_ca_certificates()
-    server_args = {"BASE_IMAGE": args.base, "EXTRAS": "", "DEVICE": "cpu", "DTYPE": "float32"}
+    server_args = {"BASE_IMAGE": args.base, "DEVICE": "cpu", "DTYPE": "float32"}
+    images = [(SERVER_IMAGE, "", "build-server.log", "")]  # tag, extras, log file, report key prefix
+    if args.cluster:
+        images.append((CLUSTER_IMAGE, "cluster", "build-cluster.log", "cluster_"))
     wheels = local_torch_wheels()
     with contextlib.ExitStack() as stack:
         if wheels:
@@ -247,21 +250,14 @@ def build_images(args, report: dict) -> None:
             log(f"torch's CPU build from {wheels}, served at {url}")
         else:
             server_args["PIP_EXTRA_INDEX_URL"] = "https://download.pytorch.org/whl/cpu"
-        log(f"building {SERVER_IMAGE} (log: {args.log_dir / 'build-server.log'})")
-        report["build_s"] = build(SERVER_IMAGE, ROOT / "docker/Dockerfile", ROOT, server_args,
-                                  args.log_dir / "build-server.log")
-    report["image_bytes"] = int(docker("image", "inspect", "-f", "{{.Size}}", SERVER_IMAGE))
-    log(f"[ok] built {SERVER_IMAGE} in {report['build_s']:.0f} s, {report['image_bytes'] / 1e9:.2f} GB")
+        for tag, extras, log_name, prefix in images:
+            log(f"building {tag} (log: {args.log_dir / log_name})")
+            seconds = build(tag, ROOT / "docker/Dockerfile", ROOT, server_args | {"EXTRAS": extras},
+                            args.log_dir / log_name)
+            size = int(docker("image", "inspect", "-f", "{{.Size}}", tag))
+            report |= {f"{prefix}build_s": seconds, f"{prefix}image_bytes": size}
+            log(f"[ok] built {tag} in {seconds:.0f} s, {size / 1e9:.2f} GB")
     if args.cluster:
-        with contextlib.ExitStack() as stack:
-            if wheels:
-                server_args["PIP_FIND_LINKS"] = stack.enter_context(served_folder(wheels))
-            log(f"building {CLUSTER_IMAGE} (log: {args.log_dir / 'build-cluster.log'})")
-            report["cluster_build_s"] = build(CLUSTER_IMAGE, ROOT / "docker/Dockerfile", ROOT,
-                                              server_args | {"EXTRAS": "cluster"}, args.log_dir / "build-cluster.log")
-        report["cluster_image_bytes"] = int(docker("image", "inspect", "-f", "{{.Size}}", CLUSTER_IMAGE))
-        log(f"[ok] built {CLUSTER_IMAGE} in {report['cluster_build_s']:.0f} s, "
-            f"{report['cluster_image_bytes'] / 1e9:.2f} GB")
         build(REDIS_IMAGE, ROOT / "docker/redis.Dockerfile", ROOT / "docker", {"BASE_IMAGE": args.base},
               args.log_dir / "build-redis.log")
     if not args.build_only:
@@ -369,13 +365,15 @@ def prometheus_query(api: str, expr: str) -> list:
     return answer["data"]["result"]
 
 
-def check_prometheus(network: str, port: int) -> Container:
-    """Prometheus with the compose file's command and config file, on the server's network."""
+def check_prometheus(network: str, port: int, containers: list) -> None:
+    """Prometheus with the compose file's command and config file, on the server's network (added to
+    `containers`, so that it is removed with them)."""
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["prometheus"]
     config = next(v.split(":")[1] for v in compose["volumes"] if v.startswith("./docker/prometheus.yml:"))
     prometheus = Container("tptt-check-prometheus", "--network", network, "-p", f"127.0.0.1:{port}:9090",
                            "-v", f"{ROOT / 'docker/prometheus.yml'}:{config}:ro", PROMETHEUS_IMAGE,
                            *compose["command"])
+    containers.append(prometheus)
     api = f"http://127.0.0.1:{port}"
     up = wait_until("prometheus: up{job='tptt-serve'} == 1",
                     lambda: [r for r in prometheus_query(api, 'up{job="tptt-serve"}') if r["value"][1] == "1"],
@@ -383,7 +381,6 @@ def check_prometheus(network: str, port: int) -> Container:
     series = wait_until("prometheus: a tptt_ series",
                         lambda: prometheus_query(api, 'count({__name__=~"tptt_.+"})'), 60, alive=prometheus.alive)
     log(f"[ok] Prometheus scrapes {up[0]['metric']['instance']}: up = 1, {series[0]['value'][1]} tptt_ series")
-    return prometheus
 
 
 def check_offline(image: str, model: str) -> None:
@@ -404,50 +401,62 @@ def check_offline(image: str, model: str) -> None:
         offline.remove()
 
 
+@contextlib.contextmanager
+def scratch_network(name: str, keep: bool, volumes: tuple[str, ...] = ()):
+    """A network for one group of checks; yields the list those checks add their containers to. Any failure inside
+    becomes a CheckFailed with those containers' logs; the containers, the network and `volumes` are removed after
+    (unless `keep`)."""
+    docker("network", "create", name)
+    containers: list[Container] = []
+    try:
+        yield containers
+    except Exception as error:  # noqa: BLE001 - an HTTP or client error is a failed check, with the logs
+        logs = "".join(f"\n--- {c.name} log ---\n{c.logs()}" for c in containers)
+        raise CheckFailed(f"{type(error).__name__}: {error}{logs}") from error
+    finally:
+        if not keep:
+            for container in reversed(containers):
+                container.remove()
+            docker("network", "rm", name, check=False)
+            for volume in volumes:
+                docker("volume", "rm", volume, check=False)
+
+
 def check_containers(args, report: dict) -> None:
     suffix = str(os.getpid())
     network, volume = f"tptt-check-{suffix}", f"tptt-check-sessions-{suffix}"
     port, prometheus_port = free_port(), free_port()
     base_url = f"http://127.0.0.1:{port}"
-    docker("network", "create", network)
-    server = prometheus = None
-    try:
+    with scratch_network(network, args.keep, (volume,)) as containers:
         server = Container("tptt-check-server", "--network", network, "--network-alias", "server",
                            "-p", f"127.0.0.1:{port}:8000", "-v", f"{volume}:/data/sessions", SERVER_IMAGE)
+        containers.append(server)
         report["start_s"] = wait_healthy(server, base_url)
         log(f"[ok] /health answered {report['start_s']:.0f} s after the container started")
         check_api(base_url, report)
         check_non_root(server)
-        prometheus = check_prometheus(network, prometheus_port)
+        check_prometheus(network, prometheus_port, containers)
         check_session_survives_restart(server, base_url, report["model"])
-    except Exception as error:  # noqa: BLE001 - an HTTP or client error is a failed check, with the server's log
-        logs = f"\n--- {server.name} log ---\n{server.logs()}" if server else ""
-        raise CheckFailed(f"{type(error).__name__}: {error}{logs}") from error
-    finally:
-        if not args.keep:
-            for container in (prometheus, server):
-                if container:
-                    container.remove()
-            docker("network", "rm", network, check=False)
-            docker("volume", "rm", volume, check=False)
     check_offline(SERVER_IMAGE, report["model"])
 
 
+def replicas_in_metrics(base_url: str) -> set[str]:
+    lines = http_get(f"{base_url}/metrics").decode().splitlines()
+    return {line.split('replica="')[1].split('"')[0] for line in lines if line.startswith("tptt_num_requests_running{")}
+
+
 def check_cluster(args, report: dict) -> None:
-    """The compose file's server-cluster service (its environment and shm size) on the cluster image, beside a
-    Redis container: replicas come up, a named session's turns land on one replica, /metrics carries both."""
-    service = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["server-cluster"]
+    """The compose file's server-cluster service (its environment and shm size) on the cluster image, beside its
+    redis service: replicas come up, a named session's turns land on one replica, /metrics carries both."""
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    service = services["server-cluster"]
     defaults = {key: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(value)) for key, value in service["environment"].items()}
     environment = {key: value for key, value in defaults.items() if value}  # compose's `${VAR:-default}` defaults
-    suffix = str(os.getpid())
-    network, port = f"tptt-cluster-{suffix}", free_port()
+    network, port = f"tptt-cluster-{os.getpid()}", free_port()
     base_url = f"http://127.0.0.1:{port}"
-    docker("network", "create", network)
-    containers = []
-    try:
-        redis_command = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["redis"]["command"]
+    with scratch_network(network, args.keep) as containers:
         containers.append(Container("tptt-check-redis", "--network", network, "--network-alias", "redis",
-                                    REDIS_IMAGE, *redis_command))
+                                    REDIS_IMAGE, *services["redis"]["command"]))
         env_args = [arg for key, value in environment.items() for arg in ("-e", f"{key}={value}")]
         server = Container("tptt-check-cluster", "--network", network, "-p", f"127.0.0.1:{port}:8000",
                            "--shm-size", service["shm_size"], *env_args, CLUSTER_IMAGE)
@@ -463,19 +472,10 @@ def check_cluster(args, report: dict) -> None:
                 replicas.add(response.headers["x-tptt-replica"].split()[0])
         if len(replicas) != 1:
             raise CheckFailed(f"a named session's turns went to several replicas: {replicas}")
-        labels = wait_until("both replicas in /metrics", lambda: (lambda found: found if len(found) == 2 else None)({
-            line.split('replica="')[1].split('"')[0] for line in http_get(f"{base_url}/metrics").decode().splitlines()
-            if line.startswith("tptt_num_requests_running{")}), 60)
+        labels = wait_until("both replicas in /metrics",
+                            lambda: found if len(found := replicas_in_metrics(base_url)) == 2 else None, 60)
         log(f"[ok] cluster mode: a named session stays on one replica, /metrics labels both replicas "
             f"({', '.join(sorted(labels))})")
-    except Exception as error:  # noqa: BLE001 - any failure is a failed check, with the server's log
-        logs = "".join(f"\n--- {c.name} log ---\n{c.logs()}" for c in containers)
-        raise CheckFailed(f"cluster mode: {type(error).__name__}: {error}{logs}") from error
-    finally:
-        if not args.keep:
-            for container in containers:
-                container.remove()
-            docker("network", "rm", network, check=False)
 
 
 def main(argv: list[str] | None = None) -> int:

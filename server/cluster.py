@@ -159,8 +159,11 @@ def build_application(settings: Settings):
     @serve.ingress(front_app)
     class Front:
         def __init__(self, engine, settings_dict: dict):
+            import redis
+
             self.engine = engine.options(stream=True)
             self.settings = Settings(**settings_dict)
+            self.redis = redis.Redis.from_url(self.settings.redis_url, socket_timeout=2)  # replicas' metrics addresses
 
         @front_app.get("/metrics")
         async def metrics(self) -> Response:
@@ -182,11 +185,8 @@ def build_application(settings: Settings):
             return StreamingResponse(stream, status_code=start["status"], headers=headers)
 
         def _gather_metrics(self) -> str:
-            import redis
-
-            client = redis.Redis.from_url(self.settings.redis_url, socket_timeout=2)
             pages = {}
-            for replica, address in client.hgetall(replicas_key(self.settings)).items():
+            for replica, address in self.redis.hgetall(replicas_key(self.settings)).items():
                 replica, (url, seen) = replica.decode(), json.loads(address)
                 if time.time() - seen > REPLICA_TTL_S:
                     continue

@@ -2,20 +2,11 @@
 session store's tests. `stop()` and `start()` again on the same port model an outage; nothing persists to disk.
 """
 
-import socket
-import subprocess
-import time
-
 import pytest
-import redis
 
 from tests.debian import find_or_install
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tptt_runtime.bench.cluster import start_redis
+from tptt_runtime.bench.serving import free_port
 
 
 class RedisServer:
@@ -24,26 +15,13 @@ class RedisServer:
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> "RedisServer":
-        self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis.from_url(self.url)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                return self
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline and self.process.poll() is None, "redis-server did not start"
-                time.sleep(0.05)
+        self.process = start_redis(self.binary, self.port)
+        return self
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)
-
-    def client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.url)
 
 
 def started() -> RedisServer:

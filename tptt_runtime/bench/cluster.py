@@ -33,26 +33,31 @@ from .server import concurrent_decode, filler, stream_chat
 from .serving import free_port, served
 
 
+def start_redis(binary: str, port: int) -> subprocess.Popen:
+    """A throwaway redis-server on 127.0.0.1:`port` (nothing saved to disk), returned once it answers a ping."""
+    import redis
+
+    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            return process
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                raise RuntimeError(f"redis-server did not start on port {port}") from None
+            time.sleep(0.05)
+
+
 def redis_server() -> tuple[subprocess.Popen, str]:
     binary = shutil.which("redis-server") or "/usr/bin/redis-server"
     if not Path(binary).exists():
         raise SystemExit("tptt-bench cluster needs redis-server (Debian: apt-get install redis-server)")
     port = free_port()
-    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                "--appendonly", "no"], stdout=subprocess.DEVNULL)
-    import redis
-
-    url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            redis.Redis.from_url(url).ping()
-            return process, url
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                process.kill()
-                raise
-            time.sleep(0.05)
+    return start_redis(binary, port), f"redis://127.0.0.1:{port}/0"
 
 
 def chat_to_turn_three(first: str, tokenizer, turn_tokens: int, reply_tokens: int, seed: int) -> list[dict]:

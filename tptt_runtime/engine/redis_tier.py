@@ -131,13 +131,14 @@ class RedisTier:
         values = self._call(lambda r: r.mget(keys), []) if keys else []
         return [record for value in values if (record := self._record(value, owner)) is not None]
 
-    def delete_session(self, owner: str, session_id: str) -> None:
+    def delete_session(self, owner: str, session_id: str) -> bool:
+        """Delete a session record; True when Redis held one."""
         def delete(r):
             pipe = r.pipeline(transaction=True)
             pipe.delete(self._session_key(owner, session_id))
             pipe.srem(self._sessions_key(owner), session_id)
-            pipe.execute()
-        self._call(delete)
+            return pipe.execute()[0] > 0
+        return self._call(delete, False)
 
     def _record(self, data: bytes | None, owner: str) -> dict | None:
         if data is None:

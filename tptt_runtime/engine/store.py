@@ -73,6 +73,11 @@ class Session:
     snapshots: list[str] = field(default_factory=list)
 
 
+def snapshot_nbytes(state: SessionState, logits: torch.Tensor | None) -> int:
+    """What a snapshot costs the resident budget: its state and its logits."""
+    return state.nbytes + (logits.numel() * logits.element_size() if logits is not None else 0)
+
+
 def snapshot_key(namespace: str, ids: np.ndarray) -> str:
     return hashlib.sha256(namespace.encode() + b"\0" + ids.astype(np.int32).tobytes()).hexdigest()
 
@@ -108,8 +113,7 @@ class SessionStore:
             if old is not None and old.state is not None:
                 self.resident.move_to_end(key)
                 return key
-            nbytes = state.nbytes + (logits.numel() * logits.element_size() if logits is not None else 0)
-            snapshot = Snapshot(key, namespace, ids, state, logits, nbytes,
+            snapshot = Snapshot(key, namespace, ids, state, logits, snapshot_nbytes(state, logits),
                                 on_disk=old.on_disk if old else False, pins=old.pins if old else 0)
             self._add(snapshot)
             self._make_resident(snapshot)
@@ -148,8 +152,10 @@ class SessionStore:
         """The longest snapshot in Redis longer than `floor`, made resident here; entries that are corrupt, of
         another model or of other ids are skipped (and deleted there), never loaded."""
         for length in self.remote.lengths(namespace):
+            if not floor < length <= limit:
+                continue
             key = snapshot_key(namespace, ids[:length])
-            if not floor < length <= limit or key in self.snapshots:
+            if key in self.snapshots:
                 continue
             entry = self.remote.get_snapshot(key)
             if entry is None:
@@ -162,8 +168,7 @@ class SessionStore:
             except Exception as error:  # noqa: BLE001 - whatever is wrong with an entry, it is not loaded
                 self.remote.skip(key, error)
                 continue
-            nbytes = state.nbytes + (logits.numel() * logits.element_size() if logits is not None else 0)
-            snapshot = Snapshot(key, namespace, stored_ids, state, logits, nbytes)
+            snapshot = Snapshot(key, namespace, stored_ids, state, logits, snapshot_nbytes(state, logits))
             self._add(snapshot)
             self._make_resident(snapshot)
             self.hits["redis"] += 1
@@ -239,9 +244,7 @@ class SessionStore:
             self._drop_session(owner, session_id)
 
     def delete_session(self, owner: str, session_id: str) -> bool:
-        existed = self.remote is not None and self.remote.get_session(owner, session_id) is not None
-        if self.remote is not None:
-            self.remote.delete_session(owner, session_id)
+        existed = self.remote is not None and self.remote.delete_session(owner, session_id)
         with self.lock:
             self.unshared.discard((owner, session_id))
             return self._drop_session(owner, session_id) or existed
