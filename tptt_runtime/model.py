@@ -4,6 +4,8 @@
     step(state, token_id)    one decode token
     decode(states, ids)      one decode token for each of several sessions, in one batched forward
     forward_full(ids)        all logits of a sequence, no state: the reference semantics
+    prefill_rows / decode_rows   the same over per-layer tensors with a leading batch dim that the caller owns
+                             (the serving engine's state pool, engine/state_pool.py), written in place
 
 Invariant: for any split of a sequence into prefill pieces and decode steps, the logits equal forward_full's.
 The model knows token ids, never text or HTTP. The Hugging Face model runs its own embeddings, decoder layers
@@ -23,7 +25,7 @@ from torch import nn
 from .config import TpttConfig
 from .convert import inject_liza
 from .layers.liza import ForwardContext
-from .state import DecodeBatch, SessionState, check_fingerprint
+from .state import SessionState, check_fingerprint
 
 PREFILL_CHUNK = 2048  # tokens per forward in prefill: bounds activation memory whatever the prompt length
 
@@ -35,7 +37,6 @@ class TitansModel:
         self.tokenizer = tokenizer
         self.name = name or config.base_model
         self.context = ForwardContext()
-        self._decode_batch: DecodeBatch | None = None  # sessions of the last batched decode step, stacked
         self._compiled_forward = None  # `compile()`
         self.layers = inject_liza(hf_model, config, self.context)
         self.vocab_size = hf_model.get_output_embeddings().weight.shape[0]
@@ -120,12 +121,20 @@ class TitansModel:
         (with `all_logits`, [len(ids), vocab]: the logits after each of them)."""
         self._check(state)
         ids = self._ids(ids)
+        logits = self.prefill_rows(state.layers, state.num_tokens, ids[None], all_logits)[0]
+        state.num_tokens += ids.numel()
+        return logits if all_logits else logits[-1]
+
+    @torch.no_grad()
+    def prefill_rows(self, layer_states, start: int, ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        """Feed ids [B, T] to B sessions that have all seen `start` tokens, their per-layer tensors [B, ...]
+        updated in place (PREFILL_CHUNK tokens per forward). Returns float32 logits [B, T or 1, vocab]: after
+        every token with `all_logits`, else after the last."""
         pieces = []
-        for piece in ids.split(PREFILL_CHUNK):
-            logits = self._forward(piece[None], state.layers, start=state.num_tokens, last_only=not all_logits)
-            state.num_tokens += piece.numel()
-            pieces.append(logits[0].float())
-        return torch.cat(pieces) if all_logits else pieces[-1][-1]
+        for piece in ids.split(PREFILL_CHUNK, dim=1):
+            pieces.append(self._forward(piece, layer_states, start=start, last_only=not all_logits).float())
+            start += piece.shape[1]
+        return torch.cat(pieces, dim=1) if all_logits else pieces[-1][:, -1:]
 
     def step(self, state: SessionState, token_id: int) -> torch.Tensor:
         """One decode token; returns the float32 logits [vocab] after it."""
@@ -134,32 +143,37 @@ class TitansModel:
     @torch.no_grad()
     def decode(self, states: list[SessionState], token_ids) -> torch.Tensor:
         """One token for each session in one batched forward (sessions may sit at different positions).
-        Returns float32 logits [len(states), vocab]; each state advances by one token."""
+        Returns float32 logits [len(states), vocab]; each state advances by one token. Several sessions are
+        stacked into one batch and copied back after the step (the engine's pool avoids both copies)."""
         for state in states:
             self._check(state)
         ids = self._ids(token_ids)
         if ids.numel() != len(states):
             raise ValueError(f"{len(states)} sessions but {ids.numel()} tokens")
         positions = [s.num_tokens for s in states]
-        filling_sinks = min(positions) < self.config.sinks
-        forward = self._forward if self._compiled_forward is None or filling_sinks else self._compiled_forward
-        batch = self._stacked(states) if len(states) > 1 else None
-        logits = forward(ids[:, None], batch.layers if batch else states[0].layers,
-                         positions=torch.tensor(positions, device=self.device), filling_sinks=filling_sinks)
-        if batch is not None:
-            batch.attach()
+        if len(states) == 1:
+            logits = self.decode_rows(states[0].layers, ids, positions)
+        else:
+            batch = [{name: torch.cat([s.layers[i][name] for s in states]) for name in layer}
+                     for i, layer in enumerate(states[0].layers)]
+            logits = self.decode_rows(batch, ids, positions)
+            for row, state in enumerate(states):
+                for mine, stacked in zip(state.layers, batch):
+                    for name, tensor in mine.items():
+                        tensor.copy_(stacked[name][row:row + 1])
         for state in states:
             state.num_tokens += 1
-        return logits[:, -1].float()
+        return logits
 
-    def _stacked(self, states: list[SessionState]) -> DecodeBatch:
-        """The DecodeBatch of the last step when the same sessions decode again, else a new one (one copy)."""
-        if self._decode_batch is not None and self._decode_batch.holds(states):
-            return self._decode_batch
-        rows = [s.row_views() for s in states]
-        layers = [{name: torch.cat([r[i][name] for r in rows]) for name in rows[0][i]} for i in range(len(rows[0]))]
-        self._decode_batch = DecodeBatch(layers, list(states))
-        return self._decode_batch
+    @torch.no_grad()
+    def decode_rows(self, layer_states, token_ids: torch.Tensor, positions: list[int]) -> torch.Tensor:
+        """One token per row of per-layer tensors [B, ...] (updated in place): token_ids [B] (on the model's
+        device), positions: how many tokens each row has seen. Returns float32 logits [B, vocab]."""
+        filling_sinks = min(positions) < self.config.sinks
+        forward = self._forward if self._compiled_forward is None or filling_sinks else self._compiled_forward
+        logits = forward(token_ids.reshape(-1, 1), layer_states,
+                         positions=torch.tensor(positions, device=self.device), filling_sinks=filling_sinks)
+        return logits[:, -1].float()
 
     @torch.no_grad()
     def forward_full(self, ids) -> torch.Tensor:

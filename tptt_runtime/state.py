@@ -21,68 +21,23 @@ FORMAT = "tptt-session-state"
 FORMAT_VERSION = 2  # 2: the exact-token cache (cache_* and win_score tensors)
 
 
-class DecodeBatch:
-    """The per-layer tensors of several sessions stacked along dim 0, kept from one decode step to the next
-    while the same sessions decode together (TitansModel.decode), so that a step copies nothing in or out.
-    Each session in it holds (batch, row) in place of tensors of its own until something reads its layers."""
-
-    def __init__(self, layers: list[dict[str, torch.Tensor]], states: list[SessionState]):
-        self.layers = layers
-        self.states = states
-
-    def holds(self, states: list[SessionState]) -> bool:
-        """Whether `states`, in this order, are exactly this batch's rows."""
-        return len(states) == len(self.states) and all(
-            s is mine and s._slot is not None and s._slot[0] is self and s._slot[1] == row
-            for row, (s, mine) in enumerate(zip(states, self.states)))
-
-    def attach(self) -> None:
-        for row, state in enumerate(self.states):
-            state._slot, state._layers = (self, row), None
-
-
 class SessionState:
+    """A value: one session's tensors (what a snapshot stores, what a pool slot is copied out to or in from)."""
+
     def __init__(self, layers: list[dict[str, torch.Tensor]], fingerprint: str, num_tokens: int = 0):
-        self._layers, self._slot = layers, None
+        self.layers = layers
         self.fingerprint = fingerprint
         self.num_tokens = num_tokens
-        # fixed at creation: tensors may move into a DecodeBatch and back, never change size
         self.nbytes = sum(t.numel() * t.element_size() for layer in layers for t in layer.values())
-
-    @property
-    def layers(self) -> list[dict[str, torch.Tensor]]:
-        """Per-layer dicts of tensors with a leading dim of 1. A session that was decoding in a DecodeBatch gets
-        its row copied out here (its own memory again: a stored state never pins a whole batch)."""
-        if self._slot is not None:
-            batch, row = self._slot
-            self._layers = [{name: t[row:row + 1].clone() for name, t in layer.items()} for layer in batch.layers]
-            self._slot = None
-        return self._layers
-
-    @layers.setter
-    def layers(self, layers: list[dict[str, torch.Tensor]]) -> None:
-        self._layers, self._slot = layers, None
-
-    def row_views(self) -> list[dict[str, torch.Tensor]]:
-        """The layers without copying: views of the batch row while in a DecodeBatch (to stack a new batch)."""
-        if self._slot is None:
-            return self._layers
-        batch, row = self._slot
-        return [{name: t[row:row + 1] for name, t in layer.items()} for layer in batch.layers]
 
     def fork(self) -> SessionState:
         """An independent copy: continuing one never changes the other."""
-        layers = [{name: t.clone() for name, t in layer.items()} for layer in self.row_views()]
+        layers = [{name: t.clone() for name, t in layer.items()} for layer in self.layers]
         return SessionState(layers, self.fingerprint, self.num_tokens)
-
-    def own(self) -> SessionState:
-        """Copy this session's row out of its DecodeBatch, if it is in one; returns self."""
-        _ = self.layers
-        return self
 
     def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """Flat tensors ("<layer>.<name>") and string metadata: the serialized form before encoding."""
-        tensors = {f"{i}.{name}": t.contiguous() for i, layer in enumerate(self.row_views()) for name, t in layer.items()}
+        tensors = {f"{i}.{name}": t.contiguous() for i, layer in enumerate(self.layers) for name, t in layer.items()}
         metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "fingerprint": self.fingerprint,
                     "num_tokens": str(self.num_tokens), "num_layers": str(len(self.layers))}
         return tensors, metadata

@@ -142,3 +142,32 @@ def test_a_request_whose_sampling_fails_is_failed_alone(default_model, monkeypat
     assert outputs["bad"][-1].finish_reason == "error" and "probability" in outputs["bad"][-1].error
     assert outputs["good"][-1].finish_reason == "length" and len(tokens(outputs["good"])) == 3
     assert not engine.has_work()
+
+
+def test_simultaneous_prompts_prefill_in_one_forward_and_equal_requests_served_alone(default_model, monkeypatch):
+    texts = ["The sea is calm and blue today,", "My favourite fruit is the mango because",
+             "Counting slowly: one, two, three,", "The capital of Italy is a city called"]
+    prompts = [default_model.tokenizer(t)["input_ids"][:7] for t in texts]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    alone = [tokens(run_all(LLMEngine(default_model, EngineConfig(prefix_reuse=False)),
+                            [Request(f"a{i}", p, params)])[f"a{i}"]) for i, p in enumerate(prompts)]
+    batch_sizes = []
+    prefill_rows = default_model.prefill_rows
+    monkeypatch.setattr(default_model, "prefill_rows",
+                        lambda layers, start, ids, *a: batch_sizes.append(ids.shape[0]) or prefill_rows(layers, start,
+                                                                                                       ids, *a))
+    together = run_all(LLMEngine(default_model, EngineConfig(prefix_reuse=False)),
+                       [Request(f"t{i}", p, params) for i, p in enumerate(prompts)])
+    assert batch_sizes == [4]
+    assert [tokens(together[f"t{i}"]) for i in range(4)] == alone
+
+
+def test_a_finished_request_frees_its_slot_for_the_next_and_the_pool_never_grows(default_model):
+    engine = LLMEngine(default_model, EngineConfig(max_num_seqs=2, prefix_reuse=False))
+    before = [t.untyped_storage().data_ptr() for layer in engine.pool.layers for t in layer.values()]
+    prompts = [default_model.tokenizer(f"Item number {i} on the list is")["input_ids"] for i in range(5)]
+    out = run_all(engine, [Request(f"r{i}", p, SamplingParams(temperature=0, max_tokens=3 + i, ignore_eos=True))
+                           for i, p in enumerate(prompts)])
+    assert all(len(tokens(out[f"r{i}"])) == 3 + i for i in range(5))
+    assert engine.pool.num_free == 2 and engine.load()["running_state_bytes"] == 0
+    assert [t.untyped_storage().data_ptr() for layer in engine.pool.layers for t in layer.values()] == before

@@ -6,7 +6,10 @@ the tokenizer for stop strings), never HTTP. `AsyncEngine` (async_engine.py) run
 Per step:
     schedule     admit waiting requests (resuming the longest stored snapshot of their prompt), pick decodes and
                  prefill chunks under the token budget
-    run          prefill chunks one request at a time; one batched decode forward for all decoding requests
+    run          one forward per group of prefill chunks that share a start and a length (several requests'
+                 new prompts prefill together); one batched decode forward for all decoding requests, over
+                 the front rows of the state pool (engine/state_pool.py: every running request's tensors
+                 live in one slot of it, written in place)
     postprocess  sample every request that has fresh logits, detokenize, apply stop conditions, emit outputs;
                  store a snapshot after every prompt and at every finish (prefix reuse for the next turn)
 """
@@ -24,6 +27,7 @@ from .request import FinishReason, Request, RequestOutput
 from .sampling import sample, token_logprobs
 from .detokenizer import TextStream
 from .scheduler import ScheduledBatch, Scheduler
+from .state_pool import StatePool
 from .redis_tier import RedisTier
 from .store import SessionStore
 
@@ -65,6 +69,7 @@ class LLMEngine:
                                   self.config.store_disk_bytes, remote)
         self.scheduler = Scheduler(self.config.max_num_seqs, self.config.max_num_batched_tokens, self._admit,
                                    wait_for_duplicates=self.config.prefix_reuse)
+        self.pool = StatePool(model, self.config.max_num_seqs)
         self.requests: dict[str, Request] = {}
         self.kv_bytes_per_token = model.kv_cache_bytes_per_token  # the baseline's bytes per context token
 
@@ -111,7 +116,7 @@ class LLMEngine:
         return {
             "num_running": len(running),
             "num_waiting": len(self.scheduler.waiting),
-            "running_state_bytes": sum(r.state.nbytes for r in running if r.state is not None),
+            "running_state_bytes": self.pool.slot_nbytes * sum(r.slot is not None for r in running),
             "running_tokens": sum(r.num_computed + max(0, len(r.output_ids) - 1) for r in running),
         }
 
@@ -128,7 +133,8 @@ class LLMEngine:
 
     # -------------------------------------------------------------------------------------- schedule
     def _admit(self, request: Request) -> None:
-        """Give a request its state: the longest stored snapshot that prefixes its prompt, or a new one."""
+        """Give a request its slot, holding the longest stored snapshot that prefixes its prompt or a new
+        session."""
         request.scheduled_time = time.monotonic()
         request.text = TextStream(self.tokenizer, request.prompt_ids, request.params.stop)
         hit = None
@@ -137,9 +143,10 @@ class LLMEngine:
             if hit is not None and hit[2] == len(request.prompt_ids) and hit[1] is None:
                 hit = self.store.longest_prefix(request.namespace, request.prompt_ids, len(request.prompt_ids) - 1)
         if hit is None:
-            request.state = self.model.new_session()
+            request.slot = self.pool.acquire()
             return
-        request.state, logits, request.num_cached = hit
+        state, logits, request.num_cached = hit
+        request.slot = self.pool.acquire(state)
         request.num_computed = request.num_cached
         if request.num_cached == len(request.prompt_ids):
             request.pending_logits = logits
@@ -155,35 +162,59 @@ class LLMEngine:
     def _run(self, batch: ScheduledBatch) -> list[RequestOutput]:
         """Model forwards of one step; a request whose forward fails is finished with an error output."""
         failed = []
-        for request, num_tokens in batch.prefills:
+        for group in prefill_groups(batch.prefills):
             try:
-                self._prefill(request, num_tokens)
-            except Exception as error:  # noqa: BLE001 - reported to that request's client, the engine goes on
-                log.exception("prefill failed for %s", request.request_id)
-                failed.append(self._fail(request, error))
+                self._prefill(group)
+            except Exception as error:  # noqa: BLE001 - reported to those requests' clients, the engine goes on
+                log.exception("prefill failed for %s", ", ".join(r.request_id for r, _ in group))
+                failed += [self._fail(request, error) for request, _ in group]
         if batch.decodes:
             try:
-                logits = self.model.decode([r.state for r in batch.decodes], [r.output_ids[-1] for r in batch.decodes])
-                for request, row in zip(batch.decodes, logits.cpu()):  # sampling runs on the host
-                    request.pending_logits = row
+                self._decode(batch.decodes)
             except Exception as error:  # noqa: BLE001
                 log.exception("decode step failed")
                 failed += [self._fail(r, error) for r in batch.decodes]
         return failed
 
-    def _prefill(self, request: Request, num_tokens: int) -> None:
-        start = request.num_computed
-        ids = request.prompt_ids[start:start + num_tokens]
-        if request.wants_prompt_logprobs:
-            logits = self.model.prefill(request.state, ids, all_logits=True).cpu()  # [T, vocab]
-            self._record_prompt_logprobs(request, start, logits)
-            logits = logits[-1]
-        else:
-            logits = self.model.prefill(request.state, ids).cpu()
-        request.num_computed += num_tokens
-        if not request.is_prefill:
-            request.pending_logits = logits
-            self._snapshot(request, request.prompt_ids, logits)
+    def _prefill(self, group: list[tuple[Request, int]]) -> None:
+        """One forward for requests at the same prompt position taking the same number of tokens."""
+        start, num_tokens = group[0][0].num_computed, group[0][1]
+        requests = [request for request, _ in group]
+        ids = torch.tensor([r.prompt_ids[start:start + num_tokens] for r in requests], device=self.model.device)
+        all_logits = requests[0].wants_prompt_logprobs
+        with self.pool.rows([r.slot for r in requests]) as layers:
+            logits = self.model.prefill_rows(layers, start, ids, all_logits).cpu()  # [B, T or 1, vocab]
+        for request, rows in zip(requests, logits):
+            if all_logits:
+                self._record_prompt_logprobs(request, start, rows)
+            request.num_computed += num_tokens
+            if not request.is_prefill:
+                request.pending_logits = rows[-1]
+                self._snapshot(request, request.prompt_ids, rows[-1])
+
+    def _decode(self, requests: list[Request]) -> None:
+        """One token for every decoding request, over pool rows 0 .. B-1 (moved there first if needed)."""
+        self._move_to_front(requests)
+        ids = torch.tensor([r.output_ids[-1] for r in requests], device=self.model.device)
+        with self.pool.rows([r.slot for r in requests]) as layers:
+            logits = self.model.decode_rows(layers, ids, [r.num_tokens - 1 for r in requests])
+        for request, row in zip(requests, logits.cpu()):  # sampling runs on the host
+            request.pending_logits = row
+
+    def _move_to_front(self, requests: list[Request]) -> None:
+        """Swap slots so that requests[i] holds slot i (a no-op while the decoding set stays the same)."""
+        owners = {r.slot: r for r in self.scheduler.running if r.slot is not None}
+        for row, request in enumerate(requests):
+            old = request.slot
+            if old == row:
+                continue
+            self.pool.swap(row, old)
+            other = owners.pop(row, None)
+            if other is not None:
+                other.slot, owners[old] = old, other
+            else:
+                owners.pop(old, None)
+            request.slot, owners[row] = row, request
 
     def _record_prompt_logprobs(self, request: Request, start: int, logits: torch.Tensor) -> None:
         """Logprob of prompt token t+1 under the logits after token t; the first prompt token has none."""
@@ -237,11 +268,11 @@ class LLMEngine:
             text += request.text.finish()
         if request.finish_reason in (FinishReason.STOP, FinishReason.LENGTH) and request.output_ids:
             consumed = request.prompt_ids + request.output_ids[:-1]  # the last sampled token was never fed
-            self._snapshot(request, consumed, request.last_logits, keep_state=True)
+            self._snapshot(request, consumed, request.last_logits)
         self.scheduler.finish(request)
         self.requests.pop(request.request_id, None)
         output = self._output(request, list(token_ids), text, list(logprobs))
-        request.state = None
+        self._release(request)
         return output
 
     def _fail(self, request: Request, error: Exception) -> RequestOutput:
@@ -250,13 +281,19 @@ class LLMEngine:
         self.requests.pop(request.request_id, None)
         output = self._output(request, [], "", [])
         output.error = f"{type(error).__name__}: {error}"
-        request.state = None
+        self._release(request)
         return output
 
-    def _snapshot(self, request: Request, ids: list[int], logits, keep_state: bool = False) -> None:
-        if not self.config.prefix_reuse or request.state is None:
+    def _release(self, request: Request) -> None:
+        if request.slot is not None:
+            self.pool.release(request.slot)
+            request.slot = None
+
+    def _snapshot(self, request: Request, ids: list[int], logits) -> None:
+        """Store a copy of the request's slot as the state after `ids` (prefix reuse, named sessions)."""
+        if not self.config.prefix_reuse or request.slot is None:
             return
-        state = request.state.own() if keep_state else request.state.fork()
+        state = self.pool.snapshot(request.slot, len(ids))
         request.snapshot_keys.append(self.store.put(request.namespace, ids, state, logits))
 
     def _output(self, request: Request, token_ids: list[int], text: str, logprobs: list) -> RequestOutput:
@@ -267,7 +304,7 @@ class LLMEngine:
             prompt_logprobs=request.prompt_logprobs if request.wants_prompt_logprobs and first else None,
             num_prompt_tokens=len(request.prompt_ids), num_cached_tokens=request.num_cached,
             num_output_tokens=len(request.output_ids),
-            state_bytes=request.state.nbytes if request.state is not None else 0,
+            state_bytes=self.pool.slot_nbytes if request.slot is not None else 0,
             arrival_time=request.arrival_time, scheduled_time=request.scheduled_time,
             first_token_time=request.first_token_time,
             snapshot_keys=list(request.snapshot_keys) if request.finish_reason else [],
@@ -283,3 +320,13 @@ def eos_token_ids(model: TitansModel) -> set[int]:
             continue
         ids.update(source if isinstance(source, (list, tuple)) else [source])
     return ids
+
+
+def prefill_groups(prefills: list[tuple[Request, int]]) -> list[list[tuple[Request, int]]]:
+    """The step's prefill chunks grouped by (start, length), each group one batched forward; a request that
+    wants prompt logprobs (all logits of its chunk) goes alone."""
+    groups: dict[tuple, list[tuple[Request, int]]] = {}
+    for request, num_tokens in prefills:
+        key = (request.request_id,) if request.wants_prompt_logprobs else (request.num_computed, num_tokens)
+        groups.setdefault(key, []).append((request, num_tokens))
+    return list(groups.values())

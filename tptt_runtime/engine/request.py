@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..state import SessionState
 from .detokenizer import TextStream
 from .sampling import SamplingParams, TokenLogprobs, new_generator
 
@@ -32,8 +31,8 @@ class Request:
     namespace: str = ""                        # owner of the snapshots it may resume from and creates
     arrival_time: float = field(default_factory=time.monotonic)
     # ---- set by the engine
-    state: SessionState | None = None
-    num_computed: int = 0                      # prompt tokens consumed by `state` (cached + prefilled)
+    slot: int | None = None                    # the request's row in the engine's state pool while running
+    num_computed: int = 0                      # prompt tokens its state has consumed (cached + prefilled)
     num_cached: int = 0                        # prompt tokens resumed from a snapshot
     pending_logits: torch.Tensor | None = None  # float32 [vocab]: the next token is sampled from these
     last_logits: torch.Tensor | None = None     # the logits the last output token was sampled from

@@ -1,0 +1,101 @@
+"""StatePool: slots allocated once, forwards over slot rows equal forwards over SessionStates (same bytes), rows
+gathered in any order are written back, slots are reused and the pool never grows."""
+
+import pytest
+import torch
+
+from tests.conftest import tiny_model
+from tptt_runtime.config import TpttConfig
+from tptt_runtime.engine.state_pool import PoolFull, StatePool
+from tptt_runtime.model import TitansModel
+
+
+@pytest.fixture(scope="module")
+def model():
+    return TitansModel(tiny_model("llama"), TpttConfig(window=4, sinks=1, mag_weight=0.5, cache_tokens=3))
+
+
+def ids(n, seed):
+    return torch.randint(0, 90, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def same(a, b, atol: float = 0.0) -> bool:
+    """Same tensors (dtype, shape, every bit unless `atol`) and metadata (safetensors orders metadata keys at
+    random, so serialized bytes are not compared)."""
+    (ta, ma), (tb, mb) = a.to_tensors(), b.to_tensors()
+    return ma == mb and ta.keys() == tb.keys() and all(
+        ta[k].dtype == tb[k].dtype and ta[k].shape == tb[k].shape
+        and (torch.equal(ta[k], tb[k]) or torch.allclose(ta[k], tb[k], atol=atol, rtol=0)) for k in ta)
+
+
+def storages(pool):
+    return [t.untyped_storage().data_ptr() for layer in pool.layers for t in layer.values()]
+
+
+def test_a_new_slot_holds_a_new_session_and_a_loaded_one_its_state(model):
+    pool = StatePool(model, 3)
+    state = model.new_session()
+    model.prefill(state, ids(9, 0))
+    loaded, blank = pool.acquire(state), pool.acquire()
+    assert same(pool.snapshot(loaded, 9), state)
+    assert same(pool.snapshot(blank, 0), model.new_session())
+    assert pool.slot_nbytes == state.nbytes and pool.num_free == 1
+
+
+def test_prefill_and_decode_over_slots_equal_the_session_path_byte_for_byte(model):
+    """Three sessions at different positions: a batched prefill of two, then decode steps over gathered rows
+    (non-consecutive slots) and over a consecutive view; every slot ends with the state and the logits of the
+    same tokens fed through SessionStates: bit for bit for the session prefilled alone, within float rounding
+    of a larger batch's matmuls for the others."""
+    pool = StatePool(model, 4)
+    streams = [ids(14, seed) for seed in range(3)]
+    states = [model.new_session() for _ in streams]
+    slots = [pool.acquire() for _ in streams]
+    pool.acquire()  # slot 3 taken: a pool that is not just these sessions
+    with pool.rows([slots[0], slots[2]]) as layers:  # non-consecutive: gathered, written back
+        batched = model.prefill_rows(layers, 0, torch.stack([streams[0][:6], streams[2][:6]]))
+    with pool.rows([slots[1]]) as layers:
+        model.prefill_rows(layers, 0, streams[1][None, :9])
+    for state, stream, n in zip(states, streams, (6, 9, 6)):
+        reference = model.prefill(state, stream[:n])
+    torch.testing.assert_close(batched[1, -1], reference, atol=1e-5, rtol=0)
+    assert same(pool.snapshot(slots[1], 9), states[1])
+    for order in ([2, 0, 1], [0, 1, 2]):
+        rows = [slots[i] for i in order]
+        with pool.rows(rows) as layers:
+            positions = [states[i].num_tokens for i in order]
+            logits = model.decode_rows(layers, torch.stack([streams[i][positions[j]] for j, i in enumerate(order)]),
+                                       positions)
+        expected = model.decode([states[i] for i in order], [int(streams[i][states[i].num_tokens]) for i in order])
+        torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+    for slot, state in zip(slots, states):
+        assert same(pool.snapshot(slot, state.num_tokens), state, atol=1e-5)
+
+
+def test_swap_exchanges_rows_and_keeps_track_of_free_slots(model):
+    pool = StatePool(model, 3)
+    state = model.new_session()
+    model.prefill(state, ids(7, 1))
+    slot = pool.acquire(state)
+    assert slot == 0
+    pool.swap(0, 2)  # into a free slot: 2 is now taken, 0 free
+    assert same(pool.snapshot(2, 7), state)
+    assert pool.acquire() == 0 and pool.num_free == 1
+    assert same(pool.snapshot(0, 0), model.new_session())
+
+
+def test_slots_are_reused_and_the_pool_never_grows(model):
+    pool = StatePool(model, 2)
+    before = storages(pool)
+    for round_ in range(5):
+        a, b = pool.acquire(), pool.acquire()
+        assert {a, b} == {0, 1}
+        with pytest.raises(PoolFull):
+            pool.acquire()
+        with pool.rows([b, a]) as layers:
+            model.decode_rows(layers, ids(2, round_), [0, 0])
+        pool.release(a)
+        pool.release(b)
+    assert storages(pool) == before
+    with pytest.raises(ValueError, match="not in use"):
+        pool.release(0)
