@@ -127,14 +127,14 @@ def test_a_request_whose_sampling_fails_is_failed_alone(default_model, monkeypat
     same failing step forever, and the other request completes."""
     import tptt_runtime.engine.engine as engine_module
 
-    real_sample = engine_module.sample
+    real_sample = engine_module.sample_batch
 
-    def sample(logits, params, *args):
-        if params.seed == 666:
+    def sample_batch(logits, params, *args):
+        if any(p.seed == 666 for p in params):
             raise RuntimeError("probability tensor contains either inf, nan or element < 0")
         return real_sample(logits, params, *args)
 
-    monkeypatch.setattr(engine_module, "sample", sample)
+    monkeypatch.setattr(engine_module, "sample_batch", sample_batch)
     engine = LLMEngine(default_model)
     ids = chat_ids(default_model, "Hello!")
     outputs = run_all(engine, [Request("bad", ids, SamplingParams(max_tokens=3, seed=666)),

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tptt_runtime.engine.sampling import SamplingParams, process_logits, sample, truncate, new_generator
+from tptt_runtime.engine.sampling import SamplingParams, new_generator, process_logits, sample, token_logprobs, truncate
 
 VOCAB = 50
 
@@ -126,4 +126,82 @@ def test_valid_but_extreme_values_overflowing_float32_still_draw_a_best_token(ex
     assert best  # the case does overflow
     for seed in range(5):
         token, _ = sample(row, SamplingParams(seed=seed, **extreme), new_generator(seed), seen, [])
+        assert token in best
+
+
+# ---- the batched sampler (what the engine runs) against the per-row reference above
+
+from tptt_runtime.engine.sampling import _process_batch, _truncate_batch, sample_batch  # noqa: E402
+
+MIXED = [SamplingParams(temperature=0), SamplingParams(top_k=7, temperature=0.7),
+         SamplingParams(top_p=0.8, min_p=0.05), SamplingParams(top_k=12, top_p=0.6, temperature=1.3),
+         SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=1.5, logit_bias={5: 10.0},
+                        min_p=0.2),
+         SamplingParams(temperature=0, logit_bias={3: -100.0, 7: 4.0}, repetition_penalty=0.8)]
+PROMPTS, OUTPUTS = [[1, 2], [], [9], [4, 4], [1, 2], [3, 8]], [[3, 3, 4], [], [], [6], [3, 3, 4], [7]]
+
+
+def test_batched_processing_and_truncation_equal_the_reference_row_by_row():
+    rows = torch.stack([logits(seed) for seed in range(len(MIXED))])
+    processed = _process_batch(rows, MIXED, PROMPTS, OUTPUTS)
+    for i, params in enumerate(MIXED):
+        torch.testing.assert_close(processed[i], process_logits(rows[i], params, PROMPTS[i], OUTPUTS[i]))
+    drawn = [i for i, p in enumerate(MIXED) if not p.greedy]
+    truncated = _truncate_batch(processed[drawn], [MIXED[i] for i in drawn])
+    for row, i in zip(truncated, drawn):
+        reference = truncate(processed[i], MIXED[i])
+        assert kept(row) == kept(reference)
+        torch.testing.assert_close(row[row > -math.inf], reference[reference > -math.inf])
+
+
+def test_batched_greedy_rows_and_logprobs_equal_the_reference_and_draws_survive_truncation():
+    rows = torch.stack([logits(seed) for seed in range(len(MIXED))])
+    params = [SamplingParams(**{**vars(p), "logprobs": 2}) for p in MIXED]
+    tokens, infos = sample_batch(rows, params, [new_generator(i) for i in range(len(MIXED))], PROMPTS, OUTPUTS)
+    for i, p in enumerate(params):
+        processed = process_logits(rows[i], p, PROMPTS[i], OUTPUTS[i])
+        if p.greedy:
+            assert tokens[i] == sample(rows[i], p, new_generator(0), PROMPTS[i], OUTPUTS[i])[0]
+        else:
+            assert tokens[i] in kept(truncate(processed, p))
+        reference = token_logprobs(rows[i].log_softmax(-1), tokens[i], 2)
+        assert infos[i].logprob == reference.logprob and infos[i].top == reference.top
+
+
+def test_a_rows_draws_depend_on_its_seed_only_not_on_the_rest_of_the_batch():
+    params = SamplingParams(temperature=1.5, seed=11)
+
+    def draws(seed, others):
+        generators = [new_generator(seed)] + [new_generator(100 + j) for j in range(others)]
+        out = []
+        for step in range(20):
+            rows = torch.stack([logits(step)] + [logits(50 + j) for j in range(others)])
+            out.append(sample_batch(rows, [params] * (1 + others), generators, [[]] * (1 + others),
+                                    [[]] * (1 + others))[0][0])
+        return out
+
+    assert draws(11, 0) == draws(11, 3) == draws(11, 1)
+    assert draws(11, 0) != draws(12, 0)
+
+
+def test_batched_draws_follow_the_distribution():
+    row = torch.tensor([0.0, math.log(3.0)] + [-1e9] * 3)
+    generator = new_generator(0)
+    counts = torch.zeros(5)
+    for _ in range(2000):
+        counts[sample_batch(row[None], [SamplingParams()], [generator], [[]], [[]])[0][0]] += 1
+    assert counts[2:].sum() == 0
+    assert 0.70 < counts[1] / 2000 < 0.80
+
+
+@pytest.mark.parametrize("extreme", [dict(temperature=5e-324), dict(repetition_penalty=5e-324),
+                                     dict(temperature=1e-40, top_p=0.5, min_p=0.1), dict(top_p=5e-324)])
+def test_batched_extreme_values_still_draw_a_best_token(extreme):
+    row, seen = logits(4), list(range(0, VOCAB, 2))
+    params = SamplingParams(**extreme)
+    reference = truncate(process_logits(row, params, seen, []), params)
+    best = {i for i, v in enumerate(reference.tolist()) if v == reference.max().item()}
+    for seed in range(5):
+        token = sample_batch(row[None], [SamplingParams(seed=seed, **extreme)], [new_generator(seed)], [seen],
+                             [[]])[0][0]
         assert token in best

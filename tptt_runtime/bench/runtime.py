@@ -3,7 +3,10 @@
 For each context length: prefill tokens/s (one sequence, both sides in pieces of the same size), then decode at
 each batch size: ms per step (median) and tokens/s, and the bytes a session holds (our SessionState vs the
 baseline's KV cache). A batch decodes from copies of the one prefilled sequence (a step's cost does not depend on
-what the rows contain): ours forks the session, the baseline repeats its cache. The baseline is the loop inside
+what the rows contain): ours forks the session, the baseline repeats its cache. The same run measures the
+memory-bandwidth floor of a decode step: one matrix-vector pass, in the model's dtype, over every weight
+matrix a step reads (every layer's projections and MLP and the output head), and reports each decode
+figure's ratio to it (as gpt-fast reports the bandwidth it achieves). The baseline is the loop inside
 Hugging Face `generate` (model forward over a DynamicCache, greedy) without generate's logits processors,
 which can only make the baseline faster. A side that runs out of device memory is recorded as such and the
 other goes on. Models: the default (the shipped adapter and its base), or a transformers config shape with
@@ -72,6 +75,39 @@ def _decode(step, batch: int, tokens: int) -> dict:
     """`tokens` steps of `batch` rows: median ms per step and the tokens/s that makes."""
     ms = 1000 * statistics.median(_timed(step)[1] for _ in range(tokens))
     return {"ms": ms, "tok_s": 1000 * batch / ms}
+
+
+def weight_matrices(model: TitansModel) -> list[torch.Tensor]:
+    """Every weight matrix one decode step reads, once each: 2-D parameters and buffers deduplicated by storage
+    (a fused q/k/v matrix and its views count once, at full size; tied embeddings once, as the output head);
+    the input embedding only when it is not the head (a step reads one row of it, not the matrix)."""
+    head = model.hf.get_output_embeddings().weight
+    embedding = model.hf.get_input_embeddings().weight
+    largest: dict[int, torch.Tensor] = {}
+    for tensor in [*model.hf.parameters(), *model.hf.buffers()]:
+        if tensor is None or tensor.dim() != 2:
+            continue
+        if tensor is embedding and embedding.data_ptr() != head.data_ptr():
+            continue
+        key = tensor.untyped_storage().data_ptr()
+        if key not in largest or tensor.numel() > largest[key].numel():
+            largest[key] = tensor
+    return list(largest.values())
+
+
+@torch.no_grad()
+def measure_floor(model: TitansModel, repeats: int = 7) -> dict:
+    """ms of one matrix-vector pass over `weight_matrices` (median of `repeats`) and the bytes it reads."""
+    weights = [w.detach() for w in weight_matrices(model)]
+    inputs = [torch.randn(w.shape[1], dtype=w.dtype, device=w.device) for w in weights]
+
+    def one_pass():
+        for weight, x in zip(weights, inputs):
+            torch.mv(weight, x)
+
+    one_pass()
+    ms = 1000 * statistics.median(_timed(one_pass)[1] for _ in range(repeats))
+    return {"ms": ms, "bytes": sum(w.numel() * w.element_size() for w in weights)}
 
 
 def measure_ours(model: TitansModel, prompt: torch.Tensor, batches: list[int], decode_tokens: int) -> dict:
@@ -145,6 +181,7 @@ def run(contexts: list[int], ours_only_above: int, decode_tokens: int, mag_weigh
             ours.warm_up()
             bar.update()
     batches = sorted(batches)
+    floor = measure_floor(ours)
     rows = []
     for context in tqdm(contexts, desc="contexts"):
         prompt = torch.randint(3, ours.vocab_size, (context,), device=device)
@@ -155,9 +192,12 @@ def run(contexts: list[int], ours_only_above: int, decode_tokens: int, mag_weigh
     label = "default (SmolLM2-135M-Instruct)" if shape == "default" else f"{shape} shape, random weights"
     result = {"model": label, "device": _device_name(device), "dtype": str(dtype).removeprefix("torch."),
               "config": ours.config.to_dict(), "threads": torch.get_num_threads(), "decode_tokens": decode_tokens,
-              "compiled": compile_decode, "batches": batches, "rows": rows, "ratios": ratios(rows)}
+              "compiled": compile_decode, "batches": batches, "floor": floor, "rows": rows,
+              "ratios": ratios(rows, floor["ms"])}
+    floor_line = (f"decode floor: one matrix-vector pass over {floor['bytes'] / 1e6:.0f} MB of weights = "
+                  f"{floor['ms']:.1f} ms")
     report.write(out_dir, "runtime", result, figure(result),
-                 table(rows) + "\n" + json.dumps(result["ratios"], indent=2))
+                 table(rows) + "\n" + floor_line + "\n" + json.dumps(result["ratios"], indent=2))
     return result
 
 
@@ -165,19 +205,22 @@ def _device_name(device: str) -> str:
     return torch.cuda.get_device_name(device) if str(device).startswith("cuda") else "cpu"
 
 
-def ratios(rows: list[dict]) -> dict:
+def ratios(rows: list[dict], floor_ms: float) -> dict:
     """Per context: memory and prefill ours / baseline; per batch, decode tokens/s ours / baseline (or which side
-    ran out of memory)."""
+    ran out of memory), and each side's decode ms per step over the bandwidth floor's ms."""
     out = {}
     for row in rows:
         ours, base = row["ours"], row.get("baseline")
+        entry = {f"decode_ms_over_floor_{who}_batch_{batch}": decode["ms"] / floor_ms
+                 for who in ("ours", "baseline") for batch, decode in (row.get(who) or {}).get("decode", {}).items()
+                 if isinstance(decode, dict)}
+        out[str(row["context"])] = entry
         if base is None:
             continue
-        entry = {"memory_ours_over_baseline": _ratio(ours["state_bytes"], base["state_bytes"]),
-                 "prefill_ours_over_baseline": _ratio(ours["prefill_tok_s"], base["prefill_tok_s"])}
+        entry |= {"memory_ours_over_baseline": _ratio(ours["state_bytes"], base["state_bytes"]),
+                  "prefill_ours_over_baseline": _ratio(ours["prefill_tok_s"], base["prefill_tok_s"])}
         for batch, decode in ours["decode"].items():
             entry[f"decode_tok_s_ours_over_baseline_batch_{batch}"] = _decode_ratio(decode, base["decode"][batch])
-        out[str(row["context"])] = entry
     first, last = rows[0]["ours"]["decode"], rows[-1]["ours"]["decode"]
     smallest = min(first, key=int)
     if isinstance(first[smallest], dict) and isinstance(last[smallest], dict):

@@ -10,7 +10,8 @@ Per step:
                  new prompts prefill together); one batched decode forward for all decoding requests, over
                  the front rows of the state pool (engine/state_pool.py: every running request's tensors
                  live in one slot of it, written in place)
-    postprocess  sample every request that has fresh logits, detokenize, apply stop conditions, emit outputs;
+    postprocess  sample every request that has fresh logits in one batched draw on the device, detokenize,
+                 apply stop conditions, emit outputs;
                  store a snapshot after every prompt and at every finish (prefix reuse for the next turn)
 """
 
@@ -24,7 +25,7 @@ import torch
 
 from ..model import TitansModel
 from .request import FinishReason, Request, RequestOutput
-from .sampling import sample, token_logprobs
+from .sampling import sample_batch, token_logprobs
 from .detokenizer import TextStream
 from .scheduler import ScheduledBatch, Scheduler
 from .state_pool import StatePool
@@ -183,10 +184,10 @@ class LLMEngine:
         ids = torch.tensor([r.prompt_ids[start:start + num_tokens] for r in requests], device=self.model.device)
         all_logits = requests[0].wants_prompt_logprobs
         with self.pool.rows([r.slot for r in requests]) as layers:
-            logits = self.model.prefill_rows(layers, start, ids, all_logits).cpu()  # [B, T or 1, vocab]
+            logits = self.model.prefill_rows(layers, start, ids, all_logits)  # [B, T or 1, vocab]
         for request, rows in zip(requests, logits):
             if all_logits:
-                self._record_prompt_logprobs(request, start, rows)
+                self._record_prompt_logprobs(request, start, rows.cpu())
             request.num_computed += num_tokens
             if not request.is_prefill:
                 request.pending_logits = rows[-1]
@@ -198,7 +199,7 @@ class LLMEngine:
         ids = torch.tensor([r.output_ids[-1] for r in requests], device=self.model.device)
         with self.pool.rows([r.slot for r in requests]) as layers:
             logits = self.model.decode_rows(layers, ids, [r.num_tokens - 1 for r in requests])
-        for request, row in zip(requests, logits.cpu()):  # sampling runs on the host
+        for request, row in zip(requests, logits):  # sampled on the device (`_postprocess`)
             request.pending_logits = row
 
     def _move_to_front(self, requests: list[Request]) -> None:
@@ -227,24 +228,43 @@ class LLMEngine:
 
     # ----------------------------------------------------------------------------------- postprocess
     def _postprocess(self) -> list[RequestOutput]:
-        """Every running request with fresh logits (from this step's forwards or a resumed snapshot) advances."""
+        """Every running request with fresh logits (from this step's forwards or a resumed snapshot) advances:
+        one batched draw for all of them (`sample_batch`, on the logits' device)."""
         ready = [r for r in self.scheduler.running if r.pending_logits is not None]
         outputs = []
-        for request in ready:
+        for request in [r for r in ready if r.params.max_tokens == 0]:  # scoring the prompt only
+            request.finish_reason = FinishReason.LENGTH
+            outputs.append(self._finish(request))
+        ready = [r for r in ready if r.params.max_tokens > 0]
+        if not ready:
+            return outputs
+        try:
+            drawn = self._draw(ready)
+        except Exception:  # noqa: BLE001 - find the rows that fail alone: they fail, the others go on
+            log.exception("sampling failed for a batch of %d", len(ready))
+            drawn = []
+            for request in ready:
+                try:
+                    drawn += self._draw([request])
+                except Exception as error:  # noqa: BLE001
+                    outputs.append(self._fail(request, error))
+        for request, token, info in drawn:
             try:
-                outputs.append(self._advance(request))
+                outputs.append(self._advance(request, token, info))
             except Exception as error:  # noqa: BLE001 - that request fails; the others and the engine go on
-                log.exception("sampling failed for %s", request.request_id)
+                log.exception("detokenizing failed for %s", request.request_id)
                 outputs.append(self._fail(request, error))
         return outputs
 
-    def _advance(self, request: Request) -> RequestOutput:
-        """Sample one token for a request with fresh logits, or finish it."""
+    def _draw(self, requests: list[Request]) -> list[tuple[Request, int, object]]:
+        logits = torch.stack([r.pending_logits.to(self.model.device) for r in requests])
+        tokens, infos = sample_batch(logits, [r.params for r in requests], [r.generator for r in requests],
+                                     [r.prompt_ids for r in requests], [r.output_ids for r in requests])
+        return list(zip(requests, tokens, infos))
+
+    def _advance(self, request: Request, token: int, info) -> RequestOutput:
+        """Append a sampled token to a request, detokenize it and apply the stop conditions."""
         params, logits = request.params, request.pending_logits
-        if params.max_tokens == 0:
-            request.finish_reason = FinishReason.LENGTH
-            return self._finish(request)
-        token, info = sample(logits, params, request.generator, request.prompt_ids, request.output_ids)
         request.pending_logits = None
         request.output_ids.append(token)
         request.first_token_time = request.first_token_time or time.monotonic()
@@ -294,7 +314,7 @@ class LLMEngine:
         if not self.config.prefix_reuse or request.slot is None:
             return
         state = self.pool.snapshot(request.slot, len(ids))
-        request.snapshot_keys.append(self.store.put(request.namespace, ids, state, logits))
+        request.snapshot_keys.append(self.store.put(request.namespace, ids, state, logits.to("cpu", copy=True)))
 
     def _output(self, request: Request, token_ids: list[int], text: str, logprobs: list) -> RequestOutput:
         first = not request.output_ids[:-1] if token_ids else request.finish_reason is not None

@@ -1,11 +1,17 @@
-"""Per-request sampling: parameters (validated once) and the sampler that turns one row of logits into a token.
+"""Per-request sampling: parameters (validated once) and the samplers that turn logits into tokens.
+
+`sample_batch` serves: every row of a step at once, on the logits' device (bias, penalties, temperature and
+truncation as [B, vocab] tensor operations; one transfer of B token ids to the host; raw logits leave the device
+only for rows that asked for logprobs). `sample` does one row the obvious way and is the reference the batched
+sampler is tested against.
 
 Order of operations on a row of float32 logits, as in vLLM / Hugging Face:
     logit_bias -> repetition penalty (prompt + output) -> presence / frequency penalties (output)
     -> temperature -> top_k -> top_p -> min_p -> draw with the request's own generator (or argmax at temperature 0)
 Reported logprobs are those of the model's raw distribution (log_softmax of the unprocessed logits), which is
 what evaluation harnesses score. Each request owns a torch.Generator seeded from `seed`, so its samples do not
-depend on which other requests share the batch.
+depend on which other requests share the batch: the batched draw is an exponential race (argmax of p / E with
+E ~ Exp(1) drawn from each row's own generator), which picks token i with probability p_i.
 """
 
 from __future__ import annotations
@@ -148,3 +154,75 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     if params.logprobs is not None:
         info = token_logprobs(logits.log_softmax(-1), token, params.logprobs)
     return token, info
+
+
+def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
+                 prompt_ids: list[list[int]], output_ids: list[list[int]]) -> tuple[list[int], list[TokenLogprobs | None]]:
+    """One token per row of raw logits [B, vocab] (any device), in the same order of operations as `sample`."""
+    processed = _process_batch(logits, params, prompt_ids, output_ids)
+    tokens = processed.argmax(-1)
+    drawn = [i for i, p in enumerate(params) if not p.greedy]
+    if drawn:
+        rows = torch.tensor(drawn, device=logits.device)
+        probs = _truncate_batch(processed[rows], [params[i] for i in drawn]).softmax(-1)
+        noise = torch.stack([torch.empty(logits.shape[-1]).exponential_(generator=generators[i]) for i in drawn])
+        noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # an exact 0 would turn a dropped token's 0 / 0 into nan
+        tokens[rows] = (probs / noise.to(probs.device)).argmax(-1)
+    tokens = tokens.tolist()
+    infos = [None if p.logprobs is None else token_logprobs(logits[i].float().cpu().log_softmax(-1), tokens[i],
+                                                            p.logprobs) for i, p in enumerate(params)]
+    return tokens, infos
+
+
+def _process_batch(logits, params, prompt_ids, output_ids) -> torch.Tensor:
+    """`process_logits` for every row at once (a new tensor)."""
+    logits = logits.float().clone()
+    device = logits.device
+
+    def pairs(rows_and_ids):  # (row index tensor, id tensor) of [(row, [ids])]
+        rows = [r for r, ids in rows_and_ids for _ in ids]
+        ids = [t for _, ids in rows_and_ids for t in ids]
+        return torch.tensor(rows, dtype=torch.long, device=device), torch.tensor(ids, dtype=torch.long, device=device)
+
+    biased = [(i, list(p.logit_bias)) for i, p in enumerate(params) if p.logit_bias]
+    if biased:
+        values = [v for i, _ in biased for v in params[i].logit_bias.values()]
+        logits.index_put_(pairs(biased), torch.tensor(values, device=device), accumulate=True)
+    repeated = [(i, sorted(set(prompt_ids[i]) | set(output_ids[i]))) for i, p in enumerate(params)
+                if p.repetition_penalty != 1.0]
+    if repeated:
+        seen = torch.zeros_like(logits, dtype=torch.bool).index_put_(pairs(repeated), torch.tensor(True, device=device))
+        penalty = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+        logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+    penalized = [(i, output_ids[i]) for i, p in enumerate(params)
+                 if output_ids[i] and (p.presence_penalty or p.frequency_penalty)]
+    if penalized:
+        counts = torch.zeros_like(logits).index_put_(pairs(penalized), torch.tensor(1.0, device=device),
+                                                     accumulate=True)
+        frequency = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
+        presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
+        logits -= frequency * counts + presence * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def _truncate_batch(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """`truncate` for every row at once (rows that sample; temperature > 0)."""
+    device, vocab = logits.device, logits.shape[-1]
+    largest = torch.finfo(logits.dtype).max
+    temperature = torch.tensor([p.temperature for p in params], device=device)[:, None]
+    logits = (logits / temperature).nan_to_num(nan=0.0, posinf=largest, neginf=float("-inf"))
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)
+    top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
+    min_p = torch.tensor([p.min_p for p in params], device=device)[:, None]
+    if bool((top_k < vocab).any()) or bool((top_p < 1.0).any()):
+        ordered, order = logits.sort(dim=-1, descending=True)
+        kth = ordered.gather(-1, (top_k - 1)[:, None])
+        ordered = ordered.masked_fill(ordered < kth, float("-inf"))
+        probs = ordered.softmax(-1)
+        drop = (probs.cumsum(-1) - probs >= top_p) & (top_p < 1.0)  # the token crossing top_p is kept,
+        drop[:, 0] = False                                          # and the best one always
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
+    if bool((min_p > 0).any()):
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))
+    return logits
