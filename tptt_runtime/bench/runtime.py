@@ -3,7 +3,8 @@
 For each context length: prefill tokens/s (one sequence, both sides in pieces of the same size), then decode at
 each batch size: ms per step (median) and tokens/s, and the bytes a session holds (our SessionState vs the
 baseline's KV cache). A batch decodes from copies of the one prefilled sequence (a step's cost does not depend on
-what the rows contain): ours forks the session, the baseline repeats its cache. The same run measures the
+what the rows contain): ours copies the session into the rows of a state pool (the serving engine's), the
+baseline repeats its cache. The same run measures the
 memory-bandwidth floor of a decode step: one matrix-vector pass, in the model's dtype, over every weight
 matrix a step reads (every layer's projections and MLP and the output head), and reports each decode
 figure's ratio to it (as gpt-fast reports the bandwidth it achieves). The baseline is the loop inside
@@ -27,6 +28,7 @@ from tqdm import tqdm
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from ..config import TpttConfig
+from ..engine.state_pool import StatePool
 from ..layers.fused import fuse_projections
 from ..loading import DEFAULT_ADAPTER, load, load_base_model
 from ..model import PREFILL_CHUNK, TitansModel
@@ -111,18 +113,26 @@ def measure_floor(model: TitansModel, repeats: int = 7) -> dict:
 
 
 def measure_ours(model: TitansModel, prompt: torch.Tensor, batches: list[int], decode_tokens: int) -> dict:
+    """Prefill one session, then decode `batch` copies of it from a StatePool, as the serving engine does."""
     state = model.new_session()
     logits, prefill_s = _timed(lambda: model.prefill(state, prompt))
     row = {"prefill_tok_s": len(prompt) / prefill_s, "state_bytes": state.nbytes, "decode": {}}
     token = int(logits.argmax())
     for batch in batches:
-        sessions = [state.fork() for _ in range(batch)]
         try:
-            row["decode"][str(batch)] = _decode(lambda: model.decode(sessions, [token] * batch), batch,
-                                                decode_tokens)
+            pool = StatePool(model, batch)
+            slots = [pool.acquire(state) for _ in range(batch)]
+            ids, seen = torch.full((batch,), token, device=model.device), [state.num_tokens]
+
+            def step():
+                model.decode_rows(layers, ids, seen * batch)
+                seen[0] += 1
+
+            with pool.rows(slots) as layers:  # consecutive slots: views, written in place
+                row["decode"][str(batch)] = _decode(step, batch, decode_tokens)
         except torch.OutOfMemoryError:
             row["decode"][str(batch)] = OUT_OF_MEMORY
-        del sessions
+        pool = layers = None
     return row
 
 
