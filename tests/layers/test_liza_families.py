@@ -230,7 +230,8 @@ def test_split_attention_splits_full_attention_at_the_window():
     """The attention-transfer targets: for every query, (1 - lam) * attention over window + sinks
     + lam * o_far equals full causal attention; checked per query with plain softmax."""
     from tests.conftest import tiny_model
-    from tptt_runtime.layers.liza import _rotary_table, _split_attention
+    from tptt_runtime.layers.full_attention import split_attention
+    from tptt_runtime.layers.liza import rotary_table
     from tptt_runtime.ops import window_attention as wa
 
     config = TpttConfig(window=4, sinks=2, mag_weight=0.5)
@@ -240,8 +241,8 @@ def test_split_attention_splits_full_attention_at_the_window():
     q = torch.randn(1, layer.num_heads, seq_len, dim, generator=gen)
     k = torch.randn(1, layer.num_kv_heads, seq_len, dim, generator=gen)
     v = torch.randn(1, layer.num_kv_heads, seq_len, dim, generator=gen)
-    o_full, o_far, lam = _split_attention(q, k, v, layer, config)
-    cos, sin = _rotary_table(layer._rotary[0], None, seq_len, q)
+    o_full, o_far, lam = split_attention(q, k, v, layer)
+    cos, sin = rotary_table(layer._rotary[0], None, seq_len, q)
     factors = wa.rotary_factors(torch.arange(seq_len)[None], cos, sin)
     qr, kr = wa.apply_rotary(q, factors), wa.apply_rotary(k, factors)
     groups = layer.num_heads // layer.num_kv_heads

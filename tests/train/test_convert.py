@@ -12,6 +12,8 @@ from tptt_runtime.config import TpttConfig
 from tptt_runtime.model import TitansModel
 from tptt_runtime.train.distill import Trainer, TrainConfig, distillation_loss
 from tptt_runtime.train.schedules import MagSchedule
+from tptt_runtime.layers.full_attention import split_attention
+from tptt_runtime.train.transfer import AttentionTransfer, transfer_loss
 
 TPTT = TpttConfig(window=8, sinks=2, lora_rank=4, lora_alpha=8, lora_targets=["q_proj", "k_proj", "v_proj", "o_proj"],
                   chunk_size=16)  # several chunks per sequence: gradients flow through the carried state
@@ -176,15 +178,15 @@ def test_read_error_measures_direction_and_size_apart():
     read scale, the squared log of the size ratio, whatever o_far's own size: a read in o_far's direction at a
     third of its size costs (log 3)^2, not the (2/3)^2 an MSE would charge, whose optimum shrinks reads."""
 
-    from tptt_runtime.layers.liza import _read_error
+    from tptt_runtime.train.transfer import read_error
 
     for size in (0.1, 10.0):
         o_far = size * torch.randn(1, 2, 5, 8, generator=torch.Generator().manual_seed(0))
         for scaled in (True, False):
-            assert _read_error(o_far, o_far, scaled).abs().max() < 1e-5
-            assert ((_read_error(-o_far, o_far, scaled) - 4).abs().max()) < 1e-2  # opposite: (2 - -2)^2 / 4 (eps)
-        assert _read_error(o_far / 3, o_far, False).abs().max() < 1e-5
-        torch.testing.assert_close(_read_error(o_far / 3, o_far, True), torch.full((1, 2, 5), math.log(3) ** 2),
+            assert read_error(o_far, o_far, scaled).abs().max() < 1e-5
+            assert ((read_error(-o_far, o_far, scaled) - 4).abs().max()) < 1e-2  # opposite: (2 - -2)^2 / 4 (eps)
+        assert read_error(o_far / 3, o_far, False).abs().max() < 1e-5
+        torch.testing.assert_close(read_error(o_far / 3, o_far, True), torch.full((1, 2, 5), math.log(3) ** 2),
                                    atol=1e-4, rtol=0)
 
 
@@ -248,14 +250,7 @@ def test_transfer_weights_pick_the_positions_of_the_loss():
     ids = torch.randint(3, 97, (1, 48))
 
     def loss(ids, weights):
-        context = student.context
-        context.transfer, context.transfer_weights = [], weights
-        try:
-            with torch.no_grad():
-                student.hf(input_ids=ids, use_cache=False, logits_to_keep=1)
-            return torch.stack(context.transfer).mean().item()
-        finally:
-            context.transfer, context.transfer_weights = None, None
+        return transfer_loss(student, ids, weights).item()
 
     plain = loss(ids, None)
     assert abs(loss(ids, torch.ones(1, 48)) - plain) < 1e-5 and abs(loss(ids, 3 * torch.ones(1, 48)) - plain) < 1e-5
@@ -270,21 +265,20 @@ def test_transfer_weights_pick_the_positions_of_the_loss():
 def test_the_cache_takes_its_tokens_out_of_the_transfer_target():
     """Stage 1 with a cache: the memory's target is full attention over the far tokens the cache does not hold
     (a cache holding every evicted token leaves it nothing: lam = 0), and o_full is full attention either way."""
-    from tptt_runtime.layers import liza
     from tptt_runtime.ops import exact_cache
 
     torch.manual_seed(0)
     layer = TitansModel(peaked_model(), TPTT.replace(window=4, sinks=1, mag_weight=0.3)).layers[0]
     q, k, v = torch.randn(1, 4, 20, 8), torch.randn(1, 2, 20, 8), torch.randn(1, 2, 20, 8)
     scores = torch.rand(1, 2, 20)
-    full, _, lam = liza._split_attention(q, k, v, layer, layer.config)
+    full, _, lam = split_attention(q, k, v, layer)
     assert lam[..., 10:].min() > 0
     everything = exact_cache.held_over_time(scores, window=4, sinks=1, size=20)
-    held_full, _, none_left = liza._split_attention(q, k, v, layer, layer.config, everything)
+    held_full, _, none_left = split_attention(q, k, v, layer, everything)
     torch.testing.assert_close(held_full, full)
     assert none_left.abs().max() == 0
     some = exact_cache.held_over_time(scores, window=4, sinks=1, size=2)
-    _, _, rest = liza._split_attention(q, k, v, layer, layer.config, some)
+    _, _, rest = split_attention(q, k, v, layer, some)
     assert (rest <= lam + 1e-6).all() and (rest[..., 10:] < lam[..., 10:]).any()
 
 
@@ -295,14 +289,14 @@ def test_attention_transfer_forward_is_the_teachers():
     config = TPTT.replace(mag_gate="learned", mag_weight=0.3, feature_map="learned", window=4, sinks=1)
     teacher, student = peaked_model(), TitansModel(peaked_model(), config)
     ids = torch.randint(3, 97, (2, 40))
-    context, losses = student.context, []
-    context.transfer = losses
+    hook = AttentionTransfer()
+    student.context.hook = hook
     try:
         with torch.no_grad():
             logits = student.hf(input_ids=ids, use_cache=False).logits
     finally:
-        context.transfer = None
-    assert len(losses) == len(student.layers)
+        student.context.hook = None
+    assert len(hook.losses) == len(student.layers)
     with torch.no_grad():
         torch.testing.assert_close(logits, teacher(input_ids=ids, use_cache=False).logits, atol=1e-4, rtol=0)
         assert (student.hf(input_ids=ids, use_cache=False).logits - logits).abs().max() > 1e-2  # serving differs

@@ -19,85 +19,75 @@ pinned on the memory read, on the gate or on the mix:
                   (a mix the server could run: does a per-head RMS match fix what the all-heads one breaks?)
 
 Also per context, at the positions that read the key: the lam-weighted cosine between the memory read and
-o_far, and the mean gate against the mean lam. Inference only; the layers are patched per instance for the
-duration of a forward and restored after it.
+o_far, and the mean gate against the mean lam. Inference only, through the layers' documented hook (LayerHook),
+set for the duration of a forward.
 """
 
 from __future__ import annotations
 
 import contextlib
-import types
 
 import torch
 import torch.nn.functional as F
 
-from ..layers import liza
+from ..layers.full_attention import split_attention
+from ..layers.liza import LayerHook, merge_heads
 from .passkey import passkey_prompt
 
 MODES = ("model", "exact", "perfect-read", "own-read", "own-gate", "own-far-norm", "own-head-rms")
 
 
-def _projector(projected: dict):
-    """A replacement for LiZAttention._project that keeps the layer's q, k, v for the mixer."""
+class Probe(LayerHook):
+    """Mixes every layer as `mode` says; appends each layer's (lam, mu, cosine) [B, Hq, T] to `readings`."""
 
-    def project(self, x):
-        projected[self.layer_idx] = liza.LiZAttention._project(self, x)
-        return projected[self.layer_idx]
+    def __init__(self, mode: str, readings: list):
+        if mode not in MODES:
+            raise ValueError(f"unknown probe mode {mode!r}; one of {MODES}")
+        self.mode, self.readings, self.projected = mode, readings, {}
 
-    return project
+    def prefill(self, layer, hidden_states, q, k, v):
+        self.projected[layer.layer_idx] = (q, k, v)  # kept for the mix of the same layer
 
-
-def _mixer(mode: str, readings: list, projected: dict):
-    """A replacement for LiZAttention._output in `mode`; appends (lam, mu, cosine) at the reads."""
-
-    def output(self, hidden_states, softmax_out, read, seen):
-        q, k, v = projected.pop(self.layer_idx)  # read: [B, Hq, T, D]
-        _, o_far, lam = liza._split_attention(q, k, v, self, self.config)  # [B, Hq, T, D], [B, Hq, T]
-        mu = self._memory_weight(hidden_states, seen)  # [B or 1, T, Hq * D or 1]
-        mu_per_head = mu[..., ::self.head_dim].transpose(1, 2).expand_as(lam)  # [B, Hq, T]
-        readings.append((lam, mu_per_head, F.cosine_similarity(read, o_far, dim=-1)))
+    def mix(self, layer, hidden_states, softmax_out, read, seen):
+        q, k, v = self.projected.pop(layer.layer_idx)  # read: [B, Hq, T, D]
+        _, o_far, lam = split_attention(q, k, v, layer)  # [B, Hq, T, D], [B, Hq, T]
+        mu = layer.memory_weight(hidden_states, seen)  # [B or 1, T, Hq * D or 1]
+        mu_per_head = mu[..., ::layer.head_dim].transpose(1, 2).expand_as(lam)  # [B, Hq, T]
+        self.readings.append((lam, mu_per_head, F.cosine_similarity(read, o_far, dim=-1)))
 
         def split_by_lam(far):  # (1 - lam) o_window + lam far, per head, as full attention combines them
-            return self.o_proj(liza._merge_heads(torch.lerp(softmax_out, far, lam.unsqueeze(-1))))
+            return layer.o_proj(merge_heads(torch.lerp(softmax_out, far, lam.unsqueeze(-1))))
 
         def sized_far():  # o_far as the model sizes its reads (a learned scale means to make them o_far-sized)
-            return o_far if self.read_scale is not None else self._sized_read(o_far, softmax_out)
+            return o_far if layer.read_scale is not None else layer.sized_read(o_far, softmax_out)
 
+        mode = self.mode
         if mode == "model":
-            return self._mix(softmax_out, self._sized_read(read, softmax_out), mu)
+            return layer.mix(softmax_out, layer.sized_read(read, softmax_out), mu)
         if mode == "exact":
             return split_by_lam(o_far)
         if mode == "perfect-read":
-            return self._mix(softmax_out, sized_far(), lam.transpose(1, 2).repeat_interleave(self.head_dim, dim=-1))
+            return layer.mix(softmax_out, sized_far(), lam.transpose(1, 2).repeat_interleave(layer.head_dim, dim=-1))
         if mode == "own-read":
             return split_by_lam(F.normalize(read, dim=-1) * o_far.norm(dim=-1, keepdim=True))
         if mode == "own-gate":
-            return self._mix(softmax_out, sized_far(), mu)
+            return layer.mix(softmax_out, sized_far(), mu)
         per_head_mu = mu_per_head.unsqueeze(-1)
         if mode == "own-far-norm":
             at_far_norm = F.normalize(read, dim=-1) * o_far.norm(dim=-1, keepdim=True)
-            return self.o_proj(liza._merge_heads(torch.lerp(softmax_out, at_far_norm, per_head_mu)))
-        if mode == "own-head-rms":
-            at_head_rms = F.normalize(read, dim=-1) * softmax_out.norm(dim=-1, keepdim=True)
-            return self.o_proj(liza._merge_heads(torch.lerp(softmax_out, at_head_rms, per_head_mu)))
-        raise ValueError(f"unknown probe mode {mode!r}; one of {MODES}")
-
-    return output
+            return layer.o_proj(merge_heads(torch.lerp(softmax_out, at_far_norm, per_head_mu)))
+        at_head_rms = F.normalize(read, dim=-1) * softmax_out.norm(dim=-1, keepdim=True)  # own-head-rms
+        return layer.o_proj(merge_heads(torch.lerp(softmax_out, at_head_rms, per_head_mu)))
 
 
 @contextlib.contextmanager
 def probing(model, mode: str, readings: list):
-    """Every LiZA layer of `model` mixes as `mode` says inside the block."""
-    projected = {}
-    project, mixer = _projector(projected), _mixer(mode, readings, projected)
-    for layer in model.layers:
-        layer._project = types.MethodType(project, layer)
-        layer._output = types.MethodType(mixer, layer)
+    """Every LiZA layer of `model` mixes as `mode` says inside the block (through the layers' LayerHook)."""
+    model.context.hook = Probe(mode, readings)
     try:
         yield
     finally:
-        for layer in model.layers:
-            del layer._project, layer._output
+        model.context.hook = None
 
 
 def probe_logits(model, ids: list[int], mode: str) -> tuple[torch.Tensor, list]:

@@ -52,11 +52,8 @@ class ForwardContext:
     filling_sinks: bool = False
     # what the first layer computed from positions alone, for the others (see `shared`)
     memo: dict = field(default_factory=dict)
-    # training, attention transfer: each layer appends its loss against full attention (`transfer_loss`)
-    # and passes full attention's output on in place of its own
-    transfer: list | None = None
-    # training, attention transfer: [B, T] weight of each position in that loss (None = all alike)
-    transfer_weights: torch.Tensor | None = None
+    # research hook (training's attention transfer, evaluation's recall probes): see LayerHook; None to serve
+    hook: "LayerHook | None" = None
 
     def shared(self, key, compute):
         """`compute()` once per forward for every layer asking with the same key (position geometry)."""
@@ -65,7 +62,23 @@ class ForwardContext:
         return self.memo[key]
 
 
-def _rotary_table(rotary: nn.Module, layer_type: str | None, size: int, like: torch.Tensor):
+class LayerHook:
+    """The documented way for train/ and eval/ to look inside a LiZA layer's stateless prefill (forward_full,
+    training forwards), set as `ForwardContext.hook` for the duration of a forward; never in serving (decode
+    steps do not call it). A method that returns a tensor [B, T, hidden] makes it the layer's output; None lets
+    the layer go on. The layer's building blocks (`memory_branch`, `memory_weight`, `sized_read`, `mix`,
+    `new_state`, its projections) are public for hooks to call."""
+
+    def prefill(self, layer: "LiZAttention", hidden_states, q, k, v) -> torch.Tensor | None:
+        """Right after the projections: q [B, Hq, T, D], k, v [B, Hkv, T, D], before rotary."""
+        return None
+
+    def mix(self, layer: "LiZAttention", hidden_states, softmax_out, read, seen) -> torch.Tensor | None:
+        """In place of the Memory-as-Gate mix: the softmax branch's output and the memory read [B, Hq, T, D]."""
+        return None
+
+
+def rotary_table(rotary: nn.Module, layer_type: str | None, size: int, like: torch.Tensor):
     """cos, sin [size, D] for positions 0 .. size-1 from the base model's own rotary module (any rope type)."""
     positions = torch.arange(size, device=like.device)[None]
     if "layer_type" in inspect.signature(rotary.forward).parameters:
@@ -138,25 +151,26 @@ class LiZAttention(nn.Module):
                 ctx, hidden_states))
             return self.decode_step(hidden_states, ctx.layer_states[self.layer_idx], plan), None
         q, k, v = self._project(hidden_states)  # q: [B, Hq, T, D]; k, v: [B, Hkv, T, D], before rotary
-        if ctx.transfer is not None:
-            loss, full_out = self.transfer_loss(hidden_states, q, k, v)
-            ctx.transfer.append(loss)
-            return self.o_proj(_merge_heads(full_out.to(hidden_states.dtype))), None
+        hook = ctx.hook
+        if hook is not None and (out := hook.prefill(self, hidden_states, q, k, v)) is not None:
+            return out, None
         if ctx.layer_states is None:
             state = self.new_state(hidden_states.shape[0], hidden_states.dtype, hidden_states.device)
         else:
             state = ctx.layer_states[self.layer_idx]
         cos, sin = self._rotary_tables(q)
-        read, scores = self._memory_branch(q, k, v, state, ctx.start) if self.config.uses_memory else (None, None)
+        read, scores = self.memory_branch(q, k, v, state, ctx.start) if self.config.uses_memory else (None, None)
         softmax_out = window_ops.prefill(q, k, v, state, ctx.start, window=self.config.window,
                                          sinks=self.config.sinks, scaling=self.scaling, cos=cos, sin=sin,
                                          softcap=self.softcap, block=QUERY_BLOCK, scores=scores)
+        if hook is not None and (out := hook.mix(self, hidden_states, softmax_out, read, ctx.start)) is not None:
+            return out, None
         return self._output(hidden_states, softmax_out, read, ctx.start), None
 
     def decode_step(self, hidden_states: torch.Tensor, state, plan: window_ops.DecodePlan) -> torch.Tensor:
         """One new token per row: [B, 1, hidden] -> [B, 1, hidden]; `state` updated in place."""
         q, k, v = self._project(hidden_states)
-        read, score = self._memory_branch(q, k, v, state, plan.positions) if self.config.uses_memory else (None, None)
+        read, score = self.memory_branch(q, k, v, state, plan.positions) if self.config.uses_memory else (None, None)
         softmax_out = window_ops.decode(q, k, v, state, plan, scaling=self.scaling, softcap=self.softcap, score=score)
         return self._output(hidden_states, softmax_out, read, plan.positions)
 
@@ -170,10 +184,10 @@ class LiZAttention(nn.Module):
         part in the mix (mu = 0: its read is then None, or not used). `seen`: tokens before this piece, an int
         (prefill) or per row [B] (decode)."""
         if self.mag_gate is None and self.config.mag_weight == 0.0:
-            return self.o_proj(_merge_heads(softmax_out))
-        return self._mix(softmax_out, self._sized_read(read, softmax_out), self._memory_weight(hidden_states, seen))
+            return self.o_proj(merge_heads(softmax_out))
+        return self.mix(softmax_out, self.sized_read(read, softmax_out), self.memory_weight(hidden_states, seen))
 
-    def _memory_weight(self, hidden_states: torch.Tensor, seen) -> torch.Tensor:
+    def memory_weight(self, hidden_states: torch.Tensor, seen) -> torch.Tensor:
         """mu [B or 1, T, Hq * D or 1]: constant, or one value per head and token (repeated over the head's
         channels); 0 at positions before the first eviction (t < sinks + window), where the window still
         holds every earlier token, so the softmax branch is full attention and the memory has nothing to add.
@@ -204,10 +218,10 @@ class LiZAttention(nn.Module):
         size = self.config.sinks + self.config.window + QUERY_BLOCK
         table = self._table
         if table is None or table[0].device != like.device or table[0].dtype != like.dtype:
-            table = self._table = _rotary_table(self._rotary[0], self.layer_type, size, like)
+            table = self._table = rotary_table(self._rotary[0], self.layer_type, size, like)
         return table
 
-    def _memory_branch(self, q, k, v, state, seen):
+    def memory_branch(self, q, k, v, state, seen):
         """The memory read [B, Hq, T, D] and each token's write norm [B, Hkv, T] (its exact-token cache score;
         None where no cache needs it); `seen` as in `_output` (a tensor means one decode token)."""
         cfg = self.config
@@ -238,36 +252,6 @@ class LiZAttention(nn.Module):
         store(state, "memory", memory)
         return out, (scores[0] if scored else None)
 
-    def transfer_loss(self, hidden_states, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention transfer (training, stage 1): how far the memory's own parameters are from what full
-        softmax attention needs of them, and full attention's output [B, Hq, T, D] (what the layer then
-        passes on: every layer learns on the inputs full attention gives it, as in LoLCATs). Full attention
-        splits exactly into
-            o_full = (1 - lam) o_window + lam o_far,  lam = softmax mass beyond the window and sinks,
-        (with an exact-token cache, the tokens it holds for each query are not far: the softmax branch sees
-        them), so the memory read should point where o_far points (MSE of per-head unit-RMS vectors, weighted by lam;
-        with a learned read_scale the scaled read should also have o_far's size: squared log of their ratio)
-        and a learned gate should say lam (cross-entropy against it), each position also weighted by the
-        context's `transfer_weights` when it has them. Inputs are detached: only the memory's
-        parameters (feature map, gate, read scale) get gradients, whatever the surrounding forward does."""
-        with torch.enable_grad():
-            q, k, v, hidden_states = (t.detach() for t in (q, k, v, hidden_states))
-            memory, scores = self._memory_branch(q, k, v, self.new_state(q.shape[0], q.dtype, q.device), 0)
-            cfg = self.config
-            cached = None if scores is None else exact_cache.held_over_time(
-                scores.detach(), window=cfg.window, sinks=cfg.sinks, size=cfg.cache_tokens, block=QUERY_BLOCK)
-            o_full, o_far, lam = _split_attention(q, k, v, self, cfg, cached)  # [B, Hq, T, D] x2, [B, Hq, T]
-            scaled = self.read_scale is not None
-            error = _read_error(self._sized_read(memory, o_far) if scaled else memory, o_far, scaled)
-            positions = self.context.transfer_weights
-            positions = torch.ones_like(lam) if positions is None else positions[:, None, :].expand_as(lam)
-            loss = (error * lam * positions).sum() / (lam * positions).sum().clamp(min=1e-6)
-            if self.mag_gate is not None:
-                logits = self.mag_gate(hidden_states).transpose(1, 2)  # [B, Hq, T]
-                gate_error = F.binary_cross_entropy_with_logits(logits, lam, reduction="none")
-                loss = loss + (gate_error * positions).sum() / positions.sum()
-            return loss, o_full.detach()
-
     def _pooled_gate_input(self, x: torch.Tensor, learned, state, name: str, seen) -> torch.Tensor:
         """Causal mean pool [B, Hkv, T] of x's per-token gate input (its channel mean, or the `learned`
         GateInput); keeps the last inputs in state[name]."""
@@ -276,7 +260,7 @@ class LiZAttention(nn.Module):
         store(state, name, _last(state[name], gate_in, self.config.gate_pool - 1))
         return pooled
 
-    def _sized_read(self, read: torch.Tensor, softmax_out: torch.Tensor) -> torch.Tensor:
+    def sized_read(self, read: torch.Tensor, softmax_out: torch.Tensor) -> torch.Tensor:
         """The memory read [B, Hq, T, D] at the size the mix takes it: its own times each head's learned
         scale, or RMS-normalized over all heads and channels at the softmax branch's RMS (two signals of the
         same size), in the softmax branch's dtype."""
@@ -285,9 +269,9 @@ class LiZAttention(nn.Module):
         unit_rms = read * torch.rsqrt(_mean_square_per_token(read) + 1e-6)
         return (unit_rms * _mean_square_per_token(softmax_out).sqrt()).to(softmax_out.dtype)
 
-    def _mix(self, softmax_out: torch.Tensor, read: torch.Tensor, mu) -> torch.Tensor:
-        """Memory as Gate of the softmax branch [B, Hq, T, D] and a read already sized (`_sized_read`)."""
-        softmax_out, read = _merge_heads(softmax_out), _merge_heads(read)
+    def mix(self, softmax_out: torch.Tensor, read: torch.Tensor, mu) -> torch.Tensor:
+        """Memory as Gate of the softmax branch [B, Hq, T, D] and a read already sized (`sized_read`)."""
+        softmax_out, read = merge_heads(softmax_out), merge_heads(read)
         if not self.config.cross_gate:
             return self.o_proj(torch.lerp(softmax_out, read, mu))
         softmax_part, linear_part = (1 - mu) * self.o_proj(softmax_out), mu * self.o_proj(read)
@@ -305,22 +289,6 @@ def _after_first_eviction(seen, length: int, config: TpttConfig, like: torch.Ten
 def _mean_square_per_token(x: torch.Tensor) -> torch.Tensor:
     """[B, H, T, D] -> [B, 1, T, 1]: mean square over all heads and channels, in float32."""
     return as_float32(x).pow(2).mean(dim=(1, 3), keepdim=True)
-
-
-def _read_error(read: torch.Tensor, o_far: torch.Tensor, scaled: bool) -> torch.Tensor:
-    """[B, Hq, T] how far a memory read is from o_far: the squared error of their directions (both at unit
-    RMS; 2 = orthogonal) and, when `scaled` (the read's size is meant to be o_far's), the squared log of their
-    size ratio. Not the MSE of the read itself: that would shrink every read by its cosine to o_far and leave
-    the memory too quiet where it does find the key."""
-    dim = (read.shape[-1],)
-    direction = (F.rms_norm(read, dim, eps=1e-6) - F.rms_norm(o_far, dim, eps=1e-6)).pow(2).mean(-1)
-    if not scaled:
-        return direction
-    return direction + (_log_rms(read) - _log_rms(o_far)).pow(2)
-
-
-def _log_rms(x: torch.Tensor) -> torch.Tensor:
-    return 0.5 * x.pow(2).mean(-1).add(1e-12).log()
 
 
 def _learned_gate(like: nn.Linear, heads: int, config: TpttConfig) -> nn.Linear:
@@ -356,32 +324,7 @@ def _identity_map(dim: int, like: nn.Linear) -> nn.Linear:
     return map_
 
 
-def _split_attention(q, k, v, layer: LiZAttention, config: TpttConfig, cached: torch.Tensor | None = None):
-    """Full causal softmax attention (absolute rotary positions) and its split at the window: the output over
-    all keys, the output over keys beyond the window and sinks (and not `cached` [B, Hkv, T, T] for the query:
-    held by the exact-token cache) alone, and the share of the softmax mass they hold (0 where there are none)."""
-    batch, q_heads, seq_len, dim = q.shape
-    groups = q_heads // k.shape[1]
-    cos, sin = _rotary_table(layer._rotary[0], layer.layer_type, seq_len, q)
-    factors = window_ops.rotary_factors(torch.arange(seq_len, device=q.device)[None], cos, sin)
-    q, k = window_ops.apply_rotary(q, factors), window_ops.apply_rotary(k, factors)
-    logits = window_ops.grouped_scores(q, k, groups) * layer.scaling  # [B, Hkv, G, T, T]
-    if layer.softcap:
-        logits = torch.tanh(logits / layer.softcap) * layer.softcap
-    position = torch.arange(seq_len, device=q.device)
-    causal = position[None, :] <= position[:, None]
-    far = (position[None, :] <= position[:, None] - config.window) & (position[None, :] >= config.sinks)
-    if cached is not None:
-        far = far & ~cached.unsqueeze(2)  # [B, Hkv, 1, T, T]
-    probs = logits.masked_fill(~causal, -math.inf).softmax(-1)  # [B, Hkv, G, T, T]
-    far_probs = probs.masked_fill(~far, 0.0)
-    o_full = window_ops.grouped_values(probs, v).reshape(batch, q_heads, seq_len, dim)
-    o_far = window_ops.grouped_values(far_probs, v).reshape(batch, q_heads, seq_len, dim)
-    lam = far_probs.sum(-1).reshape(batch, q_heads, seq_len)  # 0 where no key is far
-    return o_full, o_far / lam.clamp(min=torch.finfo(lam.dtype).tiny)[..., None], lam
-
-
-def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
     """[B, H, T, D] -> [B, T, H * D]"""
     batch, heads, seq_len, dim = x.shape
     return x.transpose(1, 2).reshape(batch, seq_len, heads * dim)

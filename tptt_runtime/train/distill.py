@@ -1,7 +1,7 @@
 """The conversion run: LoRA on the shared projections, trained to reproduce the base model's own logits.
 
 Stage 1 (the first `transfer_steps` steps, optional): attention transfer. Every LiZA layer compares its memory
-with full softmax attention over the same q, k, v (`LiZAttention.transfer_loss`): the memory read should
+with full softmax attention over the same q, k, v (train/transfer.py): the memory read should
 reproduce the attention output over the keys beyond the window, a learned gate the share of attention they
 get. Only the memory's own parameters move (learned feature maps and gates). The layers pass full attention's
 output on, so every layer learns on the inputs the teacher would give it (as LoLCATs does), and the forward is
@@ -38,6 +38,7 @@ from ..model import TitansModel
 from . import data
 from .retrieval import with_retrieval
 from .schedules import MagSchedule
+from .transfer import transfer_loss
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
@@ -147,7 +148,7 @@ class Trainer:
             self.student.set_mag_weight(self.train.schedule(self.step, self.train.steps))
         self.student.hf.train()
         if self.step < self.train.transfer_steps:
-            loss, kl = self._transfer_loss(ids, weights), None
+            loss, kl = transfer_loss(self.student, ids, weights), None
         else:
             loss, kl = self._distillation_loss(ids, weights)
         for group in self.optimizer.param_groups:
@@ -172,17 +173,6 @@ class Trainer:
             teacher_logits = self.teacher(input_ids=ids, use_cache=False).logits
         logits = self.student.hf(input_ids=ids, use_cache=False).logits
         return distillation_loss(logits, teacher_logits, ids, self.train.ce_weight, weights)
-
-    def _transfer_loss(self, ids: torch.Tensor, weights) -> torch.Tensor:
-        """Mean over layers of their attention-transfer losses; the forward itself builds no graph."""
-        context = self.student.context
-        context.transfer, context.transfer_weights = [], weights
-        try:
-            with torch.no_grad():
-                self.student.hf(input_ids=ids, use_cache=False, logits_to_keep=1)
-            return torch.stack(context.transfer).mean()
-        finally:
-            context.transfer, context.transfer_weights = None, None
 
     def mean_memory_weight(self) -> float:
         """mu for a constant gate; for learned gates, sigmoid of their mean bias (what mu is where W x = 0)."""
