@@ -171,3 +171,36 @@ def test_a_finished_request_frees_its_slot_for_the_next_and_the_pool_never_grows
     assert all(len(tokens(out[f"r{i}"])) == 3 + i for i in range(5))
     assert engine.pool.num_free == 2 and engine.load()["running_state_bytes"] == 0
     assert [t.untyped_storage().data_ptr() for layer in engine.pool.layers for t in layer.values()] == before
+
+
+def test_sixteen_requests_joining_mid_decode_and_some_aborted_each_equal_the_model_alone(default_model):
+    """16 greedy requests with different prompt lengths on 8 slots: half arrive while others decode, every
+    fourth is aborted mid-way; each one that finishes has exactly TitansModel's own greedy tokens (slots are
+    reused and swapped to the front as the decoding set changes)."""
+    words = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen".split()
+    prompts = [default_model.tokenizer(" ".join(words[:3 + i]) + " and")["input_ids"] for i in range(16)]
+    requests = [Request(f"r{i}", p, SamplingParams(temperature=0, max_tokens=4 + i % 5, ignore_eos=True))
+                for i, p in enumerate(prompts)]
+    engine = LLMEngine(default_model, EngineConfig(max_num_seqs=8, max_num_batched_tokens=24, prefix_reuse=False))
+    outputs = {r.request_id: [] for r in requests}
+    for request in requests[:8]:
+        engine.add_request(request)
+    step = 0
+    while engine.has_work():
+        step += 1
+        if step == 3:
+            for request in requests[8:]:
+                engine.add_request(request)
+        if step == 5:
+            for request in requests[::4]:
+                engine.abort(request.request_id)
+        for output in engine.step():
+            outputs[output.request_id].append(output)
+    for i, request in enumerate(requests):
+        final = outputs[request.request_id][-1]
+        if i % 4 == 0:
+            assert final.finish_reason in ("abort", "length")
+            continue
+        assert final.finish_reason == "length"
+        assert tokens(outputs[request.request_id]) == reference_greedy(default_model, prompts[i], 4 + i % 5)
+    assert engine.pool.num_free == 8
