@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 serve: setup
-	$(VENV)/bin/tptt-serve $(ARGS)
+	$(VENV)/bin/tptt-serve --compile $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider

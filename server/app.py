@@ -120,6 +120,8 @@ def create_app(settings: Settings, model: TitansModel) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         ctx.engine.start()
+        if settings.compile:
+            ctx.engine.compile_in_background()
         yield
         ctx.engine.stop()
 
@@ -143,9 +145,10 @@ def create_app(settings: Settings, model: TitansModel) -> FastAPI:
         if not ctx.engine.thread.is_alive():
             raise APIError(503, "the engine loop is not running", kind="service_unavailable_error")
         remote = ctx.store.remote
-        if remote is None:
-            return {"status": "ok"}
-        return {"status": "ok", "store": "ok" if remote.stats()["redis_up"] else "degraded"}
+        health = {"status": "ok", "decode": ctx.engine.decode_mode}
+        if remote is not None:
+            health["store"] = "ok" if remote.stats()["redis_up"] else "degraded"
+        return health
 
     @app.get("/metrics")
     async def metrics():

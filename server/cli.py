@@ -15,16 +15,12 @@ from .settings import Settings
 
 
 def load_model(settings: Settings) -> tr.TitansModel:
-    """The model `settings` ask for, on their device, threads and dtype, compiled when asked."""
+    """The model `settings` ask for, on their device, threads and dtype (eager: --compile compiles a copy in
+    the background once serving, server/app.py)."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
     logging.getLogger("tptt-serve").info("loading %s", settings.model)
-    model = tr.load(settings.model, device=settings.device, dtype=getattr(torch, settings.dtype))
-    if settings.compile:
-        logging.getLogger("tptt-serve").info("compiling the decode step (batch 1 and batched)")
-        model.compile()
-        model.warm_up()
-    return model
+    return tr.load(settings.model, device=settings.device, dtype=getattr(torch, settings.dtype))
 
 
 def main(argv: list[str] | None = None) -> None:

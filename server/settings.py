@@ -38,8 +38,9 @@ HELP = {
     "max_replicas": "cluster mode with autoscaling: most replicas (Ray Serve adds replicas as requests queue)",
     "ray_address": "cluster mode: the Ray cluster to join (e.g. ray://head:10001 or auto); empty = start a local one",
     "max_body_bytes": "largest accepted request body (413 beyond)",
-    "compile": "decode steps through torch.compile: faster one-token steps; compiles before serving (minutes on "
-               "a small CPU the first time, seconds from torch's on-disk cache afterwards)",
+    "compile": "decode steps through torch.compile: serves eagerly at once, compiles a copy of the model in the "
+               "background (minutes on a small CPU the first time, less from torch's on-disk cache) and switches "
+               "to it when it is ready",
     "log_level": "debug, info, warning, error",
     "log_prompts": "log prompt text (off by default: prompts never reach the logs)",
 }

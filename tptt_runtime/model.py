@@ -17,6 +17,7 @@ decode graph (`compile()`) requires to be reused.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 
 import torch
@@ -76,6 +77,15 @@ class TitansModel:
         minutes on a 2-core CPU, ~20 s when torch's on-disk cache has the graph; `warm_up()` does both. Steps
         that write the sinks (a session's first tokens) stay eager."""
         self._compiled_forward = torch.compile(self._forward)
+
+    def compiled_copy(self) -> TitansModel:
+        """A copy of this model (the same weights and fingerprint, its own forward context) with its decode step
+        compiled and warmed up: built beside a model that goes on serving eagerly, then swapped in for it
+        (AsyncEngine.compile_in_background). Costs one more copy of the weights until the swap."""
+        twin = copy.deepcopy(self)
+        twin.compile()
+        twin.warm_up()
+        return twin
 
     def warm_up(self) -> None:
         """Compile (if `compile()` was called) the decode graphs of batch 1 and of larger batches now, on

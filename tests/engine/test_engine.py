@@ -1,6 +1,8 @@
 """LLMEngine on the real default model: greedy == TitansModel, batching does not change outputs, prefix reuse
 prefills only new tokens, prompt logprobs == forward_full, aborts free their slot."""
 
+import time
+
 import pytest
 import torch
 
@@ -204,3 +206,41 @@ def test_sixteen_requests_joining_mid_decode_and_some_aborted_each_equal_the_mod
         assert final.finish_reason == "length"
         assert tokens(outputs[request.request_id]) == reference_greedy(default_model, prompts[i], 4 + i % 5)
     assert engine.pool.num_free == 8
+
+
+def test_compiling_in_the_background_swaps_a_compiled_twin_in_while_serving_eagerly(default_model):
+    """`--compile`: requests are served eagerly at once; the compiled copy replaces the model between two steps
+    when it is ready, and then serves the same greedy tokens as the eager model."""
+    import asyncio
+
+    import torch._dynamo
+
+    from tests.conftest import tiny_model
+    from tptt_runtime import TitansModel, TpttConfig
+    from tptt_runtime.engine import AsyncEngine
+
+    torch._dynamo.reset()
+    model = TitansModel(tiny_model("llama"), TpttConfig(window=4, sinks=2, mag_weight=0.3))
+    model.tokenizer = default_model.tokenizer  # token ids below the tiny vocabulary decode to text
+    engine = AsyncEngine(LLMEngine(model, EngineConfig(prefix_reuse=False)))
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompt = [5, 17, 42, 8, 61, 3, 29]
+
+    async def generate(name):
+        return [t for output in [o async for o in engine.submit(Request(name, prompt, params))]
+                for t in output.token_ids]
+
+    engine.start()
+    try:
+        compiling = engine.compile_in_background()
+        eager = asyncio.run(generate("while-compiling"))
+        compiling.join(timeout=600)
+        deadline = time.monotonic() + 30
+        while engine.decode_mode != "compiled" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.decode_mode == "compiled"
+        assert engine.engine.model is not model and engine.engine.model._compiled_forward is not None
+        compiled = asyncio.run(generate("compiled"))
+    finally:
+        engine.stop()
+    assert eager == compiled == reference_greedy(model, prompt, 12)

@@ -6,6 +6,9 @@ The model loop is the only thread that touches the model and the scheduler. Call
 over under a condition variable; outputs travel back through each request's asyncio.Queue on the caller's event
 loop (call_soon_threadsafe). Leaving the `async for` early (a client disconnect cancels it) aborts the request,
 and the engine frees its slot at the next step. A full waiting queue raises EngineOverloaded at submission.
+
+`compile_in_background()` builds a compiled twin of the model on another thread (TitansModel.compiled_copy)
+while this loop goes on serving eagerly; the loop swaps it in between two steps once it is ready.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ class AsyncEngine:
         self.listeners: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="tptt-engine", daemon=True)
+        self.decode_mode = "compiled" if engine.model._compiled_forward is not None else "eager"
+        self._compiled = None  # the compiled twin, from compile_in_background, until the loop swaps it in
         self.stats = engine.load()  # refreshed every step; `full_stats()` adds the store's counts
 
     def start(self) -> None:
@@ -44,6 +49,28 @@ class AsyncEngine:
         if self.thread.is_alive():
             self.thread.join(timeout=30)
         self.engine.store.flush()
+
+    def compile_in_background(self) -> threading.Thread:
+        """Compile the decode step on a copy of the model on a daemon thread; the engine loop switches to it
+        when it is ready (`decode_mode` becomes "compiled"). Serving stays eager meanwhile; a failure to
+        compile is logged and serving stays eager."""
+        model = self.engine.model
+
+        def build():
+            self.decode_mode = "compiling"
+            try:
+                twin = model.compiled_copy()
+            except Exception:  # noqa: BLE001 - a compiler problem must not take serving down
+                log.exception("compiling the decode step failed; serving stays eager")
+                self.decode_mode = "eager"
+                return
+            with self.condition:
+                self._compiled = twin
+                self.condition.notify()
+
+        thread = threading.Thread(target=build, name="tptt-compile", daemon=True)
+        thread.start()
+        return thread
 
     def full_stats(self) -> dict[str, int]:
         """The latest step's load plus the store's counts now (for /metrics)."""
@@ -87,10 +114,14 @@ class AsyncEngine:
     def _loop(self) -> None:
         while True:
             with self.condition:
-                while not (self.stopping or self.inbox or self.aborts or self.engine.has_work()):
+                while not (self.stopping or self.inbox or self.aborts or self.engine.has_work() or self._compiled):
                     self.condition.wait()
                 if self.stopping:
                     return
+                if self._compiled is not None:
+                    self.engine.use_model(self._compiled)
+                    self._compiled, self.decode_mode = None, "compiled"
+                    log.info("decode steps now run compiled")
                 # admitted under the lock, with the count refreshed, so that `submit` never sees a request in
                 # neither the inbox nor the count (it would accept more than the engine will queue)
                 for request in self.inbox:

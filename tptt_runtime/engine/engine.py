@@ -102,6 +102,13 @@ class LLMEngine:
         if request is not None:
             request.aborted = True
 
+    def use_model(self, model: TitansModel) -> None:
+        """Serve from `model` from the next step on: the same weights (fingerprint), e.g. its compiled twin;
+        running requests keep their slots and go on."""
+        if model.fingerprint != self.model.fingerprint:
+            raise ValueError("the new model has other weights or another config than the one serving")
+        self.model = self.pool.model = model
+
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
