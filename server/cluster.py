@@ -276,21 +276,12 @@ def app_builder(args: dict):
     return build_application(settings)
 
 
-# How long the Front's router waits for a replica's queue-length answer before it tries the next replica on the
-# ring (Ray's defaults: 0.1 s, backing off to 1 s). A replica whose event loop is briefly busy (a turn's
-# snapshot serialized, a forward holding the GIL) answered late and its conversation moved to another replica
-# at random (seen as a flaky stickiness test); a dead replica fails its call at once, whatever this says.
-ROUTER_PATIENCE = {"RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "1.0",
-                   "RAY_SERVE_MAX_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "2.0"}
-
-
 def serve_cluster(settings: Settings) -> None:
     """Start (or join, with --ray-address) Ray, run the application on settings.host:port, block until stopped."""
     import ray
     from ray import serve
 
-    ray.init(address=settings.ray_address or None, include_dashboard=False, logging_level="warning",
-             runtime_env={"env_vars": ROUTER_PATIENCE})
+    ray.init(address=settings.ray_address or None, include_dashboard=False, logging_level="warning")
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(build_application(settings), name=APP_NAME, route_prefix="/", blocking=False)
     log.info("cluster mode: serving on http://%s:%d", settings.host, settings.port)

@@ -24,8 +24,25 @@ GREEDY = {"model": MODEL, "max_tokens": 6, "temperature": 0}
 @pytest.fixture(scope="module")
 def cluster(module_redis_server):  # noqa: F811
     server = launch("--replicas", "2", "--redis-url", module_redis_server.url, "--threads", "1")
+    wait_for_replicas(server.url, 2)
     yield server.url
     server.stop()
+
+
+def wait_for_replicas(url: str, count: int, timeout: float = 120) -> None:
+    """Until the router sends requests to `count` replicas. /health answers as soon as one serves; until the
+    other has started, the router's hash ring holds only the first, and a conversation begun then moves when
+    the ring grows (its state follows through Redis, but a test of stickiness must start from the full ring).
+    Requests under many session ids land on every replica of the ring."""
+    deadline, seen, key = time.monotonic() + timeout, set(), 0
+    while time.monotonic() < deadline:
+        key += 1
+        response = httpx.get(url + "/v1/models", headers={"X-Session-ID": f"probe-{key}"}, timeout=30)
+        seen.add(response.headers.get("x-tptt-replica"))
+        if len(seen - {None}) >= count:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"requests reached {len(seen - {None})} replicas, not {count}, within {timeout} s")
 
 
 def post_chat(url: str, messages: list[dict], **extra) -> httpx.Response:
