@@ -214,7 +214,8 @@ def _truncate_batch(logits: torch.Tensor, params: list[SamplingParams]) -> torch
     top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)
     top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
     min_p = torch.tensor([p.min_p for p in params], device=device)[:, None]
-    if bool((top_k < vocab).any()) or bool((top_p < 1.0).any()):
+    # which masks to build is known from the params on the host (asking the device tensors would sync)
+    if any(0 < p.top_k < vocab or p.top_p < 1.0 for p in params):
         ordered, order = logits.sort(dim=-1, descending=True)
         kth = ordered.gather(-1, (top_k - 1)[:, None])
         ordered = ordered.masked_fill(ordered < kth, float("-inf"))
@@ -222,7 +223,7 @@ def _truncate_batch(logits: torch.Tensor, params: list[SamplingParams]) -> torch
         drop = (probs.cumsum(-1) - probs >= top_p) & (top_p < 1.0)  # the token crossing top_p is kept,
         drop[:, 0] = False                                          # and the best one always
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
-    if bool((min_p > 0).any()):
+    if any(p.min_p > 0.0 for p in params):
         probs = logits.softmax(-1)
         logits = logits.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))
     return logits

@@ -3,7 +3,7 @@
 Each layer's state tensors exist once, at [num_slots, ...] (the engine's max_num_seqs). A running request holds
 a slot index; forwards read and write its row in place (TitansModel.prefill_rows / decode_rows), so a decode
 step copies no state. Nothing else holds running state: a SessionState is only a value, copied out of a slot
-for a snapshot (`snapshot`) or into a slot to resume one (`load`). The pool never grows.
+for a snapshot (`snapshot`) or into a free slot to resume one (`acquire`). The pool never grows.
 
 The engine keeps the slots of the requests decoding together at the front of the pool (`swap`), so that a
 decode step reads one contiguous view of rows 0 .. B-1. Rows in any other order (a batched prefill of some
