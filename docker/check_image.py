@@ -10,7 +10,7 @@ container's log:
    An engine it started is stopped at the end; nothing else is.
 2. A base image: --base, or (default) a minimal Debian bookworm made with debootstrap and `docker import`ed as
    tptt-local/debian:bookworm, for hosts that cannot pull from a registry.
-3. The server image from docker/Dockerfile for the CPU (no `cuda` extra, float32), torch's CPU build from a local
+3. The server image from docker/Dockerfile for the CPU (no `cuda` extra, dtype auto), torch's CPU build from a local
    folder of wheels served over HTTP when pip's find-links has one, else from PyTorch's CPU index. Build time and
    image size are reported. A Prometheus image from Debian's package (docker/prometheus.Dockerfile).
 4. The server container on its own network under the compose service name `server`, with a sessions volume,
@@ -238,7 +238,7 @@ def build_images(args, report: dict) -> None:
     if args.base == LOCAL_BASE:
         ensure_local_base(LOCAL_BASE)
     copy_host_ca_certificates()
-    server_args = {"BASE_IMAGE": args.base, "DEVICE": "cpu", "DTYPE": "float32"}
+    server_args = {"BASE_IMAGE": args.base, "DEVICE": "cpu", "DTYPE": "auto"}
     images = [(SERVER_IMAGE, "", "build-server.log", "")]  # tag, extras, log file, report key prefix
     if args.cluster:
         images.append((CLUSTER_IMAGE, "cluster", "build-cluster.log", "cluster_"))

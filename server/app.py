@@ -145,7 +145,8 @@ def create_app(settings: Settings, model: TitansModel) -> FastAPI:
         if not ctx.engine.thread.is_alive():
             raise APIError(503, "the engine loop is not running", kind="service_unavailable_error")
         remote = ctx.store.remote
-        health = {"status": "ok", "decode": ctx.engine.decode_mode}
+        health = {"status": "ok", "decode": ctx.engine.decode_mode,
+                  "dtype": str(ctx.engine.engine.model.dtype).removeprefix("torch.")}
         if remote is not None:
             health["store"] = "ok" if remote.stats()["redis_up"] else "degraded"
         return health

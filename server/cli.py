@@ -9,6 +9,7 @@ import torch
 import uvicorn
 
 import tptt_runtime as tr
+from tptt_runtime.loading import preferred_dtype
 
 from .app import create_app
 from .settings import Settings
@@ -19,8 +20,15 @@ def load_model(settings: Settings) -> tr.TitansModel:
     the background once serving, server/app.py)."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    logging.getLogger("tptt-serve").info("loading %s", settings.model)
-    return tr.load(settings.model, device=settings.device, dtype=getattr(torch, settings.dtype))
+    dtype = model_dtype(settings)
+    logging.getLogger("tptt-serve").info("loading %s (%s weights on %s)", settings.model,
+                                         str(dtype).removeprefix("torch."), settings.device)
+    return tr.load(settings.model, device=settings.device, dtype=dtype)
+
+
+def model_dtype(settings: Settings) -> torch.dtype:
+    """--dtype, with auto resolved for --device (tptt_runtime.loading.preferred_dtype)."""
+    return preferred_dtype(settings.device) if settings.dtype == "auto" else getattr(torch, settings.dtype)
 
 
 def main(argv: list[str] | None = None) -> None:

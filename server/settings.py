@@ -19,7 +19,8 @@ HELP = {
     "port": "port to bind",
     "api_key": "accepted API key(s); none = no authentication. Sessions belong to the key that made them",
     "device": "torch device (cpu, cuda)",
-    "dtype": "weights dtype (float32, bfloat16, float16); states are always float32",
+    "dtype": "weights dtype (auto, float32, bfloat16, float16); auto = bfloat16 on GPUs and on CPUs with native "
+             "bfloat16 dot products (AVX512-BF16, AMX), float32 elsewhere; memory states are always float32",
     "threads": "torch CPU threads (0 = torch's default; 1 helps on hosts shared with other busy processes)",
     "max_num_seqs": "requests decoded together at most",
     "max_num_batched_tokens": "tokens per engine step (decode rows + prefill chunks)",
@@ -54,7 +55,7 @@ class Settings:
     port: int = 8000
     api_key: list[str] = field(default_factory=list)
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "auto"
     threads: int = 0
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 1024
@@ -78,8 +79,8 @@ class Settings:
     def __post_init__(self):
         if not 0 < self.port < 65536:
             raise ValueError("port must be in 1..65535")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError("dtype must be float32, bfloat16 or float16")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError("dtype must be auto, float32, bfloat16 or float16")
         if self.threads < 0:
             raise ValueError("threads must be >= 0")
         if self.max_tokens_limit < 1:

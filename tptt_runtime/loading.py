@@ -138,6 +138,21 @@ def load(source: str | Path = "default", *, base: str | Path | None = None, wind
     return model
 
 
+def preferred_dtype(device: str | torch.device) -> torch.dtype:
+    """The weights dtype `device` runs a model fastest in without losing accuracy: bfloat16 on GPUs that
+    support it and on CPUs with native bfloat16 dot products (AVX512-BF16 or AMX: it halves the bytes a decode
+    step reads and doubles the matmul rate), float32 elsewhere (CPUs that would emulate bfloat16 run it slower
+    than float32). Session memory states stay float32 whatever the weights."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if kind == "cpu":
+        capabilities = torch.cpu.get_capabilities()
+        if capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"):
+            return torch.bfloat16
+    return torch.float32
+
+
 def _has_tokenizer(directory: Path) -> bool:
     return any((directory / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
 

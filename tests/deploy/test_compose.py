@@ -107,7 +107,7 @@ def settings_of(service: dict) -> Settings:
 
 
 def test_server_environment_is_valid_settings(gpu, cpu):
-    for server, device, dtype in ((gpu, "cuda", "bfloat16"), (cpu, "cpu", "float32")):
+    for server, device, dtype in ((gpu, "cuda", "bfloat16"), (cpu, "cpu", "auto")):
         settings = settings_of(server)
         assert (settings.host, settings.port, settings.model) == ("0.0.0.0", SERVER_PORT, "default")
         assert (settings.device, settings.dtype) == (device, dtype)
@@ -126,7 +126,7 @@ def test_cpu_build_arguments_are_dockerfile_args(gpu, cpu):
     assert "args" not in gpu["build"]  # the Dockerfile's defaults are the GPU image
     args = cpu["build"]["args"]
     assert set(args) <= set(declared)
-    assert (args["EXTRAS"], args["DEVICE"], args["DTYPE"]) == ("", "cpu", "float32")
+    assert (args["EXTRAS"], args["DEVICE"], args["DTYPE"]) == ("", "cpu", "auto")
     assert args["PIP_EXTRA_INDEX_URL"].startswith("https://download.pytorch.org/whl/cpu")
 
 

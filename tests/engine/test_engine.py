@@ -244,3 +244,17 @@ def test_compiling_in_the_background_swaps_a_compiled_twin_in_while_serving_eage
     finally:
         engine.stop()
     assert eager == compiled == reference_greedy(model, prompt, 12)
+
+
+def test_bfloat16_weights_serve_from_a_pool_with_float32_memory():
+    """What `--dtype auto` serves on a CPU with native bfloat16: the pool's window tensors in bfloat16, the
+    DeltaProduct memory in float32, and a request's greedy tokens those of TitansModel in bfloat16."""
+    import tptt_runtime as tr
+
+    model = tr.load("default", dtype=torch.bfloat16)
+    ids = chat_ids(model, "Write one sentence about the sea.")
+    engine = LLMEngine(model, EngineConfig(max_num_seqs=2, max_num_batched_tokens=16))
+    layer = engine.pool.layers[0]
+    assert layer["win_k"].dtype == torch.bfloat16 and layer["memory"].dtype == torch.float32
+    out = run_all(engine, [Request("r", ids, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))])
+    assert tokens(out["r"]) == reference_greedy(model, ids, 12)

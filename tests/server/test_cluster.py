@@ -23,7 +23,8 @@ GREEDY = {"model": MODEL, "max_tokens": 6, "temperature": 0}
 
 @pytest.fixture(scope="module")
 def cluster(module_redis_server):  # noqa: F811
-    server = launch("--replicas", "2", "--redis-url", module_redis_server.url, "--threads", "1")
+    # float32 as the in-process `base_url` server that its answers are compared with
+    server = launch("--replicas", "2", "--redis-url", module_redis_server.url, "--threads", "1", "--dtype", "float32")
     wait_for_replicas(server.url, 2)
     yield server.url
     server.stop()

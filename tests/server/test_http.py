@@ -61,7 +61,7 @@ def test_unknown_model_and_unknown_session_are_404(base_url):
 
 
 def test_models_and_health(base_url):
-    assert httpx.get(base_url + "/health").json() == {"status": "ok", "decode": "eager"}
+    assert httpx.get(base_url + "/health").json() == {"status": "ok", "decode": "eager", "dtype": "float32"}
     assert [m["id"] for m in httpx.get(base_url + "/v1/models").json()["data"]] == [MODEL]
 
 

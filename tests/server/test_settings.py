@@ -30,3 +30,26 @@ def test_every_setting_is_documented_in_the_readme():
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     missing = [f.name for f in fields(Settings) if f"`TPTT_{f.name.upper()}`" not in readme]
     assert not missing
+
+
+@pytest.mark.parametrize("capabilities, expected", [({"avx512_bf16": True}, "bfloat16"), ({"amx_bf16": True}, "bfloat16"),
+                                                   ({"avx512_bf16": False, "avx2": True}, "float32")])
+def test_auto_dtype_is_bfloat16_only_on_cpus_with_native_bfloat16(monkeypatch, capabilities, expected):
+    import torch
+
+    from server.cli import model_dtype
+
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    assert Settings.from_args([], environ={}).dtype == "auto"
+    assert model_dtype(Settings.from_args([], environ={})) == getattr(torch, expected)
+    assert model_dtype(Settings.from_args(["--dtype", "float32"], environ={})) == torch.float32
+
+
+def test_auto_dtype_on_a_gpu_follows_its_bfloat16_support(monkeypatch):
+    import torch
+
+    from tptt_runtime.loading import preferred_dtype
+
+    for supported, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: supported)
+        assert preferred_dtype("cuda") == expected

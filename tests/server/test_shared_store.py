@@ -71,7 +71,8 @@ def test_api_keys_cannot_see_each_others_sessions_through_redis(start_server, re
 
 def test_redis_down_degrades_health_and_metrics_but_requests_succeed(start_server, redis_server):  # noqa: F811
     with start_server(redis_url=redis_server.url) as (url, _):
-        assert httpx.get(url + "/health").json() == {"status": "ok", "decode": "eager", "store": "ok"}
+        assert httpx.get(url + "/health").json() == {"status": "ok", "decode": "eager", "dtype": "float32",
+                                                     "store": "ok"}
         redis_server.stop()
         started = time.monotonic()
         for turn in range(2):

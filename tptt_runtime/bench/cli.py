@@ -7,6 +7,17 @@ from pathlib import Path
 
 from .shapes import SHAPES
 
+DTYPES = ["auto", "float32", "bfloat16", "float16"]
+DTYPE_HELP = "weights dtype of ours and the baseline alike; auto: what the server picks on this device"
+
+
+def resolve_dtype(name: str, device: str):
+    import torch
+
+    from ..loading import preferred_dtype
+
+    return preferred_dtype(device) if name == "auto" else getattr(torch, name)
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tptt-bench", description=__doc__)
@@ -29,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     runtime.add_argument("--shape", choices=["default", *SHAPES], default="default",
                          help="default: the shipped model; else a transformers Llama config shape, random weights")
     runtime.add_argument("--device", default="cpu", help="cpu or cuda")
-    runtime.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    runtime.add_argument("--dtype", choices=DTYPES, default="auto", help=DTYPE_HELP)
     runtime.add_argument("--out", type=Path, default=Path("bench-results"))
     server = sub.add_parser("server", help="served throughput (1 vs N streams) and multi-turn time to first token")
     server.add_argument("--turn-tokens", type=int, default=2048, help="tokens of each long user turn")
@@ -37,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="cap on the assistant's replies to turns 1 and 2 (part of turn 3's cached prefix)")
     server.add_argument("--clients", type=int, default=16)
     server.add_argument("--decode-tokens", type=int, default=64)
+    server.add_argument("--dtype", choices=DTYPES, default="auto", help=DTYPE_HELP)
     server.add_argument("--out", type=Path, default=Path("bench-results"))
     cluster = sub.add_parser("cluster", help="moving a conversation between servers through Redis vs staying, "
                                              "vs a cold prefill; the session move itself")
@@ -57,12 +69,10 @@ def main(argv: list[str] | None = None) -> None:
     load.add_argument("--out", type=Path, default=Path("bench-results"))
     args = parser.parse_args(argv)
     if args.bench == "runtime":
-        import torch
-
         from .runtime import run
 
         run(sorted(args.contexts), args.baseline_max, args.decode_tokens, args.mag_weight, args.out, args.compile,
-            shape=args.shape, device=args.device, dtype=getattr(torch, args.dtype), batches=args.batch,
+            shape=args.shape, device=args.device, dtype=resolve_dtype(args.dtype, args.device), batches=args.batch,
             cache_tokens=args.cache_tokens)
     elif args.bench == "cluster":
         from .cluster import run as run_cluster
@@ -72,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.bench == "server":
         from .server import run as run_server
 
-        run_server(args.turn_tokens, args.reply_tokens, args.clients, args.decode_tokens, args.out)
+        run_server(args.turn_tokens, args.reply_tokens, args.clients, args.decode_tokens, args.out,
+                   resolve_dtype(args.dtype, "cpu"))
     elif args.bench == "load":
         from .load import run as run_load
 

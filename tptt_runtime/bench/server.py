@@ -125,17 +125,19 @@ def three_turns(url: str, tokenizer, turn_tokens: int, reply_tokens: int,
     return messages, {**result, "replies": replies}
 
 
-def run(turn_tokens: int, reply_tokens: int, clients: int, decode_tokens: int, out_dir: Path) -> dict:
+def run(turn_tokens: int, reply_tokens: int, clients: int, decode_tokens: int, out_dir: Path,
+        dtype: torch.dtype = torch.float32) -> dict:
     from transformers import AutoTokenizer
 
     from ..loading import base_directory
 
     directory = base_directory("default")
     tokenizer = AutoTokenizer.from_pretrained(directory)
+    dtype_name = str(dtype).removeprefix("torch.")
     results = {"turn_tokens": turn_tokens, "reply_tokens": reply_tokens, "clients": clients,
-               "decode_tokens": decode_tokens}
+               "decode_tokens": decode_tokens, "dtype": dtype_name}
     progress = tqdm(total=6, desc="tptt-bench server")
-    with served() as server:
+    with served("--dtype", dtype_name) as server:
         url = server.url
         stream_chat(url, [{"role": "user", "content": "Hi"}], 4)  # warm-up
         single = concurrent_decode(url, 1, decode_tokens)
@@ -146,13 +148,13 @@ def run(turn_tokens: int, reply_tokens: int, clients: int, decode_tokens: int, o
         progress.update()
         short_turn3, warm_short = three_turns(url, tokenizer, turn_tokens, reply_tokens, "What was the first text about?")
         progress.update()
-    with served("--no-prefix-reuse") as server:
+    with served("--no-prefix-reuse", "--dtype", dtype_name) as server:
         url = server.url
         stream_chat(url, [{"role": "user", "content": "Hi"}], 4)
         cold_long = stream_chat(url, long_turn3, 32)
         cold_short = stream_chat(url, short_turn3, 32)
         progress.update()
-    baseline = load_base_model("default")
+    baseline = load_base_model("default").to(dtype)
     hf_single = hf_generate_decode(baseline, tokenizer, 1, decode_tokens)
     hf_many = hf_generate_decode(baseline, tokenizer, clients, decode_tokens)
     hf_ttft = {"long_turn": hf_generate_ttft(baseline, tokenizer, long_turn3),
@@ -182,7 +184,8 @@ def run(turn_tokens: int, reply_tokens: int, clients: int, decode_tokens: int, o
 def table(results: dict) -> str:
     d, t = results["decode_tok_s"], results["turn3_ttft_s"]
     n = results["clients"]
-    lines = [f"decode tokens/s      1 stream   {n} streams   gain",
+    lines = [f"weights: {results.get('dtype', 'float32')}, ours and Hugging Face alike",
+             f"decode tokens/s      1 stream   {n} streams   gain",
              f"  ours (server)      {d['ours_1']:8.1f}   {d[f'ours_{n}']:10.1f}   {d['ours_concurrency_gain']:5.2f}x",
              f"  HF generate        {d['hf_generate_1']:8.1f}   {d[f'hf_generate_{n}']:10.1f}   "
              f"{d['hf_concurrency_gain']:5.2f}x",
