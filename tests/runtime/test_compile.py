@@ -1,6 +1,8 @@
 """TitansModel.compile(): decode steps through one torch.compile graph give the eager logits, batch 1 and
 batched, sessions at different positions, and the graph has no breaks (one graph per batch shape)."""
 
+import copy
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -10,6 +12,7 @@ from tptt_runtime import TitansModel, TpttConfig
 
 TOL = 5e-4  # eager incremental decode is held to 1e-4; inductor's fused kernels reorder float32 reductions
 #             (measured: up to 1.0e-4 on this model, and the order depends on the CPU's vector width)
+BF16_TOL = 0.02  # of the largest logit (measured: 0.005; bfloat16 roundings through two layers)
 
 
 def ids(n, seed):
@@ -44,3 +47,24 @@ def test_compiled_decode_equals_forward_full(cache_tokens):
     decode([2])
     assert counters["stats"]["unique_graphs"] == 2  # batch 1, then a dynamic batch dim for the rest
     assert not counters["graph_break"]
+
+
+def test_compiled_bfloat16_decode_equals_eager_bfloat16():
+    """What `make serve` runs on a CPU with native bfloat16 (`--dtype auto --compile`): the compiled step gives
+    the eager bfloat16 step's logits up to bfloat16 rounding (inductor keeps fused intermediates in float32
+    where eager rounds every operation to bfloat16)."""
+    torch._dynamo.reset()
+    config = TpttConfig(window=4, sinks=2, mag_gate="learned", mag_weight=0.3, feature_map="learned", cache_tokens=3)
+    eager = TitansModel(tiny_model("llama").to(torch.bfloat16), config)
+    compiled = copy.deepcopy(eager)
+    compiled.compile()
+    streams = [ids(14, seed=s) for s in range(2)]
+    sessions = {m: [m.new_session() for _ in streams] for m in (eager, compiled)}
+    for model, states in sessions.items():
+        for state, stream in zip(states, streams):
+            model.prefill(state, stream[:6])
+    for position in range(6, 14):
+        tokens = [int(s[position]) for s in streams]
+        expected, got = (m.decode(sessions[m], tokens) for m in (eager, compiled))
+        assert expected.dtype == torch.float32 and sessions[compiled][0].layers[0]["memory"].dtype == torch.float32
+        torch.testing.assert_close(got, expected, atol=BF16_TOL * expected.abs().max().item(), rtol=0)
