@@ -32,7 +32,7 @@ import urllib.request
 from dataclasses import asdict, replace
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .errors import APIError
 from .settings import Settings
@@ -104,6 +104,19 @@ async def call_asgi(app, method: str, path: str, query: bytes, headers: list[tup
             await asyncio.wait_for(asyncio.shield(task), timeout=30)
 
 
+# ------------------------------------------------------------------------------------------- health
+def cluster_health(replica: dict, live: int | None, expected: int, was_ready: bool) -> tuple[int, dict]:
+    """The Front's /health from one replica's own /health and the count of live replicas (None: Redis, which
+    counts them, is unreachable). 503 "starting" until `expected` replicas have been up at once (so that a
+    load balancer or `docker compose` sends traffic only to a full hash ring); later, fewer is "degraded"
+    (a replica died and Ray restarts it; the others serve its conversations from Redis)."""
+    if live is None:
+        return 200, {**replica, "replicas": None, "expected_replicas": expected}
+    status = "ok" if live >= expected else "degraded" if was_ready else "starting"
+    body = {**replica, "status": status, "replicas": live, "expected_replicas": expected}
+    return (503 if status == "starting" else 200), body
+
+
 # ------------------------------------------------------------------------------------------ metrics
 def replicas_key(settings: Settings) -> str:
     return f"tptt:cluster:{settings.port}:replicas"
@@ -164,6 +177,29 @@ def build_application(settings: Settings):
             self.engine = engine.options(stream=True)
             self.settings = Settings(**settings_dict)
             self.redis = redis.Redis.from_url(self.settings.redis_url, socket_timeout=2)  # replicas' metrics addresses
+            self.expected_replicas = self.settings.replicas or max(self.settings.min_replicas, 1)
+            self.was_ready = False  # `expected_replicas` have been up at once
+
+        @front_app.get("/health")
+        async def health(self) -> Response:
+            import redis
+
+            stream = self.engine.options(session_id="health").handle.remote("GET", "/health", b"", [], b"")
+            try:
+                start = await stream.__anext__()
+                replica = json.loads(b"".join([chunk async for chunk in stream]))
+            except Exception as error:  # noqa: BLE001 - no replica answered: not healthy
+                log.warning("cluster mode: no replica answered /health: %s", error)
+                return APIError(503, "no replica answers", kind="service_unavailable_error").response()
+            if start["status"] != 200:
+                return JSONResponse(replica, status_code=start["status"])
+            try:
+                live = len(await asyncio.to_thread(self._live_replicas))
+            except redis.RedisError:  # Redis counts the replicas: unknown now, the replica's own word stands
+                live = None
+            self.was_ready = self.was_ready or (live or 0) >= self.expected_replicas
+            status, body = cluster_health(replica, live, self.expected_replicas, self.was_ready)
+            return JSONResponse(body, status_code=status)
 
         @front_app.get("/metrics")
         async def metrics(self) -> Response:
@@ -184,12 +220,18 @@ def build_application(settings: Settings):
             headers = {k.decode(): v.decode() for k, v in start["headers"] if k.decode().lower() not in HOP_BY_HOP}
             return StreamingResponse(stream, status_code=start["status"], headers=headers)
 
+        def _live_replicas(self) -> dict[str, str]:
+            """Replica id -> its metrics URL, for replicas whose heartbeat in Redis is fresh."""
+            live = {}
+            for replica, address in self.redis.hgetall(replicas_key(self.settings)).items():
+                url, seen = json.loads(address)
+                if time.time() - seen <= REPLICA_TTL_S:
+                    live[replica.decode()] = url
+            return live
+
         def _gather_metrics(self) -> str:
             pages = {}
-            for replica, address in self.redis.hgetall(replicas_key(self.settings)).items():
-                replica, (url, seen) = replica.decode(), json.loads(address)
-                if time.time() - seen > REPLICA_TTL_S:
-                    continue
+            for replica, url in self._live_replicas().items():
                 try:
                     with urllib.request.urlopen(url, timeout=5) as response:
                         pages[replica] = response.read().decode()

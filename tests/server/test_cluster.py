@@ -12,7 +12,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.cluster import merged_metrics, routing_key
+from server.cluster import cluster_health, merged_metrics, routing_key
 from server.settings import Settings
 from tests.redis_server import module_redis_server  # noqa: F401 - fixture
 from tests.server.conftest import MODEL
@@ -86,6 +86,24 @@ def test_every_replica_reports_metrics_with_its_label(cluster):
     replicas = {sample.labels["replica"] for sample in families["tptt_num_requests_running"].samples}
     assert len(replicas) == 2
     assert all("replica" in s.labels for s in families["tptt_request_success"].samples)
+
+
+def test_health_counts_the_replicas_and_reports_a_replicas_own(cluster):
+    health = httpx.get(cluster + "/health", timeout=30)
+    assert health.status_code == 200
+    assert health.json() == {"status": "ok", "decode": "eager", "dtype": "float32", "store": "ok", "replicas": 2,
+                             "expected_replicas": 2}
+
+
+def test_health_says_starting_until_every_replica_has_been_up_then_degraded():
+    replica = {"status": "ok", "decode": "eager"}
+    assert cluster_health(replica, 1, 2, was_ready=False) == (503, {**replica, "status": "starting", "replicas": 1,
+                                                                    "expected_replicas": 2})
+    assert cluster_health(replica, 2, 2, was_ready=True)[0] == 200
+    assert cluster_health(replica, 1, 2, was_ready=True) == (200, {**replica, "status": "degraded", "replicas": 1,
+                                                                   "expected_replicas": 2})
+    assert cluster_health(replica, None, 2, was_ready=False) == (200, {**replica, "replicas": None,
+                                                                       "expected_replicas": 2})
 
 
 def test_a_named_session_survives_kill_9_of_its_replica(cluster, base_url):

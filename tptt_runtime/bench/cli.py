@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     server.add_argument("--clients", type=int, default=16)
     server.add_argument("--decode-tokens", type=int, default=64)
     server.add_argument("--dtype", choices=DTYPES, default="auto", help=DTYPE_HELP)
+    server.add_argument("--compile", action="store_true",
+                        help="as `make serve`: measure once the server's background compile has swapped in")
     server.add_argument("--out", type=Path, default=Path("bench-results"))
     cluster = sub.add_parser("cluster", help="moving a conversation between servers through Redis vs staying, "
                                              "vs a cold prefill; the session move itself")
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         from .server import run as run_server
 
         run_server(args.turn_tokens, args.reply_tokens, args.clients, args.decode_tokens, args.out,
-                   resolve_dtype(args.dtype, "cpu"))
+                   resolve_dtype(args.dtype, "cpu"), args.compile)
     elif args.bench == "load":
         from .load import run as run_load
 
