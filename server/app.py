@@ -47,7 +47,8 @@ class ServerContext:
         self.model_vocab_size = model.vocab_size
         self.kv_bytes_per_token = model.kv_cache_bytes_per_token
         self.metrics = Metrics(lambda: self.engine.full_stats())
-        self.engine = AsyncEngine(LLMEngine(model, settings.engine_config()), observers=[self.metrics.observe])
+        self.engine = AsyncEngine(LLMEngine(model, settings.engine_config()), observers=[self.metrics.observe],
+                                  threads=settings.threads)
         self.store = self.engine.engine.store
         self.token_text = lru_cache(maxsize=1 << 16)(self._token_text)
         self.started = int(time.time())

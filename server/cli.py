@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import replace
 
 import torch
 import uvicorn
@@ -16,10 +17,8 @@ from .settings import Settings
 
 
 def load_model(settings: Settings) -> tr.TitansModel:
-    """The model `settings` ask for, on their device, threads and dtype (eager: --compile compiles a copy in
-    the background once serving, server/app.py)."""
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
+    """The model `settings` ask for, on their device and dtype (eager: --compile compiles a copy in the
+    background once serving, server/app.py)."""
     dtype = model_dtype(settings)
     logging.getLogger("tptt-serve").info("loading %s (%s weights on %s)", settings.model,
                                          str(dtype).removeprefix("torch."), settings.device)
@@ -42,6 +41,10 @@ def main(argv: list[str] | None = None) -> None:
 
         serve_cluster(settings)
         return
+    # torch's CPU work belongs to the engine thread: this thread stays single-threaded, so that it never holds
+    # an OpenMP team of its own beside the engine thread's (AsyncEngine's docstring)
+    settings = replace(settings, threads=settings.threads or torch.get_num_threads())
+    torch.set_num_threads(1)
     try:
         model = load_model(settings)
     except (FileNotFoundError, ValueError) as error:

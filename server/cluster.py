@@ -258,12 +258,16 @@ def build_application(settings: Settings):
     @serve.deployment(**engine_options)
     class Engine:
         async def __init__(self, settings_dict: dict):
+            import torch
+
             from .app import create_app
             from .cli import load_model
 
             self.settings = Settings(**settings_dict)
             self.replica_id = serve.get_replica_context().replica_id.unique_id
             self.replica = f"{self.replica_id} pid={os.getpid()}"
+            if self.settings.threads:
+                torch.set_num_threads(self.settings.threads)
             self.app = create_app(self.settings, await asyncio.to_thread(load_model, self.settings))
             self.lifespan = self.app.router.lifespan_context(self.app)
             await self.lifespan.__aenter__()  # starts the engine thread

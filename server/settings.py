@@ -21,7 +21,8 @@ HELP = {
     "device": "torch device (cpu, cuda)",
     "dtype": "weights dtype (auto, float32, bfloat16, float16); auto = bfloat16 on GPUs and on CPUs with native "
              "bfloat16 dot products (AVX512-BF16, AMX), float32 elsewhere; memory states are always float32",
-    "threads": "torch CPU threads (0 = torch's default; 1 helps on hosts shared with other busy processes)",
+    "threads": "torch CPU threads of the engine thread (0 = torch's default; 1 helps on hosts shared with other busy "
+               "processes); the server's other threads run torch single-threaded",
     "max_num_seqs": "requests decoded together at most",
     "max_num_batched_tokens": "tokens per engine step (decode rows + prefill chunks)",
     "max_waiting": "queued requests beyond which new ones get 429",

@@ -258,3 +258,31 @@ def test_bfloat16_weights_serve_from_a_pool_with_float32_memory():
     assert layer["win_k"].dtype == torch.bfloat16 and layer["memory"].dtype == torch.float32
     out = run_all(engine, [Request("r", ids, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))])
     assert tokens(out["r"]) == reference_greedy(model, ids, 12)
+
+
+def test_the_engine_thread_runs_torch_with_the_threads_it_was_given(default_model):
+    """`tptt-serve` keeps its main thread single-threaded and gives the intra-op threads to the engine thread
+    (one OpenMP team in the process): the loop sets them on its own thread, the caller's stay as they are."""
+    import asyncio
+
+    from tests.conftest import tiny_model
+    from tptt_runtime import TitansModel, TpttConfig
+    from tptt_runtime.engine import AsyncEngine
+
+    model = TitansModel(tiny_model("llama"), TpttConfig(window=4, sinks=2))
+    model.tokenizer = default_model.tokenizer
+    caller_threads, seen = torch.get_num_threads(), []
+    wanted = 1 if caller_threads > 1 else 2
+    engine = AsyncEngine(LLMEngine(model, EngineConfig(prefix_reuse=False)),
+                         observers=[lambda output: seen.append(torch.get_num_threads())], threads=wanted)
+
+    async def generate():
+        return [o async for o in engine.submit(Request("t", [5, 17, 42], SamplingParams(max_tokens=3)))]
+
+    engine.start()
+    try:
+        asyncio.run(generate())
+    finally:
+        engine.stop()
+    assert seen and set(seen) == {wanted}
+    assert torch.get_num_threads() == caller_threads

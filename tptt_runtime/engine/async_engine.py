@@ -7,6 +7,11 @@ over under a condition variable; outputs travel back through each request's asyn
 loop (call_soon_threadsafe). Leaving the `async for` early (a client disconnect cancels it) aborts the request,
 and the engine frees its slot at the next step. A full waiting queue raises EngineOverloaded at submission.
 
+Threads: every application thread that runs a parallel torch CPU op gets its own OpenMP team, and two teams
+on a small host oversubscribe it (every parallel op then waits for a sleeping worker: prefill and decode ran
+2x slower on this thread while the main thread held a team, on 2 cores). With `threads`, the loop sets torch's
+intra-op threads on its own thread; the caller keeps its own thread single-threaded (server/cli.py).
+
 `compile_in_background()` builds a compiled twin of the model on another thread (TitansModel.compiled_copy)
 while this loop goes on serving eagerly; the loop swaps it in between two steps once it is ready.
 """
@@ -18,6 +23,8 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 
+import torch
+
 from .engine import EngineOverloaded, LLMEngine
 from .request import Request, RequestOutput
 
@@ -25,9 +32,11 @@ log = logging.getLogger(__name__)
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, observers=()):
-        """`observers`: callables run on the engine thread with every output (metrics)."""
+    def __init__(self, engine: LLMEngine, observers=(), threads: int = 0):
+        """`observers`: callables run on the engine thread with every output (metrics). `threads`: torch
+        intra-op threads of the engine thread (0: torch's setting as it stands)."""
         self.engine = engine
+        self.threads = threads
         self.observers = list(observers)
         self.condition = threading.Condition()
         self.inbox: list[Request] = []
@@ -112,6 +121,8 @@ class AsyncEngine:
 
     # ----------------------------------------------------------------------------------- engine thread
     def _loop(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
         while True:
             with self.condition:
                 while not (self.stopping or self.inbox or self.aborts or self.engine.has_work() or self._compiled):
