@@ -10,7 +10,7 @@ import torch
 import uvicorn
 
 import tptt_runtime as tr
-from tptt_runtime.loading import preferred_dtype
+from tptt_runtime.loading import resolve_dtype
 
 from .app import create_app
 from .settings import Settings
@@ -19,15 +19,10 @@ from .settings import Settings
 def load_model(settings: Settings) -> tr.TitansModel:
     """The model `settings` ask for, on their device and dtype (eager: --compile compiles a copy in the
     background once serving, server/app.py)."""
-    dtype = model_dtype(settings)
+    dtype = resolve_dtype(settings.dtype, settings.device)
     logging.getLogger("tptt-serve").info("loading %s (%s weights on %s)", settings.model,
                                          str(dtype).removeprefix("torch."), settings.device)
     return tr.load(settings.model, device=settings.device, dtype=dtype)
-
-
-def model_dtype(settings: Settings) -> torch.dtype:
-    """--dtype, with auto resolved for --device (tptt_runtime.loading.preferred_dtype)."""
-    return preferred_dtype(settings.device) if settings.dtype == "auto" else getattr(torch, settings.dtype)
 
 
 def main(argv: list[str] | None = None) -> None:

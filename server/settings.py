@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field, fields
 
 from tptt_runtime.engine import EngineConfig
+from tptt_runtime.loading import DTYPE_NAMES
 
 HELP = {
     "model": "'default' (SmolLM2-135M-Instruct + TPTT adapter), a .gguf file, a Hugging Face dir or an adapter dir",
@@ -80,7 +81,7 @@ class Settings:
     def __post_init__(self):
         if not 0 < self.port < 65536:
             raise ValueError("port must be in 1..65535")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        if self.dtype not in DTYPE_NAMES:
             raise ValueError("dtype must be auto, float32, bfloat16 or float16")
         if self.threads < 0:
             raise ValueError("threads must be >= 0")

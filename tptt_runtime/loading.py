@@ -138,6 +138,14 @@ def load(source: str | Path = "default", *, base: str | Path | None = None, wind
     return model
 
 
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")  # `--dtype` of the server and the benchmarks
+
+
+def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
+    """A `--dtype` name as a torch dtype, "auto" resolved for `device` (`preferred_dtype`)."""
+    return preferred_dtype(device) if name == "auto" else getattr(torch, name)
+
+
 def preferred_dtype(device: str | torch.device) -> torch.dtype:
     """The weights dtype `device` runs a model fastest in without losing accuracy: bfloat16 on GPUs that
     support it and on CPUs with native bfloat16 dot products (AVX512-BF16 or AMX: it halves the bytes a decode

@@ -37,12 +37,15 @@ def test_every_setting_is_documented_in_the_readme():
 def test_auto_dtype_is_bfloat16_only_on_cpus_with_native_bfloat16(monkeypatch, capabilities, expected):
     import torch
 
-    from server.cli import model_dtype
+    from tptt_runtime.loading import resolve_dtype
+
+    def served_dtype(settings):
+        return resolve_dtype(settings.dtype, settings.device)
 
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
     assert Settings.from_args([], environ={}).dtype == "auto"
-    assert model_dtype(Settings.from_args([], environ={})) == getattr(torch, expected)
-    assert model_dtype(Settings.from_args(["--dtype", "float32"], environ={})) == torch.float32
+    assert served_dtype(Settings.from_args([], environ={})) == getattr(torch, expected)
+    assert served_dtype(Settings.from_args(["--dtype", "float32"], environ={})) == torch.float32
 
 
 def test_auto_dtype_on_a_gpu_follows_its_bfloat16_support(monkeypatch):

@@ -5,18 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..loading import DTYPE_NAMES, resolve_dtype
 from .shapes import SHAPES
 
-DTYPES = ["auto", "float32", "bfloat16", "float16"]
 DTYPE_HELP = "weights dtype of ours and the baseline alike; auto: what the server picks on this device"
-
-
-def resolve_dtype(name: str, device: str):
-    import torch
-
-    from ..loading import preferred_dtype
-
-    return preferred_dtype(device) if name == "auto" else getattr(torch, name)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     runtime.add_argument("--shape", choices=["default", *SHAPES], default="default",
                          help="default: the shipped model; else a transformers Llama config shape, random weights")
     runtime.add_argument("--device", default="cpu", help="cpu or cuda")
-    runtime.add_argument("--dtype", choices=DTYPES, default="auto", help=DTYPE_HELP)
+    runtime.add_argument("--dtype", choices=DTYPE_NAMES, default="auto", help=DTYPE_HELP)
     runtime.add_argument("--out", type=Path, default=Path("bench-results"))
     server = sub.add_parser("server", help="served throughput (1 vs N streams) and multi-turn time to first token")
     server.add_argument("--turn-tokens", type=int, default=2048, help="tokens of each long user turn")
@@ -48,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="cap on the assistant's replies to turns 1 and 2 (part of turn 3's cached prefix)")
     server.add_argument("--clients", type=int, default=16)
     server.add_argument("--decode-tokens", type=int, default=64)
-    server.add_argument("--dtype", choices=DTYPES, default="auto", help=DTYPE_HELP)
+    server.add_argument("--dtype", choices=DTYPE_NAMES, default="auto", help=DTYPE_HELP)
     server.add_argument("--compile", action="store_true",
                         help="as `make serve`: measure once the server's background compile has swapped in")
     server.add_argument("--out", type=Path, default=Path("bench-results"))
