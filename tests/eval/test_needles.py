@@ -62,8 +62,8 @@ def module_level_strings(path: Path) -> list[str]:
 
 EVAL_WORDING = module_level_strings(PACKAGE / "eval" / "needles.py")
 TRAINING_STRINGS = [s for path in TRAIN_MODULES + [OLD_PASSKEY] for s in all_string_constants(path)]
-TRAINING_WORDING = ([s for template in retrieval.TEMPLATES for s in template] + list(retrieval.FILLER_SENTENCES)
-                    + all_string_constants(OLD_PASSKEY))  # its needle is an f-string inside a function
+TRAINING_WORDING = ([s for template in retrieval.TEMPLATES + retrieval.CHAT_TURNS for s in template]
+                    + list(retrieval.FILLER_SENTENCES) + all_string_constants(OLD_PASSKEY))  # its needle is an f-string inside a function
 
 
 def needles_old_filler() -> str:

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from tptt_runtime.train.retrieval import SUBJECTS, TEMPLATES, retrieval_document, with_retrieval
+from tptt_runtime.train.retrieval import CHAT_TURNS, SUBJECTS, TEMPLATES, retrieval_document, with_retrieval
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +75,38 @@ def test_documents_are_a_function_of_the_seed(tokenizer, prose):
                                                                                           random.Random(4))
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_chat_documents_are_a_conversation_whose_assistant_answers_from_the_user_message(tokenizer, prose, seed):
+    """Chat form: the user's first message (system prompt and all, as the template renders it) holds the facts,
+    each question is a user turn that the assistant's next turn answers, and the reads sit on the answers."""
+    document, reads = retrieval_document(tokenizer, prose, random.Random(seed), chat=True)
+    assert len(document) == len(prose)
+    text = tokenizer.decode(document)
+    head = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False).split("x")[0]
+    assert text.startswith(head)
+    turns = text.split("<|im_start|>")[2:]  # after the system turn
+    first, answers = turns[0], [turn for turn in turns if turn.startswith("assistant\n")]
+    assert first.startswith("user\n") and 1 <= len(answers) <= 4
+    runs = [[reads[0]]]
+    for position in reads[1:]:
+        runs.append([position]) if position != runs[-1][-1] + 1 else runs[-1].append(position)
+    answered = [tokenizer.decode([document[position + 1] for position in run]).strip() for run in runs]
+    assert len(answered) == len(answers)
+    for answer, number in zip(answers, answered):
+        assert number.isdigit() and answer.removeprefix("assistant\n").rstrip("\n").endswith(number + ".<|im_end|>")
+        (subject,) = [s for s in SUBJECTS if re.search(rf"{s}[^\n]{{0,60}}?{number}|{number}[^\n]{{0,60}}?{s}",
+                                                     first, re.IGNORECASE)]
+        user_turn = text[:text.index(answer)].rsplit("<|im_start|>user\n", 1)[-1]
+        question = user_turn.split("<|im_end|>")[0].rsplit("\n", 1)[-1]  # its last line
+        assert subject in question.lower() and number not in question
+
+
+def test_chat_turns_ask_without_the_number():
+    fields = dict(kind="PIN", subject="red door", Subject="Red door", number="4821")
+    for question, reply in CHAT_TURNS:
+        assert "red door" in question.format(**fields).lower() and "4821" not in question.format(**fields) + reply
+
+
 def test_with_retrieval_rebuilds_the_asked_share_of_rows(tokenizer, prose):
     sequences = torch.tensor([prose] * 10)
     mixed, reads = with_retrieval(tokenizer, sequences, 0.3, seed=0)
@@ -86,6 +118,9 @@ def test_with_retrieval_rebuilds_the_asked_share_of_rows(tokenizer, prose):
     assert torch.equal(again, mixed) and torch.equal(again_reads, reads)
     with pytest.raises(ValueError):
         with_retrieval(tokenizer, sequences, 1.5, seed=0)
+    chats, _ = with_retrieval(tokenizer, sequences, 0.6, seed=0, chat_share=0.5)
+    in_chat_form = [tokenizer.decode(row[:3].tolist()).startswith("<|im_start|>") for row in chats]
+    assert 0 < sum(in_chat_form) < 6
 
 
 def test_sequences_too_short_for_the_facts_are_refused(tokenizer, prose):

@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--text", nargs="+", default=list(DEFAULT_SOURCES), help="glob patterns of training text")
     p.add_argument("--retrieval", type=float, default=0.0,
                    help="share of training sequences rebuilt as retrieval documents (facts asked for at the end)")
+    p.add_argument("--chat-retrieval", type=float, default=0.0,
+                   help="share of the retrieval documents in chat form (the facts in a user message through the "
+                        "chat template, each question a user turn, each answer the assistant's)")
     p.add_argument("--recall-weight", type=float, default=0.0,
                    help="extra weight of the positions that read a retrieval document's answers (both stages; "
                         "they are ~1 %% of the tokens)")
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
                         gate_lr=args.gate_lr, transfer_steps=args.transfer_steps,
                         ce_weight=args.ce_weight, checkpoint_every=args.checkpoint_every, seed=args.seed,
                         schedule=MagSchedule(args.schedule, target=args.mag_weight), text=tuple(args.text),
-                        retrieval=args.retrieval, init=args.init,
+                        retrieval=args.retrieval, chat_retrieval=args.chat_retrieval, init=args.init,
                         init_changes={name: value for name, value in (
                             ("read_scale", args.read_scale), ("gate_input", args.gate_input),
                             ("alpha_gate", args.alpha_gate), ("decay", args.decay),

@@ -4,10 +4,12 @@ Prose alone rarely makes the next token depend on something hundreds of tokens b
 teaches the memory little about exact recall. A retrieval document takes a training sequence's own text (or,
 for some documents, a few plain sentences repeated) as filler, hides 1-4 facts ("The access code for the north
 gate is 4821.") at random depths, and ends with the questions and their answers; it also says which positions
-read an answer, so that training can weigh them up (they are ~1 % of the tokens). The teacher (full attention)
-answers them from the facts; the student can only do so through its memory once the facts are beyond its
-window. Phrasings, subjects and filler sentences are disjoint from the passkey evaluation's (eval/passkey.py),
-so the evaluation stays held out. Everything is a function of the seed.
+read an answer, so that training can weigh them up (they are ~1 % of the tokens). A share of the documents can
+take chat form: the filler and facts are a user's message through the model's chat template, each question a
+user turn and each answer the assistant's, the way users ask a served model about their own text. The teacher
+(full attention) answers them from the facts; the student can only do so through its memory once the facts are
+beyond its window. Phrasings, subjects and filler sentences are disjoint from the evaluations' (eval/passkey.py,
+eval/needles.py), so the evaluation stays held out. Everything is a function of the seed.
 """
 
 from __future__ import annotations
@@ -48,14 +50,26 @@ TEMPLATES = (
 )
 
 
-def _fact(rng: random.Random, subject: str) -> tuple[str, str, str]:
-    """(statement, question, answer) for one random fact about `subject`; the answer ends the question's line."""
+# (user question, start of the assistant's answer) for chat-form documents; an empty start: the answer is the
+# number alone
+CHAT_TURNS = (
+    ("What is the {kind} for the {subject}?", "The {kind} for the {subject} is"),
+    ("Which {kind} does the {subject} have?", "The {subject} has {kind}"),
+    ("Tell me the {kind} of the {subject}.", "The {kind} of the {subject} is"),
+    ("I forgot the {kind} for the {subject}. What was it?", "It was"),
+    ("{Subject}, {kind}? Digits only.", ""),
+)
+
+
+def _fact(rng: random.Random, subject: str) -> tuple[str, str, str, dict]:
+    """(statement, question, answer, fields) for one random fact about `subject`; the answer ends the question's
+    line."""
     kind = rng.choice(KINDS)
     digits = rng.randint(3, 6)
     number = str(rng.randint(10 ** (digits - 1), 10 ** digits - 1))
     statement, question = rng.choice(TEMPLATES)
     fields = dict(kind=kind, subject=subject, Subject=subject.capitalize(), number=number)
-    return statement.format(**fields), question.format(**fields), f" {number}"
+    return statement.format(**fields), question.format(**fields), f" {number}", fields
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -67,40 +81,78 @@ def _repeated_filler(tokenizer, rng: random.Random, length: int) -> list[int]:
     return (ids * (length // len(ids) + 1))[:length]
 
 
-def retrieval_document(tokenizer, prose: list[int], rng: random.Random) -> tuple[list[int], list[int]]:
+def _chat_frame(tokenizer) -> tuple[list[int], list[int], list[int]]:
+    """The chat template's tokens around a conversation: (before the first user message, between a user message
+    and the assistant's answer, between an answer and the next user message)."""
+    marks = ("\ue000", "\ue001", "\ue002")
+    turns = [{"role": role, "content": mark} for role, mark in zip(("user", "assistant", "user"), marks)]
+    text = tokenizer.apply_chat_template(turns, tokenize=False)
+    head, rest = text.split(marks[0])
+    user_end, rest = rest.split(marks[1])
+    answer_end = rest.split(marks[2])[0]
+    return _encode(tokenizer, head), _encode(tokenizer, user_end), _encode(tokenizer, answer_end)
+
+
+def _raw_questions(tokenizer, facts) -> list[tuple[list[int], list[int], list[int]]]:
+    """(lead, answer, end) ids of each question in plain text: a line that the answer number completes."""
+    return [(_encode(tokenizer, "\n" + question), _encode(tokenizer, answer), _encode(tokenizer, ".\n"))
+            for _, question, answer, _ in facts]
+
+
+def _chat_questions(tokenizer, rng: random.Random, facts) -> list[tuple[list[int], list[int], list[int]]]:
+    """(lead, answer, end) ids of each question as a turn of a chat: the first question closes the user's
+    message that holds the document, each later one is a user message of its own, the assistant answers."""
+    _, user_end, answer_end = _chat_frame(tokenizer)
+    questions = []
+    for i, (_, _, _, fields) in enumerate(facts):
+        question, reply = (part.format(**fields) for part in rng.choice(CHAT_TURNS))
+        answer = f" {fields['number']}" if reply else fields["number"]
+        lead = _encode(tokenizer, ("\n\n" if i == 0 else "") + question) + user_end + _encode(tokenizer, reply)
+        questions.append((lead, _encode(tokenizer, answer), _encode(tokenizer, ".") + answer_end))
+    return questions
+
+
+def retrieval_document(tokenizer, prose: list[int], rng: random.Random,
+                       chat: bool = False) -> tuple[list[int], list[int]]:
     """A document of len(prose) tokens (filler with 1-4 facts at depths in [0, 0.9], the questions last) and
-    its reads: the positions whose next token belongs to an answer (where the model must recall a fact)."""
+    its reads: the positions whose next token belongs to an answer (where the model must recall a fact).
+    `chat`: the filler is a user's message through the chat template and the questions are turns of the chat."""
     facts = [_fact(rng, subject) for subject in rng.sample(SUBJECTS, rng.randint(1, 4))]
-    statements = [_encode(tokenizer, statement) for statement, _, _ in facts]
-    questions = [(_encode(tokenizer, "\n" + question), _encode(tokenizer, answer), _encode(tokenizer, ".\n"))
-                 for _, question, answer in rng.sample(facts, len(facts))]
-    budget = len(prose) - sum(len(part) for parts in questions for part in parts) - sum(map(len, statements))
+    statements = [_encode(tokenizer, statement) for statement, _, _, _ in facts]
+    asked = rng.sample(facts, len(facts))
+    questions = _chat_questions(tokenizer, rng, asked) if chat else _raw_questions(tokenizer, asked)
+    head = _chat_frame(tokenizer)[0] if chat else []
+    budget = (len(prose) - len(head) - sum(len(part) for parts in questions for part in parts)
+              - sum(map(len, statements)))
     if budget < len(prose) // 2:
         raise ValueError(f"sequences of {len(prose)} tokens are too short for retrieval documents")
     filler = _repeated_filler(tokenizer, rng, budget) if rng.random() < REPEATED_FILLER_SHARE else prose[:budget]
     cuts = sorted(int(rng.uniform(0.0, 0.9) * budget) for _ in statements)
-    document, last = [], 0
+    document, last = list(head), 0
     for cut, statement in zip(cuts, statements):
         document += filler[last:cut] + statement
         last = cut
     document += filler[last:]
     reads = []
-    for question, answer, end in questions:
-        document += question
+    for lead, answer, end in questions:
+        document += lead
         reads += range(len(document) - 1, len(document) + len(answer) - 1)
         document += answer + end
     return document, reads
 
 
-def with_retrieval(tokenizer, sequences: torch.Tensor, share: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def with_retrieval(tokenizer, sequences: torch.Tensor, share: float, seed: int,
+                   chat_share: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """A copy of `sequences` [N, T] in which a seeded `share` of the rows became retrieval documents built on
-    their own text, and the mask [N, T] of their reads (False in the other rows)."""
-    if not 0.0 <= share <= 1.0:
-        raise ValueError(f"retrieval share must be in [0, 1], got {share}")
+    their own text (`chat_share` of them in chat form), and the mask [N, T] of their reads (False in the other
+    rows)."""
+    if not (0.0 <= share <= 1.0 and 0.0 <= chat_share <= 1.0):
+        raise ValueError(f"retrieval shares must be in [0, 1], got {share} and {chat_share}")
     rng = random.Random(seed)
     out, reads = sequences.clone(), torch.zeros(sequences.shape, dtype=torch.bool)
     for row in sorted(rng.sample(range(len(sequences)), round(share * len(sequences)))):
-        document, positions = retrieval_document(tokenizer, sequences[row].tolist(), rng)
+        chat = bool(chat_share) and rng.random() < chat_share
+        document, positions = retrieval_document(tokenizer, sequences[row].tolist(), rng, chat=chat)
         out[row] = torch.tensor(document)
         reads[row, positions] = True
     return out, reads
