@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import tptt_runtime as tr
+from tptt_runtime.adapters import adapter_state_dict
 from tests.conftest import tiny_model
 from tptt_runtime.config import TpttConfig
 from tptt_runtime.model import TitansModel
@@ -63,6 +64,29 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
     assert second.load_checkpoint() and second.step == 4
     second.run()
     assert [r["kl"] for r in second.history] == [r["kl"] for r in whole.history]
+
+
+def test_recomputing_layers_in_the_backward_trains_the_same_weights(tmp_path):
+    """Gradient checkpointing (`recompute`) changes what the backward keeps, not what it computes: the same
+    losses and weights step for step, with the exact-token cache and learned gates in the loop."""
+    config = TPTT.replace(cache_tokens=4, mag_gate="learned", mag_weight=0.1, gate_input="learned")
+    runs = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        student = TitansModel(peaked_model(), config)
+        train = TrainConfig(steps=3, seq_len=48, lr=1e-2, warmup_steps=1, recompute=recompute)
+        trainer = Trainer(peaked_model(), student, train, torch.randint(3, 97, (3, 48)), tmp_path)
+        initial = {name: tensor.clone() for name, tensor in adapter_state_dict(student.hf).items()}
+        calls = []
+        student.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
+        runs.append(([trainer.train_step()["loss"] for _ in range(3)], adapter_state_dict(student.hf)))
+        assert len(calls) == (6 if recompute else 3)  # recomputed: once more in each backward
+    (plain_losses, plain), (recomputed_losses, recomputed) = runs
+    assert recomputed_losses == pytest.approx(plain_losses, rel=1e-5)
+    assert plain.keys() == recomputed.keys()
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-4, atol=1e-6)
+    assert sum(not torch.equal(plain[name], initial[name]) for name in plain) > len(plain) // 2  # they did move
 
 
 def test_adapter_round_trips_through_load(tmp_path):

@@ -66,6 +66,9 @@ class TrainConfig:
     init_changes: dict = field(default_factory=dict)  # TpttConfig fields changed from init's (read_scale,
                                           # gate_input, alpha_gate, decay): parameters the change adds start fresh
     recall_weight: float = 0.0            # positions that read a retrieval answer weigh 1 + this, both stages
+    recompute: bool = False               # gradient checkpointing: keep only each decoder layer's input and
+                                          # recompute the layer in the backward pass (~1/3 more compute,
+                                          # activations of one layer at a time: long sequences fit in RAM)
 
     def __post_init__(self):
         if min(self.steps, self.seq_len, self.batch_size, self.checkpoint_every) < 1 or self.lr <= 0:
@@ -124,6 +127,9 @@ class Trainer:
         for name, param in named.items():
             param.requires_grad_(name in trainable)
         self.parameters = [named[name] for name in trainable]
+        if train.recompute:  # activation_checkpointing_enable: the name of later transformers 5 releases
+            enable = getattr(student.hf, "activation_checkpointing_enable", student.hf.gradient_checkpointing_enable)
+            enable({"use_reentrant": False})
         self.learned_gate = student.config.mag_gate == "learned"
         learns_memory = any("lora_" not in name for name in trainable)
         if train.transfer_steps and not learns_memory:
