@@ -35,6 +35,18 @@ def test_longest_prefix_wins_and_copies_are_private():
     assert store.longest_prefix("a", [7, 1, 2]) is None
 
 
+def test_longest_prefix_hands_only_the_winner_to_copy():
+    """The engine copies a hit straight into its state pool: `copy` sees the longest match once, and its result
+    is what longest_prefix returns."""
+    store = SessionStore(FINGERPRINT, max_bytes=1 << 20)
+    put(store, [1, 2])
+    put(store, [1, 2, 3, 4])
+    seen = []
+    found, logits, length = store.longest_prefix("a", [1, 2, 3, 4, 5], copy=lambda s: seen.append(s) or "slot 7")
+    assert (found, length, logits[0]) == ("slot 7", 4, 4) and [s.num_tokens for s in seen] == [4]
+    assert store.longest_prefix("a", [9], copy=seen.append) is None and len(seen) == 1
+
+
 def test_namespaces_never_share():
     store = SessionStore(FINGERPRINT, max_bytes=1 << 20)
     put(store, [1, 2, 3], namespace="alice")

@@ -141,20 +141,21 @@ class LLMEngine:
 
     # -------------------------------------------------------------------------------------- schedule
     def _admit(self, request: Request) -> None:
-        """Give a request its slot, holding the longest stored snapshot that prefixes its prompt or a new
-        session."""
+        """Give a request its slot, holding the longest stored snapshot that prefixes its prompt (copied from
+        the store straight into the slot) or a new session."""
         request.scheduled_time = time.monotonic()
         request.text = TextStream(self.tokenizer, request.prompt_ids, request.params.stop)
         hit = None
         if self.config.prefix_reuse and not request.wants_prompt_logprobs:
-            hit = self.store.longest_prefix(request.namespace, request.prompt_ids)
+            hit = self.store.longest_prefix(request.namespace, request.prompt_ids, copy=self.pool.acquire)
             if hit is not None and hit[2] == len(request.prompt_ids) and hit[1] is None:
-                hit = self.store.longest_prefix(request.namespace, request.prompt_ids, len(request.prompt_ids) - 1)
+                self.pool.release(hit[0])  # the whole prompt, but no logits to sample from: one token shorter
+                hit = self.store.longest_prefix(request.namespace, request.prompt_ids, len(request.prompt_ids) - 1,
+                                                copy=self.pool.acquire)
         if hit is None:
             request.slot = self.pool.acquire()
             return
-        state, logits, request.num_cached = hit
-        request.slot = self.pool.acquire(state)
+        request.slot, logits, request.num_cached = hit
         request.num_computed = request.num_cached
         if request.num_cached == len(request.prompt_ids):
             request.pending_logits = logits

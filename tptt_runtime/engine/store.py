@@ -121,17 +121,20 @@ class SessionStore:
                 self._share_snapshot(key)
             return key
 
-    def longest_prefix(self, namespace: str, ids, max_len: int | None = None
-                       ) -> tuple[SessionState, torch.Tensor | None, int] | None:
-        """A private copy of the longest stored state whose ids prefix `ids` (at most `max_len` of them), with
-        its logits and its length; None when nothing matches. Looks in RAM and on disk, then in Redis for a
-        longer one (another process may have served the conversation's last turn)."""
+    def longest_prefix(self, namespace: str, ids, max_len: int | None = None, copy=SessionState.fork
+                       ) -> tuple[object, torch.Tensor | None, int] | None:
+        """`copy` of the longest stored state whose ids prefix `ids` (at most `max_len` of them), with its logits
+        and its length; None when nothing matches. Looks in RAM and on disk, then in Redis for a longer one
+        (another process may have served the conversation's last turn). `copy(state)` runs under the store's
+        lock and must not keep `state`: by default a private fork; the engine copies it straight into a slot
+        of its state pool (StatePool.acquire)."""
         ids = np.asarray(ids, dtype=np.int32)
         limit = len(ids) if max_len is None else min(max_len, len(ids))
         with self.lock:
             local = self._longest_local(namespace, ids, limit)
             shared = self._longest_shared(namespace, ids, limit, local[2] if local else 0) if self.remote else None
-            return shared or local
+            hit = shared or local
+            return None if hit is None else (copy(hit[0]), *hit[1:])
 
     def _longest_local(self, namespace: str, ids: np.ndarray, limit: int):
         for length in sorted(self.lengths.get(namespace, ()), reverse=True):
@@ -145,7 +148,7 @@ class SessionStore:
             if state is None:
                 continue
             self.hits[tier] += 1
-            return state.fork(), snapshot.logits, length
+            return state, snapshot.logits, length
         return None
 
     def _longest_shared(self, namespace: str, ids: np.ndarray, limit: int, floor: int):
@@ -172,7 +175,7 @@ class SessionStore:
             self._add(snapshot)
             self._make_resident(snapshot)
             self.hits["redis"] += 1
-            return state.fork(), logits, length
+            return state, logits, length
         return None
 
     def get(self, key: str) -> Snapshot | None:
