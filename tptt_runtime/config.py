@@ -20,6 +20,7 @@ MAG_GATES = ("constant", "learned")
 FEATURE_MAPS = ("fixed", "learned")
 READ_SCALES = ("softmax_rms", "learned")
 GATE_INPUTS = ("mean", "learned")
+CACHE_SCORES = ("write", "learned")
 
 
 @dataclass
@@ -27,9 +28,12 @@ class TpttConfig:
     # softmax branch: the base model's attention over `sinks` first tokens + `window` most recent tokens
     window: int = 64
     sinks: int = 4
-    # exact-token cache: per layer and kv head, the `cache_tokens` tokens that left the window with the largest
-    # memory write (write strength x prediction error), attended with the window in one softmax; 0 = none
+    # exact-token cache: per layer and kv head, the `cache_tokens` tokens that left the window with the highest
+    # score, attended with the window in one softmax; 0 = none. cache_score write: the memory's write (write
+    # strength x prediction error); learned: a learned linear read of the token's key per kv head, trained to
+    # predict how much full attention reads the token from beyond the window (docs/math.md 3b)
     cache_tokens: int = 0
+    cache_score: str = "write"
     # Memory as Gate: o = (1 - mu) * o_softmax + mu * o_linear (+ cross term if cross_gate), where mu is
     # constant: mag_weight everywhere; learned: sigmoid(W x_t + b) per head and token from the layer's input,
     # trained with the adapter and initialised at mag_weight (W = 0)
@@ -68,6 +72,8 @@ class TpttConfig:
             raise ValueError(f"window must be >= 1, got {self.window}")
         if self.cache_tokens < 0:
             raise ValueError(f"cache_tokens must be >= 0, got {self.cache_tokens}")
+        if self.cache_score not in CACHE_SCORES:
+            raise ValueError(f"cache_score must be one of {CACHE_SCORES}, got {self.cache_score!r}")
         if self.sinks < 0:
             raise ValueError(f"sinks must be >= 0, got {self.sinks}")
         if not 0.0 <= self.mag_weight <= 1.0:
@@ -113,7 +119,12 @@ class TpttConfig:
     @property
     def uses_memory(self) -> bool:
         """Whether the memory runs: it takes part in the mix (mu > 0 or learned), or scores the cache."""
-        return self.mag_gate == "learned" or self.mag_weight > 0.0 or self.cache_tokens > 0
+        return self.mag_gate == "learned" or self.mag_weight > 0.0 or self.scores_by_write
+
+    @property
+    def scores_by_write(self) -> bool:
+        """Whether the exact-token cache ranks tokens by the memory's write norms."""
+        return self.cache_tokens > 0 and self.cache_score == "write"
 
     @property
     def gates_read_v(self) -> bool:

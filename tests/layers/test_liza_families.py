@@ -75,13 +75,26 @@ def test_incremental_equals_full_for_each_option(options):
         torch.testing.assert_close(logits, full[position], atol=TOL, rtol=0)
 
 
+def random_scorers(model, seed=0):
+    """Give every layer's learned cache score random weights (fresh ones are 0: every token ties)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.cache_scorer.weight.copy_(torch.randn(layer.cache_scorer.weight.shape, generator=generator))
+    return model
+
+
+@pytest.mark.parametrize("cache_score", ["write", "learned"])
 @pytest.mark.parametrize("cache_tokens", [1, 4, 64])
 @pytest.mark.parametrize("pieces", [(1,), (7, 1, 13), (30,)])
-def test_incremental_equals_full_with_an_exact_token_cache(tiny_pair, cache_tokens, pieces):
-    """The cache (64: more slots than tokens ever evicted) keeps every split exact on every family."""
+def test_incremental_equals_full_with_an_exact_token_cache(tiny_pair, cache_tokens, pieces, cache_score):
+    """The cache (64: more slots than tokens ever evicted), ranked by the memory's writes or by a learned score,
+    keeps every split exact on every family."""
     converted, _ = tiny_pair
     model = TitansModel(converted, TpttConfig(window=5, sinks=2, mag_weight=0.5, chunk_size=4,
-                                              cache_tokens=cache_tokens))
+                                              cache_tokens=cache_tokens, cache_score=cache_score))
+    if cache_score == "learned":
+        random_scorers(model)
     tokens = ids(37)
     full = model.forward_full(tokens)
     rows, state = incremental_logits(model, tokens, pieces)
@@ -89,6 +102,38 @@ def test_incremental_equals_full_with_an_exact_token_cache(tiny_pair, cache_toke
         torch.testing.assert_close(logits, full[position], atol=TOL, rtol=0)
     held = state.layers[0]["cache_pos"]
     assert (held >= 0).sum(-1).eq(min(cache_tokens, 37 - 5 - 2)).all()  # filled as far as evictions allow
+
+
+@pytest.mark.parametrize("mag_weight", [0.5, 0.0])
+@pytest.mark.parametrize("pieces", [(37,), (7, 1, 13), (1,)])
+def test_a_learned_score_caches_the_tokens_its_scorer_ranks_highest(pieces, mag_weight):
+    """cache_score "learned": after any split, each layer and kv head holds the `cache_tokens` evicted tokens
+    whose keys the scorer rates highest (the later one on a tie), with or without the memory in the mix."""
+    from tests.conftest import tiny_model
+    from tptt_runtime.layers.liza import LayerHook
+
+    config = TpttConfig(window=5, sinks=2, mag_weight=mag_weight, chunk_size=4, cache_tokens=4, cache_score="learned")
+    model = random_scorers(TitansModel(tiny_model("llama"), config))
+    tokens = ids(37)
+
+    class Keys(LayerHook):
+        keys = {}
+
+        def prefill(self, layer, hidden_states, q, k, v):
+            self.keys[layer.layer_idx] = k
+
+    model.context.hook = Keys()
+    with torch.no_grad():
+        model.forward_full(tokens)
+    model.context.hook = None
+    _, state = incremental_logits(model, tokens, pieces)
+    evicted = torch.arange(2, 37 - 5)  # sinks .. the last token that left the window (t - window for t = 36)
+    for layer, layer_state in zip(model.layers, state.layers):
+        score = layer.cache_scorer(Keys.keys[layer.layer_idx].float())[0][:, evicted]  # [Hkv, evicted]
+        for head in range(score.shape[0]):
+            ranked = sorted(range(len(evicted)), key=lambda j: (score[head, j].item(), j), reverse=True)
+            expected = sorted(int(evicted[j]) for j in ranked[:4])
+            assert sorted(layer_state["cache_pos"][0, head].tolist()) == expected
 
 
 def test_the_cache_changes_the_output_once_tokens_leave_the_window():
@@ -118,12 +163,14 @@ def test_memory_changes_the_output():
     assert (off - on).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("cache_tokens", [0, 2])
-def test_batched_decode_equals_one_at_a_time(cache_tokens):
+@pytest.mark.parametrize("cache_tokens,cache_score", [(0, "write"), (2, "write"), (2, "learned")])
+def test_batched_decode_equals_one_at_a_time(cache_tokens, cache_score):
     from tests.conftest import tiny_model
 
     model = TitansModel(tiny_model("qwen2"), TpttConfig(window=4, sinks=1, mag_weight=0.5, nonlinear_chunk=4,
-                                                        cache_tokens=cache_tokens))
+                                                        cache_tokens=cache_tokens, cache_score=cache_score))
+    if cache_score == "learned":
+        random_scorers(model)
     tokens = ids(30)
     states = [model.new_session() for _ in range(3)]
     for state, n in zip(states, (3, 9, 14)):

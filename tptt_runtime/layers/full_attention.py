@@ -1,4 +1,5 @@
-"""Full causal softmax attention over a LiZA layer's own q, k, v, and its exact split at the window.
+"""Full causal softmax attention over a LiZA layer's own q, k, v, its exact split at the window, and how much
+each key is read from beyond the window.
 
 The reference that training (train/transfer.py: attention transfer) and the recall probes (eval/recall.py)
 compare the memory with; serving never runs it (it is quadratic in the sequence and holds [T, T] scores).
@@ -19,7 +20,32 @@ def split_attention(q, k, v, layer: LiZAttention, cached: torch.Tensor | None = 
     all keys, the output over keys beyond the window and sinks (and not `cached` [B, Hkv, T, T] for the query:
     held by the exact-token cache) alone, and the share of the softmax mass they hold (0 where there are none)."""
     batch, q_heads, seq_len, dim = q.shape
-    groups = q_heads // k.shape[1]
+    probs = causal_probs(q, k, layer)  # [B, Hkv, G, T, T]
+    position = torch.arange(seq_len, device=q.device)
+    far = (position[None, :] <= position[:, None] - layer.config.window) & (position[None, :] >= layer.config.sinks)
+    if cached is not None:
+        far = far & ~cached.unsqueeze(2)  # [B, Hkv, 1, T, T]
+    far_probs = probs.masked_fill(~far, 0.0)
+    o_full = window_ops.grouped_values(probs, v).reshape(batch, q_heads, seq_len, dim)
+    o_far = window_ops.grouped_values(far_probs, v).reshape(batch, q_heads, seq_len, dim)
+    lam = far_probs.sum(-1).reshape(batch, q_heads, seq_len)  # 0 where no key is far
+    return o_full, o_far / lam.clamp(min=torch.finfo(lam.dtype).tiny)[..., None], lam
+
+
+def far_reads(q, k, layer: LiZAttention) -> torch.Tensor:
+    """[B, Hkv, T]: for each key j, the largest softmax weight any query of its kv head's group gives it from
+    beyond the window (a query at t >= j + window) in full causal attention; 0 where no query is that far (the
+    last `window` tokens). What the exact-token cache's learned score is fitted to (train/score.py)."""
+    probs = causal_probs(q, k, layer)  # [B, Hkv, G, T, T]
+    position = torch.arange(q.shape[2], device=q.device)
+    far = position[None, :] <= position[:, None] - layer.config.window  # [query, key]
+    return probs.masked_fill(~far, 0.0).amax(dim=(2, 3))
+
+
+def causal_probs(q, k, layer: LiZAttention) -> torch.Tensor:
+    """Full causal softmax weights [B, Hkv, G, T, T] of q [B, Hq, T, D] over k [B, Hkv, T, D] (before rotary:
+    absolute rotary positions 0 .. T-1 are applied here), with the layer's scaling and softcap."""
+    seq_len, groups = q.shape[2], q.shape[1] // k.shape[1]
     cos, sin = rotary_table(layer._rotary[0], layer.layer_type, seq_len, q)
     factors = window_ops.rotary_factors(torch.arange(seq_len, device=q.device)[None], cos, sin)
     q, k = window_ops.apply_rotary(q, factors), window_ops.apply_rotary(k, factors)
@@ -27,13 +53,4 @@ def split_attention(q, k, v, layer: LiZAttention, cached: torch.Tensor | None = 
     if layer.softcap:
         logits = torch.tanh(logits / layer.softcap) * layer.softcap
     position = torch.arange(seq_len, device=q.device)
-    causal = position[None, :] <= position[:, None]
-    far = (position[None, :] <= position[:, None] - layer.config.window) & (position[None, :] >= layer.config.sinks)
-    if cached is not None:
-        far = far & ~cached.unsqueeze(2)  # [B, Hkv, 1, T, T]
-    probs = logits.masked_fill(~causal, -math.inf).softmax(-1)  # [B, Hkv, G, T, T]
-    far_probs = probs.masked_fill(~far, 0.0)
-    o_full = window_ops.grouped_values(probs, v).reshape(batch, q_heads, seq_len, dim)
-    o_far = window_ops.grouped_values(far_probs, v).reshape(batch, q_heads, seq_len, dim)
-    lam = far_probs.sum(-1).reshape(batch, q_heads, seq_len)  # 0 where no key is far
-    return o_full, o_far / lam.clamp(min=torch.finfo(lam.dtype).tiny)[..., None], lam
+    return logits.masked_fill(position[None, :] > position[:, None], -math.inf).softmax(-1)

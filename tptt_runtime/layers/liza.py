@@ -6,8 +6,8 @@
                     mu constant, or learned per head and token; o_linear the memory read at the softmax
                     branch's RMS or at its own size times a learned scale per head. The learned gate, scale,
                     feature map (for the memory's q and k), gate inputs (what the write strength beta and
-                    the decay take from each token's k and v) and per-head decays are the only parameters
-                    this module adds
+                    the decay take from each token's k and v), per-head decays and the exact-token cache's
+                    learned score are the only parameters this module adds
 
 The module replaces a Hugging Face attention module in place and keeps its projection submodules under the
 same names (q_proj, k_proj, v_proj, o_proj, q_norm, k_norm), so state dicts and LoRA targets are unchanged.
@@ -125,6 +125,8 @@ class LiZAttention(nn.Module):
         self.memory_decay = (nn.Parameter(torch.full((self.num_kv_heads,), _logit(config.decay),
                                                      device=base.q_proj.weight.device))
                              if config.alpha_gate == "learned" else None)  # logit of each kv head's decay
+        self.cache_scorer = (GateInput(self.num_kv_heads, self.head_dim, base.q_proj, start=0.0)
+                             if config.cache_tokens and config.cache_score == "learned" else None)
 
     # ----------------------------------------------------------------------------------------------- state
     def new_state(self, batch: int, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
@@ -159,10 +161,12 @@ class LiZAttention(nn.Module):
         else:
             state = ctx.layer_states[self.layer_idx]
         cos, sin = self._rotary_tables(q)
-        read, scores = self.memory_branch(q, k, v, state, ctx.start) if self.config.uses_memory else (None, None)
+        read, write_norms = (self.memory_branch(q, k, v, state, ctx.start) if self.config.uses_memory
+                             else (None, None))
         softmax_out = window_ops.prefill(q, k, v, state, ctx.start, window=self.config.window,
                                          sinks=self.config.sinks, scaling=self.scaling, cos=cos, sin=sin,
-                                         softcap=self.softcap, block=QUERY_BLOCK, scores=scores)
+                                         softcap=self.softcap, block=QUERY_BLOCK,
+                                         scores=self.cache_scores(k, write_norms))
         if hook is not None and (out := hook.mix(self, hidden_states, softmax_out, read, ctx.start)) is not None:
             return out, None
         return self._output(hidden_states, softmax_out, read, ctx.start), None
@@ -170,8 +174,10 @@ class LiZAttention(nn.Module):
     def decode_step(self, hidden_states: torch.Tensor, state, plan: window_ops.DecodePlan) -> torch.Tensor:
         """One new token per row: [B, 1, hidden] -> [B, 1, hidden]; `state` updated in place."""
         q, k, v = self._project(hidden_states)
-        read, score = self.memory_branch(q, k, v, state, plan.positions) if self.config.uses_memory else (None, None)
-        softmax_out = window_ops.decode(q, k, v, state, plan, scaling=self.scaling, softcap=self.softcap, score=score)
+        read, write_norm = (self.memory_branch(q, k, v, state, plan.positions) if self.config.uses_memory
+                            else (None, None))
+        softmax_out = window_ops.decode(q, k, v, state, plan, scaling=self.scaling, softcap=self.softcap,
+                                        score=self.cache_scores(k, write_norm))
         return self._output(hidden_states, softmax_out, read, plan.positions)
 
     def _decode_plan(self, ctx: ForwardContext, like: torch.Tensor) -> window_ops.DecodePlan:
@@ -221,9 +227,17 @@ class LiZAttention(nn.Module):
             table = self._table = rotary_table(self._rotary[0], self.layer_type, size, like)
         return table
 
+    def cache_scores(self, k: torch.Tensor, write_norms: torch.Tensor | None) -> torch.Tensor | None:
+        """Each new token's exact-token cache score [B, Hkv, T] (docs/math.md 3b), fixed when it is written: the
+        learned scorer's read of its key (k before rotary), or the memory's write norms; None without a cache."""
+        if self.cache_scorer is not None:
+            return self.cache_scorer(as_float32(k))
+        return write_norms
+
     def memory_branch(self, q, k, v, state, seen):
-        """The memory read [B, Hq, T, D] and each token's write norm [B, Hkv, T] (its exact-token cache score;
-        None where no cache needs it); `seen` as in `_output` (a tensor means one decode token)."""
+        """The memory read [B, Hq, T, D] and each token's write norm [B, Hkv, T] (the exact-token cache's score
+        with cache_score "write"; None where no cache needs it); `seen` as in `_output` (a tensor means one
+        decode token)."""
         cfg = self.config
         pooled_k = self._pooled_gate_input(k, self.gate_input_k, state, "gate_k", seen)
         pooled_v = self._pooled_gate_input(v, self.gate_input_v, state, "gate_v", seen) if cfg.gates_read_v else None
@@ -239,7 +253,7 @@ class LiZAttention(nn.Module):
         store(state, "prev_k", k_mem[:, :, -1:])
         store(state, "prev_v", v[:, :, -1:])
         beta = beta.unsqueeze(-1).expand(*beta.shape, cfg.order)
-        scored = cfg.cache_tokens > 0
+        scored = cfg.scores_by_write
         if torch.is_tensor(seen):
             out, memory, *scores = delta_product.recurrent_step(
                 q_mem, k_virtual, v_virtual, beta, g, state["memory"], seen, cfg.nonlinear_chunk, scored)
@@ -305,12 +319,14 @@ def _logit(p: float) -> float:
 
 
 class GateInput(nn.Module):
-    """A gate's per-token input from k or v [B, Hkv, T, D] -> [B, Hkv, T]: a weighted sum of the channels plus
-    a bias, per kv head; starts as the channel mean (weights 1 / D, bias 0)."""
+    """A per-token scalar from k or v [B, Hkv, T, D] -> [B, Hkv, T]: a weighted sum of the channels plus a bias,
+    per kv head (a gate's input, or the exact-token cache's learned score); the weights start at `start`
+    (1 / D: the channel mean), the bias at 0."""
 
-    def __init__(self, heads: int, dim: int, like: nn.Linear):
+    def __init__(self, heads: int, dim: int, like: nn.Linear, start: float | None = None):
         super().__init__()
-        self.weight = nn.Parameter(torch.full((heads, dim), 1.0 / dim, device=like.weight.device))
+        start = 1.0 / dim if start is None else start
+        self.weight = nn.Parameter(torch.full((heads, dim), start, device=like.weight.device))
         self.bias = nn.Parameter(torch.zeros(heads, device=like.weight.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

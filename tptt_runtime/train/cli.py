@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from ..config import ALPHA_GATES, FEATURE_MAPS, GATE_INPUTS, MAG_GATES, READ_SCALES, TpttConfig
+from ..config import ALPHA_GATES, CACHE_SCORES, FEATURE_MAPS, GATE_INPUTS, MAG_GATES, READ_SCALES, TpttConfig
 from .data import DEFAULT_SOURCES
 from .distill import TrainConfig, convert
 from .schedules import SCHEDULES, MagSchedule
@@ -52,6 +52,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cache-tokens", type=int,
                    help="exact-token cache slots per layer and kv head (default 0: none), in the loop of both "
                         "stages; with --init, a change to that adapter's config")
+    p.add_argument("--cache-score", choices=CACHE_SCORES,
+                   help="what ranks tokens for the exact-token cache (default write: the memory's write norm; "
+                        "learned: a scorer of each key, fitted by --score-steps); with --init, a change to that "
+                        "adapter's config")
+    p.add_argument("--score-steps", type=int, default=0,
+                   help="stage 0: steps fitting the learned cache score alone to full attention's far reads")
     p.add_argument("--transfer-steps", type=int, default=0,
                    help="stage 1: steps of attention transfer (memory vs full attention) before distillation")
     p.add_argument("--ce-weight", type=float, default=0.0)
@@ -81,16 +87,18 @@ def main(argv: list[str] | None = None) -> None:
                       feature_map=args.feature_map, read_scale=args.read_scale or "softmax_rms",
                       gate_input=args.gate_input or "mean", alpha_gate=args.alpha_gate or "c",
                       decay=1.0 if args.decay is None else args.decay, cache_tokens=args.cache_tokens or 0,
+                      cache_score=args.cache_score or "write",
                       mag_weight=args.mag_weight if args.mag_gate == "learned" else 0.0)
     train = TrainConfig(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
-                        gate_lr=args.gate_lr, transfer_steps=args.transfer_steps,
+                        gate_lr=args.gate_lr, transfer_steps=args.transfer_steps, score_steps=args.score_steps,
                         ce_weight=args.ce_weight, checkpoint_every=args.checkpoint_every, seed=args.seed,
                         schedule=MagSchedule(args.schedule, target=args.mag_weight), text=tuple(args.text),
                         retrieval=args.retrieval, chat_retrieval=args.chat_retrieval, init=args.init,
                         init_changes={name: value for name, value in (
                             ("read_scale", args.read_scale), ("gate_input", args.gate_input),
                             ("alpha_gate", args.alpha_gate), ("decay", args.decay),
-                            ("cache_tokens", args.cache_tokens)) if value is not None},
+                            ("cache_tokens", args.cache_tokens), ("cache_score", args.cache_score))
+                            if value is not None},
                         recall_weight=args.recall_weight, recompute=args.recompute)
     out = convert(args.base, args.out, tptt, train, resume=args.resume, device=args.device)
     print(f"adapter written to {out}")

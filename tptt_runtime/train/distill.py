@@ -1,6 +1,9 @@
 """The conversion run: LoRA on the shared projections, trained to reproduce the base model's own logits.
 
-Stage 1 (the first `transfer_steps` steps, optional): attention transfer. Every LiZA layer compares its memory
+Stage 0 (the first `score_steps` steps, optional): the exact-token cache's learned score alone is fitted to how
+much full attention reads each token from beyond the window (train/score.py); nothing else moves.
+
+Stage 1 (the next `transfer_steps` steps, optional): attention transfer. Every LiZA layer compares its memory
 with full softmax attention over the same q, k, v (train/transfer.py): the memory read should
 reproduce the attention output over the keys beyond the window, a learned gate the share of attention they
 get. Only the memory's own parameters move (learned feature maps and gates). The layers pass full attention's
@@ -38,6 +41,7 @@ from ..model import TitansModel
 from . import data
 from .retrieval import with_retrieval
 from .schedules import MagSchedule
+from .score import score_loss
 from .transfer import transfer_loss
 
 log = logging.getLogger(__name__)
@@ -51,6 +55,7 @@ class TrainConfig:
     batch_size: int = 1
     lr: float = 1e-3
     gate_lr: float = 1e-2                 # the memory's own parameters (gates, feature maps)
+    score_steps: int = 0                  # stage 0 (the cache's learned score alone) steps, counted in `steps`
     transfer_steps: int = 0               # stage 1 (attention transfer) steps, counted in `steps`
     warmup_steps: int = 10
     ce_weight: float = 0.0                # 0 = pure distillation
@@ -75,6 +80,8 @@ class TrainConfig:
             raise ValueError("steps, seq_len, batch_size, checkpoint_every and lr must be positive")
         if not 0 <= self.transfer_steps < self.steps:
             raise ValueError("transfer_steps must be in [0, steps)")
+        if not 0 <= self.score_steps <= self.steps - self.transfer_steps:
+            raise ValueError("score_steps must be in [0, steps - transfer_steps]")
         if self.recall_weight < 0:
             raise ValueError("recall_weight must be >= 0")
 
@@ -135,6 +142,9 @@ class Trainer:
         if train.transfer_steps and not learns_memory:
             raise ValueError("attention transfer trains the memory's own parameters: it needs a learned mag_gate, "
                              "feature_map, read_scale, gate_input or alpha_gate")
+        if train.score_steps and not any(layer.cache_scorer is not None for layer in student.layers):
+            raise ValueError("score_steps fit the exact-token cache's learned score: it needs cache_tokens > 0 "
+                             "and cache_score \"learned\"")
         self.optimizer = torch.optim.AdamW(_param_groups(named, trainable, train), lr=train.lr, weight_decay=0.0)
         self.order = data.order(len(sequences), train.steps, train.batch_size, train.seed)
         self.step, self.history = 0, []
@@ -154,7 +164,10 @@ class Trainer:
         if not self.learned_gate:
             self.student.set_mag_weight(self.train.schedule(self.step, self.train.steps))
         self.student.hf.train()
-        if self.step < self.train.transfer_steps:
+        stage = self.stage(self.step)
+        if stage == "score":
+            loss, kl = score_loss(self.student, ids), None
+        elif stage == "transfer":
             loss, kl = transfer_loss(self.student, ids, weights), None
         else:
             loss, kl = self._distillation_loss(ids, weights)
@@ -164,10 +177,17 @@ class Trainer:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.parameters, self.train.grad_clip)
         self.optimizer.step()
-        record = {"step": self.step, "kl": kl, "loss": loss.item(), "mag_weight": self.mean_memory_weight()}
+        record = {"step": self.step, "stage": stage, "kl": kl, "loss": loss.item(),
+                  "mag_weight": self.mean_memory_weight()}
         self.history.append(record)
         self.step += 1
         return record
+
+    def stage(self, step: int) -> str:
+        """"score" for the first score_steps steps, then "transfer" for transfer_steps, then "distill"."""
+        if step < self.train.score_steps:
+            return "score"
+        return "transfer" if step < self.train.score_steps + self.train.transfer_steps else "distill"
 
     def _position_weights(self, rows: torch.Tensor) -> torch.Tensor | None:
         """[B, T] weight of each position in the loss: 1 + recall_weight where a retrieval answer is read."""
@@ -192,8 +212,8 @@ class Trainer:
         bar = tqdm(total=self.train.steps, initial=self.step, desc="tptt-convert", unit="step")
         while self.step < self.train.steps:
             record = self.train_step()
-            stage = {"kl": f"{record['kl']:.3f}"} if record["kl"] is not None else {"transfer": f"{record['loss']:.3f}"}
-            bar.set_postfix(**stage, mu=f"{record['mag_weight']:.3f}")
+            shown = {"kl": record["kl"]} if record["kl"] is not None else {record["stage"]: record["loss"]}
+            bar.set_postfix({name: f"{value:.3f}" for name, value in shown.items()}, mu=f"{record['mag_weight']:.3f}")
             bar.update()
             if self.step % self.train.checkpoint_every == 0 or self.step == self.train.steps:
                 self.save_checkpoint()
