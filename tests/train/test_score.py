@@ -13,12 +13,13 @@ from tptt_runtime.train.distill import Trainer, TrainConfig
 from tptt_runtime.train.score import score_loss
 
 WINDOW = 5
+READERS = [9, 17, 21]  # the queries a retrieval document's answer positions would be
 
 
 def test_far_reads_are_the_largest_weights_full_attention_gives_from_beyond_the_window():
     """Layer 0 sees the embeddings in both models, so its q, k are the base model's: far_reads must be, per key,
-    the max over the kv head's query heads and over the queries at least WINDOW later of Hugging Face's eager
-    attention weights."""
+    the max (or mean) over the kv head's query heads and over the queries at least WINDOW later (all, or only
+    READERS) of Hugging Face's eager attention weights."""
     base = tiny_model("llama")
     base.set_attn_implementation("eager")
     model = TitansModel(tiny_model("llama"), TpttConfig(window=WINDOW, sinks=1, mag_weight=0.5))
@@ -31,20 +32,29 @@ def test_far_reads_are_the_largest_weights_full_attention_gives_from_beyond_the_
 
         def prefill(self, layer, hidden_states, q, k, v):
             if layer.layer_idx == 0:
-                FirstLayer.reads = far_reads(q, k, layer)[0]  # [Hkv, T]
+                readers = torch.zeros(1, q.shape[2], dtype=torch.bool)
+                readers[0, READERS] = True
+                FirstLayer.reads = [far_reads(q, k, layer)[0], far_reads(q, k, layer, readers)[0],
+                                    far_reads(q, k, layer, reduce="mean")[0]]  # each [Hkv, T]
 
     model.context.hook = FirstLayer()
     with torch.no_grad():
         model.forward_full(tokens[0])
     model.context.hook = None
-    kv_heads, seq_len = FirstLayer.reads.shape
+    reads, by_readers, mean = FirstLayer.reads
+    kv_heads, seq_len = reads.shape
     groups = weights.shape[0] // kv_heads
     for head in range(kv_heads):
         for key in range(seq_len):
             later = weights[head * groups:(head + 1) * groups, key + WINDOW:, key]  # queries t >= key + WINDOW
             expected = later.max() if later.numel() else torch.tensor(0.0)
-            torch.testing.assert_close(FirstLayer.reads[head, key], expected, atol=1e-5, rtol=0)
-    assert FirstLayer.reads[:, -WINDOW:].eq(0).all() and FirstLayer.reads[:, :-WINDOW].gt(0).all()
+            torch.testing.assert_close(reads[head, key], expected, atol=1e-5, rtol=0)
+            expected = later.mean() if later.numel() else torch.tensor(0.0)
+            torch.testing.assert_close(mean[head, key], expected, atol=1e-5, rtol=0)
+            chosen = [t - key - WINDOW for t in READERS if t >= key + WINDOW]
+            expected = later[:, chosen].max() if chosen else torch.tensor(0.0)
+            torch.testing.assert_close(by_readers[head, key], expected, atol=1e-5, rtol=0)
+    assert reads[:, -WINDOW:].eq(0).all() and reads[:, :-WINDOW].gt(0).all()
 
 
 def test_stage_0_fits_the_score_alone(tmp_path):
@@ -76,7 +86,14 @@ def test_fitting_needs_a_learned_score(tmp_path):
         Trainer(tiny_model("llama"), student, train, torch.randint(3, 97, (1, 40)), tmp_path)
     learned = TitansModel(tiny_model("llama"), TpttConfig(window=WINDOW, sinks=1, cache_tokens=3,
                                                           cache_score="learned"))
-    with pytest.raises(ValueError, match="beyond the window"):
-        score_loss(learned, torch.randint(3, 97, (1, WINDOW + 1)))
+    assert score_loss(learned, torch.randint(3, 97, (1, WINDOW + 1))).item() == 0  # no token read from afar
+    tokens, readers = torch.randint(3, 97, (1, 40)), torch.zeros(1, 40, dtype=torch.bool)
+    assert score_loss(learned, tokens, readers).item() == 0  # no reader: nothing to fit
+    readers[0, 30:33] = True  # an answer's positions: the tokens before 28 have a target
+    loss = score_loss(learned, tokens, readers)
+    loss.backward()
+    assert loss.item() > 0 and all(layer.cache_scorer.weight.grad.abs().max() > 0 for layer in learned.layers)
+    with pytest.raises(ValueError, match="cache_score"):
+        score_loss(student, torch.randint(3, 97, (1, 40)))
     with pytest.raises(ValueError, match="cache_score"):
         TpttConfig(cache_tokens=3, cache_score="attention")

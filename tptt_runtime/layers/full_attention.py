@@ -32,14 +32,21 @@ def split_attention(q, k, v, layer: LiZAttention, cached: torch.Tensor | None = 
     return o_full, o_far / lam.clamp(min=torch.finfo(lam.dtype).tiny)[..., None], lam
 
 
-def far_reads(q, k, layer: LiZAttention) -> torch.Tensor:
-    """[B, Hkv, T]: for each key j, the largest softmax weight any query of its kv head's group gives it from
-    beyond the window (a query at t >= j + window) in full causal attention; 0 where no query is that far (the
-    last `window` tokens). What the exact-token cache's learned score is fitted to (train/score.py)."""
+def far_reads(q, k, layer: LiZAttention, queries: torch.Tensor | None = None, reduce: str = "max") -> torch.Tensor:
+    """[B, Hkv, T]: for each key j, how much full causal attention reads it from beyond the window: the largest
+    softmax weight (reduce "max") or the mean one ("mean", over query heads and queries) that the kv head's query
+    heads give it from a query at t >= j + window, among `queries` [B, T] (bool; None: every query); 0 where no
+    such query exists. What the exact-token cache's learned score is fitted to (train/score.py)."""
     probs = causal_probs(q, k, layer)  # [B, Hkv, G, T, T]
     position = torch.arange(q.shape[2], device=q.device)
-    far = position[None, :] <= position[:, None] - layer.config.window  # [query, key]
-    return probs.masked_fill(~far, 0.0).amax(dim=(2, 3))
+    far = (position[None, :] <= position[:, None] - layer.config.window)[None]  # [1 or B, query, key]
+    if queries is not None:
+        far = far & queries[:, :, None]
+    far = far[:, None, None]  # [B, 1, 1, query, key]
+    if reduce == "max":
+        return probs.masked_fill(~far, 0.0).amax(dim=(2, 3))
+    count = far.sum(dim=3) * probs.shape[2]  # [B, 1, 1, key] x query heads
+    return probs.masked_fill(~far, 0.0).sum(dim=(2, 3)) / count[:, :, 0].clamp(min=1)
 
 
 def causal_probs(q, k, layer: LiZAttention) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The conversion run: LoRA on the shared projections, trained to reproduce the base model's own logits.
 
 Stage 0 (the first `score_steps` steps, optional): the exact-token cache's learned score alone is fitted to how
-much full attention reads each token from beyond the window (train/score.py); nothing else moves.
+much full attention reads each token from beyond the window (train/score.py; with retrieval documents, how much
+more their answer positions read it than a typical query does); nothing else moves.
 
 Stage 1 (the next `transfer_steps` steps, optional): attention transfer. Every LiZA layer compares its memory
 with full softmax attention over the same q, k, v (train/transfer.py): the memory read should
@@ -166,7 +167,8 @@ class Trainer:
         self.student.hf.train()
         stage = self.stage(self.step)
         if stage == "score":
-            loss, kl = score_loss(self.student, ids), None
+            readers = None if self.reads is None else self.reads[rows].to(self.student.device)
+            loss, kl = score_loss(self.student, ids, readers), None
         elif stage == "transfer":
             loss, kl = transfer_loss(self.student, ids, weights), None
         else:
