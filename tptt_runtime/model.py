@@ -17,6 +17,7 @@ decode graph (`compile()`) requires to be reused.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 
@@ -189,6 +190,16 @@ class TitansModel:
     def forward_full(self, ids) -> torch.Tensor:
         """Logits [T, vocab] (float32) of a whole sequence from an empty state: the reference semantics."""
         return self._forward(self._ids(ids)[None], None, last_only=False)[0].float()
+
+    @contextlib.contextmanager
+    def hooked(self, hook):
+        """Inside the block every LiZA layer's stateless prefill calls `hook` (layers/liza.py, LayerHook): the
+        way training and evaluation look inside the layers."""
+        self.context.hook = hook
+        try:
+            yield hook
+        finally:
+            self.context.hook = None
 
 
 def fingerprint(model: nn.Module, config: TpttConfig) -> str:

@@ -122,10 +122,8 @@ def test_a_learned_score_caches_the_tokens_its_scorer_ranks_highest(pieces, mag_
         def prefill(self, layer, hidden_states, q, k, v):
             self.keys[layer.layer_idx] = k
 
-    model.context.hook = Keys()
-    with torch.no_grad():
+    with model.hooked(Keys()), torch.no_grad():
         model.forward_full(tokens)
-    model.context.hook = None
     _, state = incremental_logits(model, tokens, pieces)
     evicted = torch.arange(2, 37 - 5)  # sinks .. the last token that left the window (t - window for t = 36)
     for layer, layer_state in zip(model.layers, state.layers):

@@ -313,13 +313,8 @@ def test_attention_transfer_forward_is_the_teachers():
     config = TPTT.replace(mag_gate="learned", mag_weight=0.3, feature_map="learned", window=4, sinks=1)
     teacher, student = peaked_model(), TitansModel(peaked_model(), config)
     ids = torch.randint(3, 97, (2, 40))
-    hook = AttentionTransfer()
-    student.context.hook = hook
-    try:
-        with torch.no_grad():
-            logits = student.hf(input_ids=ids, use_cache=False).logits
-    finally:
-        student.context.hook = None
+    with student.hooked(AttentionTransfer()) as hook, torch.no_grad():
+        logits = student.hf(input_ids=ids, use_cache=False).logits
     assert len(hook.losses) == len(student.layers)
     with torch.no_grad():
         torch.testing.assert_close(logits, teacher(input_ids=ids, use_cache=False).logits, atol=1e-4, rtol=0)

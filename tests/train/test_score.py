@@ -37,10 +37,8 @@ def test_far_reads_are_the_largest_weights_full_attention_gives_from_beyond_the_
                 FirstLayer.reads = [far_reads(q, k, layer)[0], far_reads(q, k, layer, readers)[0],
                                     far_reads(q, k, layer, reduce="mean")[0]]  # each [Hkv, T]
 
-    model.context.hook = FirstLayer()
-    with torch.no_grad():
+    with model.hooked(FirstLayer()), torch.no_grad():
         model.forward_full(tokens[0])
-    model.context.hook = None
     reads, by_readers, mean = FirstLayer.reads
     kv_heads, seq_len = reads.shape
     groups = weights.shape[0] // kv_heads

@@ -83,11 +83,8 @@ class Probe(LayerHook):
 @contextlib.contextmanager
 def probing(model, mode: str, readings: list):
     """Every LiZA layer of `model` mixes as `mode` says inside the block (through the layers' LayerHook)."""
-    model.context.hook = Probe(mode, readings)
-    try:
+    with model.hooked(Probe(mode, readings)):
         yield
-    finally:
-        model.context.hook = None
 
 
 def probe_logits(model, ids: list[int], mode: str) -> tuple[torch.Tensor, list]:

@@ -64,7 +64,7 @@ class ForwardContext:
 
 class LayerHook:
     """The documented way for train/ and eval/ to look inside a LiZA layer's stateless prefill (forward_full,
-    training forwards), set as `ForwardContext.hook` for the duration of a forward; never in serving (decode
+    training forwards), set as `ForwardContext.hook` for the duration of a forward (`with model.hooked(hook):`); never in serving (decode
     steps do not call it). A method that returns a tensor [B, T, hidden] makes it the layer's output; None lets
     the layer go on. The layer's building blocks (`memory_branch`, `memory_weight`, `sized_read`, `mix`,
     `new_state`, its projections) are public for hooks to call."""

@@ -23,13 +23,8 @@ def score_loss(model, ids: torch.Tensor, readers: torch.Tensor | None = None) ->
     no graph. A batch with nothing to fit (no reader far enough after a token) gives a zero loss."""
     if not any(layer.cache_scorer is not None for layer in model.layers):
         raise ValueError("no layer has a learned cache score (cache_score \"learned\" with cache_tokens > 0)")
-    hook = ScoreFit(readers)
-    model.context.hook = hook
-    try:
-        with torch.no_grad():
-            model.hf(input_ids=ids, use_cache=False, logits_to_keep=1)
-    finally:
-        model.context.hook = None
+    with model.hooked(ScoreFit(readers)) as hook, torch.no_grad():
+        model.hf(input_ids=ids, use_cache=False, logits_to_keep=1)
     if not hook.losses:
         return torch.zeros((), device=ids.device, requires_grad=True)
     return torch.stack(hook.losses).mean()

@@ -17,13 +17,8 @@ from ..ops import exact_cache
 def transfer_loss(model, ids: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over layers of their attention-transfer losses for ids [B, T] (`weights` [B, T]: each position's
     weight, None = all alike); the forward itself builds no graph."""
-    hook = AttentionTransfer(weights)
-    model.context.hook = hook
-    try:
-        with torch.no_grad():
-            model.hf(input_ids=ids, use_cache=False, logits_to_keep=1)
-    finally:
-        model.context.hook = None
+    with model.hooked(AttentionTransfer(weights)) as hook, torch.no_grad():
+        model.hf(input_ids=ids, use_cache=False, logits_to_keep=1)
     return torch.stack(hook.losses).mean()
 
 
