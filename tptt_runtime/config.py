@@ -127,6 +127,11 @@ class TpttConfig:
         return self.cache_tokens > 0 and self.cache_score == "write"
 
     @property
+    def learns_cache_score(self) -> bool:
+        """Whether the exact-token cache ranks tokens by a learned scorer of their keys (each layer has one)."""
+        return self.cache_tokens > 0 and self.cache_score == "learned"
+
+    @property
     def gates_read_v(self) -> bool:
         """Whether beta or alpha reads the values (else only the keys feed the gates)."""
         return "v" in self.beta_gate + self.alpha_gate

@@ -6,7 +6,7 @@ import torch
 
 from tests.conftest import tiny_model
 from tptt_runtime.config import TpttConfig
-from tptt_runtime.layers.full_attention import far_reads
+from tptt_runtime.layers.full_attention import causal_probs, far_reads
 from tptt_runtime.layers.liza import LayerHook
 from tptt_runtime.model import TitansModel
 from tptt_runtime.train.distill import Trainer, TrainConfig
@@ -34,8 +34,9 @@ def test_far_reads_are_the_largest_weights_full_attention_gives_from_beyond_the_
             if layer.layer_idx == 0:
                 readers = torch.zeros(1, q.shape[2], dtype=torch.bool)
                 readers[0, READERS] = True
-                FirstLayer.reads = [far_reads(q, k, layer)[0], far_reads(q, k, layer, readers)[0],
-                                    far_reads(q, k, layer, reduce="mean")[0]]  # each [Hkv, T]
+                probs = causal_probs(q, k, layer)
+                FirstLayer.reads = [far_reads(probs, WINDOW)[0], far_reads(probs, WINDOW, readers)[0],
+                                    far_reads(probs, WINDOW, reduce="mean")[0]]  # each [Hkv, T]
 
     with model.hooked(FirstLayer()), torch.no_grad():
         model.forward_full(tokens[0])

@@ -32,14 +32,15 @@ def split_attention(q, k, v, layer: LiZAttention, cached: torch.Tensor | None = 
     return o_full, o_far / lam.clamp(min=torch.finfo(lam.dtype).tiny)[..., None], lam
 
 
-def far_reads(q, k, layer: LiZAttention, queries: torch.Tensor | None = None, reduce: str = "max") -> torch.Tensor:
-    """[B, Hkv, T]: for each key j, how much full causal attention reads it from beyond the window: the largest
-    softmax weight (reduce "max") or the mean one ("mean", over query heads and queries) that the kv head's query
-    heads give it from a query at t >= j + window, among `queries` [B, T] (bool; None: every query); 0 where no
-    such query exists. What the exact-token cache's learned score is fitted to (train/score.py)."""
-    probs = causal_probs(q, k, layer)  # [B, Hkv, G, T, T]
-    position = torch.arange(q.shape[2], device=q.device)
-    far = (position[None, :] <= position[:, None] - layer.config.window)[None]  # [1 or B, query, key]
+def far_reads(probs: torch.Tensor, window: int, queries: torch.Tensor | None = None,
+              reduce: str = "max") -> torch.Tensor:
+    """[B, Hkv, T]: for each key j, how much full causal attention (`probs` [B, Hkv, G, T, T], causal_probs)
+    reads it from beyond the window: the largest softmax weight (reduce "max") or the mean one ("mean", over
+    query heads and queries) that the kv head's query heads give it from a query at t >= j + window, among
+    `queries` [B, T] (bool; None: every query); 0 where no such query exists. What the exact-token cache's
+    learned score is fitted to (train/score.py)."""
+    position = torch.arange(probs.shape[-1], device=probs.device)
+    far = (position[None, :] <= position[:, None] - window)[None]  # [1 or B, query, key]
     if queries is not None:
         far = far & queries[:, :, None]
     far = far[:, None, None]  # [B, 1, 1, query, key]

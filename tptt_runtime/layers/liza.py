@@ -64,10 +64,10 @@ class ForwardContext:
 
 class LayerHook:
     """The documented way for train/ and eval/ to look inside a LiZA layer's stateless prefill (forward_full,
-    training forwards), set as `ForwardContext.hook` for the duration of a forward (`with model.hooked(hook):`); never in serving (decode
-    steps do not call it). A method that returns a tensor [B, T, hidden] makes it the layer's output; None lets
-    the layer go on. The layer's building blocks (`memory_branch`, `memory_weight`, `sized_read`, `mix`,
-    `new_state`, its projections) are public for hooks to call."""
+    training forwards), set as `ForwardContext.hook` for the duration of a forward (`with model.hooked(hook):`);
+    never in serving (decode steps do not call it). A method that returns a tensor [B, T, hidden] makes it the
+    layer's output; None lets the layer go on. The layer's building blocks (`memory_branch`, `memory_weight`,
+    `sized_read`, `mix`, `new_state`, its projections) are public for hooks to call."""
 
     def prefill(self, layer: "LiZAttention", hidden_states, q, k, v) -> torch.Tensor | None:
         """Right after the projections: q [B, Hq, T, D], k, v [B, Hkv, T, D], before rotary."""
@@ -126,7 +126,7 @@ class LiZAttention(nn.Module):
                                                      device=base.q_proj.weight.device))
                              if config.alpha_gate == "learned" else None)  # logit of each kv head's decay
         self.cache_scorer = (GateInput(self.num_kv_heads, self.head_dim, base.q_proj, start=0.0)
-                             if config.cache_tokens and config.cache_score == "learned" else None)
+                             if config.learns_cache_score else None)
 
     # ----------------------------------------------------------------------------------------------- state
     def new_state(self, batch: int, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:

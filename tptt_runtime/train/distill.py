@@ -143,7 +143,7 @@ class Trainer:
         if train.transfer_steps and not learns_memory:
             raise ValueError("attention transfer trains the memory's own parameters: it needs a learned mag_gate, "
                              "feature_map, read_scale, gate_input or alpha_gate")
-        if train.score_steps and not any(layer.cache_scorer is not None for layer in student.layers):
+        if train.score_steps and not student.config.learns_cache_score:
             raise ValueError("score_steps fit the exact-token cache's learned score: it needs cache_tokens > 0 "
                              "and cache_score \"learned\"")
         self.optimizer = torch.optim.AdamW(_param_groups(named, trainable, train), lr=train.lr, weight_decay=0.0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layers.full_attention import far_reads
+from ..layers.full_attention import causal_probs, far_reads
 from ..layers.liza import LayerHook, LiZAttention
 from ..ops import as_float32
 
@@ -21,7 +21,7 @@ def score_loss(model, ids: torch.Tensor, readers: torch.Tensor | None = None) ->
     """Mean over layers of the scorers' losses for ids [B, T]; `readers` [B, T] (bool): the queries whose needs
     define the target (a retrieval document's answer positions), None: every query. The forward itself builds
     no graph. A batch with nothing to fit (no reader far enough after a token) gives a zero loss."""
-    if not any(layer.cache_scorer is not None for layer in model.layers):
+    if not model.config.learns_cache_score:
         raise ValueError("no layer has a learned cache score (cache_score \"learned\" with cache_tokens > 0)")
     with model.hooked(ScoreFit(readers)) as hook, torch.no_grad():
         model.hf(input_ids=ids, use_cache=False, logits_to_keep=1)
@@ -48,13 +48,14 @@ class ScoreFit(LayerHook):
         if layer.cache_scorer is None or seq_len <= cfg.sinks + cfg.window:
             return None
         position = torch.arange(seq_len, device=q.device)
+        probs = causal_probs(q, k, layer)  # [B, Hkv, G, T, T], once for both reads below
         if self.readers is None:
-            target = far_reads(q, k, layer).clamp(min=READ_FLOOR).log()
+            target = far_reads(probs, cfg.window).clamp(min=READ_FLOOR).log()
             last_reader = torch.full((q.shape[0],), seq_len - 1, device=q.device)
         else:
             readers = self.readers.to(q.device)
-            specific = far_reads(q, k, layer, readers).clamp(min=READ_FLOOR).log()
-            typical = far_reads(q, k, layer, reduce="mean").clamp(min=READ_FLOOR).log()
+            specific = far_reads(probs, cfg.window, readers).clamp(min=READ_FLOOR).log()
+            typical = far_reads(probs, cfg.window, reduce="mean").clamp(min=READ_FLOOR).log()
             target = specific - typical
             last_reader = torch.where(readers, position, -1).amax(-1)  # [B]; -1: no reader
         eligible = ((position >= cfg.sinks) & (position[None] <= last_reader[:, None] - cfg.window))[:, None]
