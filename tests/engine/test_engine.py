@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tptt_runtime.engine import EngineConfig, LLMEngine, Request, SamplingParams
+from tptt_runtime.engine.detokenizer import OutputProcessor
 
 
 def chat_ids(model, *turns):
@@ -100,16 +101,30 @@ def test_abort_frees_the_slot_and_the_engine_goes_on(default_model):
 
 
 def test_stop_strings_and_stop_tokens(default_model):
+    """Stop token ids end a request in the engine; a stop string ends its text on the caller's side, which then
+    stops it in the engine: the state it consumed is stored, so the next turn resumes from it."""
     ids = chat_ids(default_model, "What is the capital of France?")
     greedy = reference_greedy(default_model, ids, 8)
     text = default_model.tokenizer.decode(greedy, skip_special_tokens=True)
     engine = LLMEngine(default_model)
     stop_word = text.split()[2]
-    out = run_all(engine, [Request("s", ids, SamplingParams(temperature=0, max_tokens=8, stop=[stop_word])),
-                           Request("t", ids, SamplingParams(temperature=0, max_tokens=8,
-                                                            stop_token_ids=[greedy[3]]))])
+    requests = [Request("s", ids, SamplingParams(temperature=0, max_tokens=8, stop=[stop_word])),
+                Request("t", ids, SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[greedy[3]]))]
+    processors = {r.request_id: OutputProcessor(engine.tokenizer, r) for r in requests}
+    out = {r.request_id: [] for r in requests}
+    for request in requests:
+        engine.add_request(request)
+    while engine.has_work():
+        for raw in engine.step():
+            output, stop_engine = processors[raw.request_id].process(raw)
+            if stop_engine:
+                engine.abort(raw.request_id, "stop")
+            if output is not None:
+                out[raw.request_id].append(output)
     assert "".join(o.text for o in out["s"]) == text[:text.index(stop_word)]
     assert out["s"][-1].finish_reason == "stop"
+    assert tokens(out["s"]) == greedy[:len(tokens(out["s"]))] and len(tokens(out["s"])) < 8
+    assert len(out["s"][-1].snapshot_keys) == 2  # after the prompt, and where the stop string stopped it
     assert tokens(out["t"]) == greedy[:4] and out["t"][-1].finish_reason == "stop"
 
 

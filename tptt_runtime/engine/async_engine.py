@@ -4,8 +4,10 @@
 
 The model loop is the only thread that touches the model and the scheduler. Callers hand requests and aborts
 over under a condition variable; outputs travel back through each request's asyncio.Queue on the caller's event
-loop (call_soon_threadsafe). Leaving the `async for` early (a client disconnect cancels it) aborts the request,
-and the engine frees its slot at the next step. A full waiting queue raises EngineOverloaded at submission.
+loop (call_soon_threadsafe), where each request's OutputProcessor adds the text and applies its stop strings
+(the engine thread only samples tokens); a stop string stops the request in the engine at its next step.
+Leaving the `async for` early (a client disconnect cancels it) aborts the request, and the engine frees its slot
+at the next step. A full waiting queue raises EngineOverloaded at submission.
 
 Threads: every application thread that runs a parallel torch CPU op gets its own OpenMP team, and two teams
 on a small host oversubscribe it (every parallel op then waits for a sleeping worker: prefill and decode ran
@@ -25,8 +27,9 @@ from collections.abc import AsyncIterator
 
 import torch
 
+from .detokenizer import OutputProcessor
 from .engine import EngineOverloaded, LLMEngine
-from .request import Request, RequestOutput
+from .request import FinishReason, Request, RequestOutput
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +43,7 @@ class AsyncEngine:
         self.observers = list(observers)
         self.condition = threading.Condition()
         self.inbox: list[Request] = []
-        self.aborts: list[str] = []
+        self.aborts: list[tuple[str, str]] = []  # (request id, finish reason)
         self.listeners: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="tptt-engine", daemon=True)
@@ -95,28 +98,34 @@ class AsyncEngine:
         Closing the stream early aborts the request; a stream never iterated must be aborted by the caller."""
         queue: asyncio.Queue = asyncio.Queue()
         self.engine.validate(request)
+        processor = OutputProcessor(self.engine.tokenizer, request)
         with self.condition:
             if self.num_waiting >= self.engine.config.max_waiting:
                 raise EngineOverloaded(f"{self.num_waiting} requests are waiting")
             self.listeners[request.request_id] = (asyncio.get_running_loop(), queue)
             self.inbox.append(request)
             self.condition.notify()
-        return self._stream(request.request_id, queue)
+        return self._stream(request.request_id, queue, processor)
 
-    async def _stream(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+    async def _stream(self, request_id: str, queue: asyncio.Queue,
+                      processor: OutputProcessor) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while not finished:
-                output: RequestOutput = await queue.get()
+                output, stop_engine = processor.process(await queue.get())
+                if stop_engine:
+                    self.abort(request_id, FinishReason.STOP)
+                if output is None:
+                    continue
                 finished = output.finish_reason is not None
                 yield output
         finally:
             if not finished:
                 self.abort(request_id)
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, reason: str = FinishReason.ABORT) -> None:
         with self.condition:
-            self.aborts.append(request_id)
+            self.aborts.append((request_id, reason))
             self.condition.notify()
 
     # ----------------------------------------------------------------------------------- engine thread
@@ -140,8 +149,8 @@ class AsyncEngine:
                 self.inbox = []
                 self.stats = {**self.stats, "num_waiting": len(self.engine.scheduler.waiting)}
                 aborts, self.aborts = self.aborts, []
-            for request_id in aborts:
-                self.engine.abort(request_id)
+            for request_id, reason in aborts:
+                self.engine.abort(request_id, reason)
             try:
                 outputs = self.engine.step()
             except Exception:  # noqa: BLE001 - the loop must survive; the step's requests were already failed

@@ -1,7 +1,8 @@
 """LLMEngine: the synchronous heart of serving. One `step()` = schedule, run the model, postprocess.
 
-The engine owns the model, the scheduler and the session store; it knows token ids (and makes output text with
-the tokenizer for stop strings), never HTTP. `AsyncEngine` (async_engine.py) runs it on its own thread.
+The engine owns the model, the scheduler and the session store; it knows token ids only, never text nor HTTP
+(output text and stop strings are made on the caller's side: detokenizer.OutputProcessor). `AsyncEngine`
+(async_engine.py) runs it on its own thread.
 
 Per step:
     schedule     admit waiting requests (resuming the longest stored snapshot of their prompt), pick decodes and
@@ -10,8 +11,8 @@ Per step:
                  new prompts prefill together); one batched decode forward for all decoding requests, over
                  the front rows of the state pool (engine/state_pool.py: every running request's tensors
                  live in one slot of it, written in place)
-    postprocess  sample every request that has fresh logits in one batched draw on the device, detokenize,
-                 apply stop conditions, emit outputs;
+    postprocess  sample every request that has fresh logits in one batched draw on the device, apply the
+                 token stop conditions (EOS, stop token ids, max_tokens), emit outputs;
                  store a snapshot after every prompt and at every finish (prefix reuse for the next turn)
 """
 
@@ -26,7 +27,6 @@ import torch
 from ..model import TitansModel
 from .request import FinishReason, Request, RequestOutput
 from .sampling import sample_batch, token_logprobs
-from .detokenizer import TextStream
 from .scheduler import ScheduledBatch, Scheduler
 from .state_pool import StatePool
 from .redis_tier import RedisTier
@@ -96,11 +96,13 @@ class LLMEngine:
         self.requests[request.request_id] = request
         self.scheduler.add(request)
 
-    def abort(self, request_id: str) -> None:
-        """Mark for removal; the next step frees its slot and emits its final output."""
+    def abort(self, request_id: str, reason: str = FinishReason.ABORT) -> None:
+        """Mark for removal; the next step frees its slot and emits its final output with `reason`. A caller
+        whose stop string ended the text passes FinishReason.STOP: the state it ends with is then stored as
+        a snapshot of the ids it consumed, as at any stop."""
         request = self.requests.get(request_id)
-        if request is not None:
-            request.aborted = True
+        if request is not None and request.abort_reason is None:
+            request.abort_reason = reason
 
     def use_model(self, model: TitansModel) -> None:
         """Serve from `model` from the next step on: the same weights (fingerprint), e.g. its compiled twin;
@@ -144,7 +146,6 @@ class LLMEngine:
         """Give a request its slot, holding the longest stored snapshot that prefixes its prompt (copied from
         the store straight into the slot) or a new session."""
         request.scheduled_time = time.monotonic()
-        request.text = TextStream(self.tokenizer, request.prompt_ids, request.params.stop)
         hit = None
         if self.config.prefix_reuse and not request.wants_prompt_logprobs:
             hit = self.store.longest_prefix(request.namespace, request.prompt_ids, copy=self.pool.acquire)
@@ -162,8 +163,8 @@ class LLMEngine:
 
     def _drop_aborted(self) -> list[RequestOutput]:
         outputs = []
-        for request in [r for r in self.requests.values() if r.aborted and r.finish_reason is None]:
-            request.finish_reason = FinishReason.ABORT
+        for request in [r for r in self.requests.values() if r.abort_reason and r.finish_reason is None]:
+            request.finish_reason = request.abort_reason
             outputs.append(self._finish(request))
         return outputs
 
@@ -260,7 +261,7 @@ class LLMEngine:
             try:
                 outputs.append(self._advance(request, token, info))
             except Exception as error:  # noqa: BLE001 - that request fails; the others and the engine go on
-                log.exception("detokenizing failed for %s", request.request_id)
+                log.exception("advancing %s failed", request.request_id)
                 outputs.append(self._fail(request, error))
         return outputs
 
@@ -271,35 +272,28 @@ class LLMEngine:
         return list(zip(requests, tokens, infos))
 
     def _advance(self, request: Request, token: int, info) -> RequestOutput:
-        """Append a sampled token to a request, detokenize it and apply the stop conditions."""
+        """Append a sampled token to a request and apply the token stop conditions."""
         params, logits = request.params, request.pending_logits
         request.pending_logits = None
         request.output_ids.append(token)
         request.first_token_time = request.first_token_time or time.monotonic()
         request.last_logits = logits
-        text, stopped = "", False
         if token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos):
-            stopped = True
-        else:
-            text, stopped = request.text.push(token)
-        if stopped:
             request.finish_reason = FinishReason.STOP
         elif len(request.output_ids) >= params.max_tokens:
             request.finish_reason = FinishReason.LENGTH
         if request.finish_reason is not None:
-            return self._finish(request, [token], text, [info] if info else [])
-        return self._output(request, [token], text, [info] if info else [])
+            return self._finish(request, [token], [info] if info else [])
+        return self._output(request, [token], [info] if info else [])
 
-    def _finish(self, request: Request, token_ids=(), text: str = "", logprobs=()) -> RequestOutput:
+    def _finish(self, request: Request, token_ids=(), logprobs=()) -> RequestOutput:
         """Free the request's slot; keep the state it ends with as a snapshot of the ids it consumed."""
-        if request.finish_reason != FinishReason.STOP and request.text is not None:
-            text += request.text.finish()
         if request.finish_reason in (FinishReason.STOP, FinishReason.LENGTH) and request.output_ids:
             consumed = request.prompt_ids + request.output_ids[:-1]  # the last sampled token was never fed
             self._snapshot(request, consumed, request.last_logits)
         self.scheduler.finish(request)
         self.requests.pop(request.request_id, None)
-        output = self._output(request, list(token_ids), text, list(logprobs))
+        output = self._output(request, list(token_ids), list(logprobs))
         self._release(request)
         return output
 
@@ -307,7 +301,7 @@ class LLMEngine:
         request.finish_reason = FinishReason.ERROR
         self.scheduler.finish(request)
         self.requests.pop(request.request_id, None)
-        output = self._output(request, [], "", [])
+        output = self._output(request, [], [])
         output.error = f"{type(error).__name__}: {error}"
         self._release(request)
         return output
@@ -324,10 +318,10 @@ class LLMEngine:
         state = self.pool.snapshot(request.slot, len(ids))
         request.snapshot_keys.append(self.store.put(request.namespace, ids, state, logits.to("cpu", copy=True)))
 
-    def _output(self, request: Request, token_ids: list[int], text: str, logprobs: list) -> RequestOutput:
+    def _output(self, request: Request, token_ids: list[int], logprobs: list) -> RequestOutput:
         first = not request.output_ids[:-1] if token_ids else request.finish_reason is not None
         return RequestOutput(
-            request_id=request.request_id, token_ids=token_ids, text=text, logprobs=logprobs,
+            request_id=request.request_id, token_ids=token_ids, text="", logprobs=logprobs,
             finish_reason=request.finish_reason,
             prompt_logprobs=request.prompt_logprobs if request.wants_prompt_logprobs and first else None,
             num_prompt_tokens=len(request.prompt_ids), num_cached_tokens=request.num_cached,

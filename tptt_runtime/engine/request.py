@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .detokenizer import TextStream
 from .sampling import SamplingParams, TokenLogprobs, new_generator
 
 
@@ -38,10 +37,9 @@ class Request:
     last_logits: torch.Tensor | None = None     # the logits the last output token was sampled from
     output_ids: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
-    text: TextStream | None = None
     prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
     finish_reason: str | None = None
-    aborted: bool = False
+    abort_reason: str | None = None            # set by `LLMEngine.abort`: how the next step ends it
     scheduled_time: float | None = None
     first_token_time: float | None = None
     snapshot_keys: list[str] = field(default_factory=list)
@@ -65,10 +63,12 @@ class Request:
 
 @dataclass
 class RequestOutput:
-    """What one step did for one request. The last output of a request has `finish_reason` set."""
+    """What one step did for one request. The last output of a request has `finish_reason` set; when that is
+    "stop" and the output has token ids, the last one is the stop token (EOS or a stop token id)."""
     request_id: str
     token_ids: list[int]                       # new output tokens (EOS / stop tokens included)
-    text: str                                  # new output text (stop strings and special tokens excluded)
+    text: str                                  # new output text (stop strings and special tokens excluded):
+                                               # made by the caller's OutputProcessor, "" from the engine
     logprobs: list[TokenLogprobs]              # one per new token, when asked for
     finish_reason: str | None = None
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # first output only, when asked for
