@@ -61,3 +61,26 @@ def test_lm_eval_local_completions_with_remote_tokenizer(base_url, default_model
     expected = sum(runtime_choice(default_model, d["question"], d["choices"]) == d["label"] for d in DOCS) / len(DOCS)
     assert accuracy == pytest.approx(expected)
     assert accuracy >= 0.5  # the model knows most of these
+
+
+def test_ruler_through_the_server_continues_as_the_runtime_does_in_process(base_url, default_model, tmp_path,
+                                                                          monkeypatch):
+    """`tptt-eval --ruler`'s two paths on the same lm-eval samples: lm-eval's local-completions backend on the
+    server, and the in-process wrapper the base model runs through, greedy, the same text."""
+    from tptt_runtime.engine.engine import eos_token_ids
+    from tptt_runtime.eval import ruler
+    from tptt_runtime.eval.run import Converted
+    from tptt_runtime.loading import base_directory
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path))
+    monkeypatch.setenv("OPENAI_API_KEY", "unused")
+    tokenizer_dir, context, new_tokens = str(base_directory("default")), 512, 12
+    served = ruler.evaluate(ruler.served_lm(base_url, "smollm2-135m-instruct-tptt", context, new_tokens),
+                            "converted", tokenizer_dir, ["niah_single_1"], context, 2, new_tokens)
+    local = ruler.GreedyLM(Converted(default_model, "converted"), default_model.tokenizer,
+                           eos_token_ids(default_model))
+    in_process = ruler.evaluate(local, "converted", tokenizer_dir, ["niah_single_1"], context, 2, new_tokens)
+    assert [r["answer"] for r in served] == [r["answer"] for r in in_process]  # lm-eval made the same samples
+    assert [r["output"] for r in served] == [r["output"] for r in in_process]
+    assert all(r["output"].strip() for r in served)

@@ -10,7 +10,8 @@ chat prompts (teacher-forced over its first 16 tokens). Table on stdout, JSON + 
 
 `--suite` runs the held-out needle suite instead (eval/suite.py: passkey, multi-key and document QA in wording
 no training text uses, raw and chat formats, accuracy with 95 % Wilson intervals); `--probe` the recall probe
-(eval/recall.py).
+(eval/recall.py); `--ruler` RULER's needle tasks from lm-evaluation-harness, the adapter through the server
+(eval/ruler.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ CHAT_PROMPTS = ["How do I boil an egg?", "Give me three tips for better sleep.",
                 "Why is the sky blue?", "Suggest a name for a black cat.", "How does a bicycle stay upright?",
                 "What is the difference between weather and climate?"]
 DEPTHS = (0.1, 0.5, 0.9)
+RULER_TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3")  # those that run offline (eval/ruler.py)
 AGREEMENT_TOKENS = 16
 
 
@@ -191,13 +193,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tasks", nargs="+", choices=needles.TASKS, default=list(needles.TASKS), help="suite tasks")
     p.add_argument("--formats", nargs="+", choices=needles.FORMATS, default=list(needles.FORMATS),
                    help="suite prompt formats: raw text with an answer lead-in, or a chat-template user message")
-    p.add_argument("--new-tokens", type=int, default=suite.NEW_TOKENS, help="suite greedy continuation length")
+    p.add_argument("--ruler", action="store_true",
+                   help="instead: RULER's needle tasks (lm-evaluation-harness) at --suite-contexts, --trials "
+                        "samples each, the adapter through the server (eval/ruler.py)")
+    p.add_argument("--ruler-tasks", nargs="+", choices=RULER_TASKS, default=list(RULER_TASKS),
+                   help="RULER tasks (those that run offline)")
+    p.add_argument("--new-tokens", type=int, default=None,
+                   help=f"suite / RULER greedy continuation length (default {suite.NEW_TOKENS} / 40)")
     p.add_argument("--seed", type=int, default=0, help="suite prompts are a function of the seed")
     p.add_argument("--out", type=Path, default=Path("eval-results"))
     args = p.parse_args(argv)
+    if args.ruler:
+        from . import ruler
+
+        ruler.run(args.adapter, args.suite_contexts, args.trials or ruler.TRIALS, args.ruler_tasks,
+                  args.new_tokens or ruler.NEW_TOKENS, args.out)
+        return
     if args.suite:
         suite.run(args.adapter, args.suite_contexts, args.trials or suite.TRIALS, args.tasks, args.formats,
-                  args.new_tokens, args.seed, args.out)
+                  args.new_tokens or suite.NEW_TOKENS, args.seed, args.out)
         return
     if args.probe:
         from . import recall
