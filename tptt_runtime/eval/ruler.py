@@ -104,11 +104,11 @@ def run(adapter: str, contexts, trials: int, tasks, new_tokens: int, out_dir: Pa
     converted, models = load_models(adapter)
     base, window_only = models[0], models[1]
     tokenizer, tokenizer_dir = converted.tokenizer, str(base_directory(converted.config.base_model or "default"))
-    records = []
+    records, stop_ids = [], eos_token_ids(converted)
     for context in contexts:
         for model in suite.runs_at([base, window_only], context):
-            records += evaluate(GreedyLM(model, tokenizer, eos_token_ids(converted)), model.name, tokenizer_dir, tasks, context, trials,
-                                new_tokens)
+            lm = GreedyLM(model, tokenizer, stop_ids)
+            records += evaluate(lm, model.name, tokenizer_dir, tasks, context, trials, new_tokens)
     with served("--model", adapter, "--dtype", "float32") as server:
         served_name = httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]
         for context in contexts:
