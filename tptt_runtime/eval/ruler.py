@@ -6,9 +6,9 @@ its trained length) and window-only run in this process through `GreedyLM`, an l
 wrappers. lm-eval seeds Python's `random` (seed 0) in every `simple_evaluate`, so each model gets the same
 samples.
 
-Which RULER needle tasks run offline (eval/run.py's `RULER_TASKS`): their haystacks are generated (a repeated sentence, or
-other needles), with words from the `wonderwords` package (lm_eval's `ruler` extra). Those that do not, and
-why, are in `NOT_OFFLINE`. RULER's format only: a raw-text prompt ending in an answer lead-in; the held-out
+Which RULER needle tasks run offline (eval/run.py's `RULER_TASKS`): their haystacks are generated (a repeated
+sentence, or other needles), with words from the `wonderwords` package (lm_eval's `ruler` extra). Those that do
+not, and why, are in `NOT_OFFLINE`. RULER's format only: a raw-text prompt ending in an answer lead-in; the held-out
 suite (eval/suite.py) has the chat format. Greedy continuations of `new_tokens` tokens; a sample is a hit when
 every asked value is in it (RULER's string_match_all). Records, table and figure are the suite's, so the
 numbers read the same: accuracy with its 95 % Wilson interval per task and length, and pooled.
