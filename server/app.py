@@ -122,7 +122,7 @@ def create_app(settings: Settings, model: TitansModel) -> FastAPI:
     async def lifespan(_: FastAPI):
         ctx.engine.start()
         if settings.compile:
-            ctx.engine.compile_in_background()
+            ctx.engine.compile_in_background(settings.compile_cache or None)
         yield
         ctx.engine.stop()
 

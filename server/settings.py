@@ -41,9 +41,11 @@ HELP = {
     "max_replicas": "cluster mode with autoscaling: most replicas (Ray Serve adds replicas as requests queue)",
     "ray_address": "cluster mode: the Ray cluster to join (e.g. ray://head:10001 or auto); empty = start a local one",
     "max_body_bytes": "largest accepted request body (413 beyond)",
-    "compile": "decode steps through torch.compile: serves eagerly at once, compiles a copy of the model in the "
-               "background (minutes on a small CPU the first time, less from torch's on-disk cache) and switches "
-               "to it when it is ready",
+    "compile": "decode steps through one compiled graph: serves eagerly at once, loads the graph from "
+               "--compile-cache (seconds) or builds it there (minutes on a small CPU, once per model and torch "
+               "version) on a copy of the model in the background, and switches to it when it is ready",
+    "compile_cache": "directory of compiled decode graphs and Inductor's kernels, kept across restarts "
+                     "(default ~/.cache/tptt/compiled)",
     "log_level": "debug, info, warning, error",
     "log_prompts": "log prompt text (off by default: prompts never reach the logs)",
 }
@@ -75,6 +77,7 @@ class Settings:
     ray_address: str = ""
     max_body_bytes: int = 8 << 20
     compile: bool = False
+    compile_cache: str = ""
     log_level: str = "info"
     log_prompts: bool = False
 

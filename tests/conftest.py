@@ -1,10 +1,19 @@
 """Shared fixtures: tiny random models of every supported family, and the real default model (loaded once)."""
 
+import atexit
 import copy
+import os
+import shutil
+import tempfile
 
 import pytest
 import torch
 import transformers as hf
+
+# compiled decode graphs (TitansModel.compile) of this run go to a directory of their own, not ~/.cache
+if "TPTT_COMPILE_CACHE" not in os.environ:
+    os.environ["TPTT_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="tptt-compiled-")
+    atexit.register(shutil.rmtree, os.environ["TPTT_COMPILE_CACHE"], ignore_errors=True)
 
 COMMON = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)

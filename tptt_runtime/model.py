@@ -24,6 +24,7 @@ import hashlib
 import torch
 from torch import nn
 
+from .compiled import CompiledDecode, run_forward
 from .config import TpttConfig
 from .convert import inject_liza
 from .layers.liza import ForwardContext
@@ -39,7 +40,7 @@ class TitansModel:
         self.tokenizer = tokenizer
         self.name = name or config.base_model
         self.context = ForwardContext()
-        self._compiled_forward = None  # `compile()`
+        self._compiled_decode = None  # `compile()`
         self.layers = inject_liza(hf_model, config, self.context)
         self.vocab_size = hf_model.get_output_embeddings().weight.shape[0]
         self.fingerprint = fingerprint(hf_model, config)
@@ -71,26 +72,31 @@ class TitansModel:
         """Call after changing weights in place (training): states of the old weights stop being accepted."""
         self.fingerprint = fingerprint(self.hf, self.config)
 
-    def compile(self) -> None:
-        """Run decode steps through torch.compile: the whole model becomes one graph of fused kernels in place
-        of some 150 small operations per layer, whose dispatch dominates one-token steps on a CPU. Compiles on
-        the first step of batch 1 and again on the first larger batch (the batch dim then stays dynamic):
-        minutes on a 2-core CPU, ~20 s when torch's on-disk cache has the graph; `warm_up()` does both. Steps
-        that write the sinks (a session's first tokens) stay eager."""
-        self._compiled_forward = torch.compile(self._forward)
+    def compile(self, cache_dir: str | None = None) -> None:
+        """Run decode steps through one compiled graph (compiled.py): the whole model as fused kernels in place
+        of some 150 small operations per layer, whose dispatch dominates one-token steps on a CPU. The graph
+        is loaded from `cache_dir` (default $TPTT_COMPILE_CACHE or ~/.cache/tptt/compiled) on the first
+        compiled step, or traced, compiled (minutes on a 2-core CPU) and saved there if no process has built
+        it for these weights yet; `warm_up()` does it now. Steps that write the sinks (a session's first
+        tokens) stay eager."""
+        self._compiled_decode = CompiledDecode(self, cache_dir)
 
-    def compiled_copy(self) -> TitansModel:
+    @property
+    def is_compiled(self) -> bool:
+        return self._compiled_decode is not None
+
+    def compiled_copy(self, cache_dir: str | None = None) -> TitansModel:
         """A copy of this model (the same weights and fingerprint, its own forward context) with its decode step
         compiled and warmed up: built beside a model that goes on serving eagerly, then swapped in for it
         (AsyncEngine.compile_in_background). Costs one more copy of the weights until the swap."""
         twin = copy.deepcopy(self)
-        twin.compile()
+        twin.compile(cache_dir)
         twin.warm_up()
         return twin
 
     def warm_up(self) -> None:
-        """Compile (if `compile()` was called) the decode graphs of batch 1 and of larger batches now, on
-        throwaway sessions, rather than on the first requests."""
+        """Load or build (if `compile()` was called) the compiled decode graph now, and run it at batch 1 and
+        2 on throwaway sessions, rather than on the first requests."""
         sessions = [self.new_session() for _ in range(2)]
         for state in sessions:
             self.prefill(state, [0] * (self.config.sinks + 1))
@@ -117,14 +123,7 @@ class TitansModel:
     def _forward(self, ids: torch.Tensor, layer_states, start: int = 0, positions: torch.Tensor | None = None,
                  filling_sinks: bool = False, last_only=True):
         """ids: [B, T]. Sets the context for the LiZA layers around one Hugging Face forward."""
-        ctx = self.context
-        ctx.layer_states, ctx.start, ctx.positions, ctx.filling_sinks = layer_states, start, positions, filling_sinks
-        try:
-            out = self.hf(input_ids=ids, use_cache=False, logits_to_keep=1 if last_only else 0)
-        finally:
-            ctx.layer_states, ctx.start, ctx.positions, ctx.filling_sinks = None, 0, None, False
-            ctx.memo.clear()
-        return out.logits
+        return run_forward(self.hf, self.context, ids, layer_states, start, positions, filling_sinks, last_only)
 
     @torch.no_grad()
     def prefill(self, state: SessionState, ids, all_logits: bool = False) -> torch.Tensor:
@@ -181,9 +180,11 @@ class TitansModel:
         """One token per row of per-layer tensors [B, ...] (updated in place): token_ids [B] (on the model's
         device), positions: how many tokens each row has seen. Returns float32 logits [B, vocab]."""
         filling_sinks = min(positions) < self.config.sinks
-        forward = self._forward if self._compiled_forward is None or filling_sinks else self._compiled_forward
-        logits = forward(token_ids.reshape(-1, 1), layer_states,
-                         positions=torch.tensor(positions, device=self.device), filling_sinks=filling_sinks)
+        ids, positions = token_ids.reshape(-1, 1), torch.tensor(positions, device=self.device)
+        if self._compiled_decode is None or filling_sinks:
+            logits = self._forward(ids, layer_states, positions=positions, filling_sinks=filling_sinks)
+        else:
+            logits = self._compiled_decode(ids, layer_states, positions)
         return logits[:, -1].float()
 
     @torch.no_grad()

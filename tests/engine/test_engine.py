@@ -254,7 +254,7 @@ def test_compiling_in_the_background_swaps_a_compiled_twin_in_while_serving_eage
         while engine.decode_mode != "compiled" and time.monotonic() < deadline:
             time.sleep(0.05)
         assert engine.decode_mode == "compiled"
-        assert engine.engine.model is not model and engine.engine.model._compiled_forward is not None
+        assert engine.engine.model is not model and engine.engine.model.is_compiled
         compiled = asyncio.run(generate("compiled"))
     finally:
         engine.stop()

@@ -1,14 +1,18 @@
-"""TitansModel.compile(): decode steps through one torch.compile graph give the eager logits, batch 1 and
-batched, sessions at different positions, and the graph has no breaks (one graph per batch shape)."""
+"""TitansModel.compile(): decode steps through one ahead-of-time compiled graph (compiled.py) give the eager
+logits, batch 1 and batched, sessions at different positions; the graph is saved, and a later process loads it
+rather than tracing again."""
 
 import copy
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
-from torch._dynamo.utils import counters
 
 from tests.conftest import tiny_model
 from tptt_runtime import TitansModel, TpttConfig
+from tptt_runtime.compiled import CompiledDecode, artifact_key
 
 TOL = 5e-4  # eager incremental decode is held to 1e-4; inductor's fused kernels reorder float32 reductions
 #             (measured: up to 1.0e-4 on this model, and the order depends on the CPU's vector width)
@@ -19,14 +23,21 @@ def ids(n, seed):
     return torch.randint(3, 97, (n,), generator=torch.Generator().manual_seed(seed))
 
 
+def config(cache_tokens=3):
+    return TpttConfig(window=4, sinks=2, mag_gate="learned", mag_weight=0.3, feature_map="learned",
+                      nonlinear_chunk=4, cache_tokens=cache_tokens)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("compiled")
+
+
 @pytest.mark.parametrize("cache_tokens", [0, 3])
-def test_compiled_decode_equals_forward_full(cache_tokens):
+def test_compiled_decode_equals_forward_full(cache_tokens, cache_dir):
     torch._dynamo.reset()
-    counters.clear()
-    config = TpttConfig(window=4, sinks=2, mag_gate="learned", mag_weight=0.3, feature_map="learned",
-                        nonlinear_chunk=4, cache_tokens=cache_tokens)
-    model = TitansModel(tiny_model("llama"), config)
-    model.compile()
+    model = TitansModel(tiny_model("llama"), config(cache_tokens))
+    model.compile(cache_dir)
     streams = [ids(16, seed=s) for s in range(3)]
     full = [model.forward_full(t) for t in streams]
     states = [model.new_session() for _ in streams]
@@ -45,19 +56,62 @@ def test_compiled_decode_equals_forward_full(cache_tokens):
         decode([0, 1, 2])
     decode([1, 2])
     decode([2])
-    assert counters["stats"]["unique_graphs"] == 2  # batch 1, then a dynamic batch dim for the rest
-    assert not counters["graph_break"]
+    assert model._compiled_decode.built and model._compiled_decode.path.is_file()  # one graph, every batch size
 
 
-def test_compiled_bfloat16_decode_equals_eager_bfloat16():
+LOAD_IN_A_NEW_PROCESS = """
+    import sys, torch
+    from tests.conftest import tiny_model
+    from tests.runtime.test_compile import config, ids
+    from tptt_runtime import TitansModel
+    model = TitansModel(tiny_model("llama"), config())
+    model.compile(sys.argv[1])
+    stream = ids(12, seed=4)
+    full = model.forward_full(stream)
+    states = [model.new_session() for _ in range(2)]
+    for state in states:
+        model.prefill(state, stream[:6])
+    rows = model.decode(states, [int(stream[6])] * 2)
+    assert not model._compiled_decode.built, "traced again instead of loading"
+    torch.testing.assert_close(rows, full[6].expand(2, -1), atol=5e-4, rtol=0)
+    print("loaded")
+"""
+
+
+def test_a_later_process_loads_the_graph_instead_of_tracing(cache_dir):
+    model = TitansModel(tiny_model("llama"), config())
+    model.compile(cache_dir)
+    model.warm_up()  # built here, or loaded if test_compiled_decode_equals_forward_full[3] built it
+    assert model._compiled_decode.path.is_file()
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(LOAD_IN_A_NEW_PROCESS), str(cache_dir)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "loaded" in done.stdout, done.stderr[-3000:]
+
+
+def test_the_artifact_key_follows_weights_config_and_dtype():
+    model = TitansModel(tiny_model("llama"), config())
+    others = [TitansModel(tiny_model("llama", seed=1), config()), TitansModel(tiny_model("llama"), config(0)),
+              TitansModel(tiny_model("llama").to(torch.bfloat16), config())]
+    assert artifact_key(model) == artifact_key(TitansModel(tiny_model("llama"), config()))
+    assert len({artifact_key(m) for m in [model, *others]}) == 4
+
+
+def test_a_broken_artifact_is_not_loaded(tmp_path):
+    model = TitansModel(tiny_model("llama"), config())
+    compiled = CompiledDecode(model, tmp_path)
+    compiled.path.parent.mkdir(parents=True)
+    compiled.path.write_bytes(b"not a graph")
+    assert compiled._load() is None  # and the first call then builds it again
+
+
+def test_compiled_bfloat16_decode_equals_eager_bfloat16(cache_dir):
     """What `make serve` runs on a CPU with native bfloat16 (`--dtype auto --compile`): the compiled step gives
     the eager bfloat16 step's logits up to bfloat16 rounding (inductor keeps fused intermediates in float32
     where eager rounds every operation to bfloat16)."""
     torch._dynamo.reset()
-    config = TpttConfig(window=4, sinks=2, mag_gate="learned", mag_weight=0.3, feature_map="learned", cache_tokens=3)
-    eager = TitansModel(tiny_model("llama").to(torch.bfloat16), config)
+    eager = TitansModel(tiny_model("llama").to(torch.bfloat16), config())
     compiled = copy.deepcopy(eager)
-    compiled.compile()
+    compiled.compile(cache_dir)
     streams = [ids(14, seed=s) for s in range(2)]
     sessions = {m: [m.new_session() for _ in streams] for m in (eager, compiled)}
     for model, states in sessions.items():

@@ -47,7 +47,7 @@ class AsyncEngine:
         self.listeners: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="tptt-engine", daemon=True)
-        self.decode_mode = "compiled" if engine.model._compiled_forward is not None else "eager"
+        self.decode_mode = "compiled" if engine.model.is_compiled else "eager"
         self._compiled = None  # the compiled twin, from compile_in_background, until the loop swaps it in
         self.stats = engine.load()  # refreshed every step; `full_stats()` adds the store's counts
 
@@ -62,16 +62,16 @@ class AsyncEngine:
             self.thread.join(timeout=30)
         self.engine.store.flush()
 
-    def compile_in_background(self) -> threading.Thread:
-        """Compile the decode step on a copy of the model on a daemon thread; the engine loop switches to it
-        when it is ready (`decode_mode` becomes "compiled"). Serving stays eager meanwhile; a failure to
-        compile is logged and serving stays eager."""
+    def compile_in_background(self, cache_dir: str | None = None) -> threading.Thread:
+        """Load or build the compiled decode step (TitansModel.compile, graphs kept in `cache_dir`) on a copy of
+        the model on a daemon thread; the engine loop switches to it when it is ready (`decode_mode` becomes
+        "compiled"). Serving stays eager meanwhile; a failure to compile is logged and serving stays eager."""
         model = self.engine.model
 
         def build():
             self.decode_mode = "compiling"
             try:
-                twin = model.compiled_copy()
+                twin = model.compiled_copy(cache_dir)
             except Exception:  # noqa: BLE001 - a compiler problem must not take serving down
                 log.exception("compiling the decode step failed; serving stays eager")
                 self.decode_mode = "eager"
