@@ -76,29 +76,36 @@ def artifact_key(model) -> str:
 
 
 class CompiledDecode:
-    """A TitansModel's decode forward through its on-disk compiled graph, loaded or built on the first call."""
+    """A TitansModel's decode forward through its on-disk compiled graph, loaded or built on the first call and
+    again whenever the model's fingerprint has changed since (training changes weights or mu in place)."""
 
     def __init__(self, model, cache_dir: str | Path | None = None):
         self.model = model
         root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
-        self.path = root / artifact_key(model) / ARTIFACT
+        self.root = root
         self.built = False  # whether this process traced the graph (False: it was loaded from disk)
-        self._graph = None
+        self._graph, self._fingerprint = None, None
+
+    @property
+    def path(self) -> Path:
+        return self.root / artifact_key(self.model) / ARTIFACT
 
     def __call__(self, ids: torch.Tensor, layer_states, positions: torch.Tensor) -> torch.Tensor:
-        if self._graph is None:
+        if self._fingerprint != self.model.fingerprint:  # first call, or new weights / config (training)
             self._graph = self._load() or self._build(ids, layer_states, positions)
+            self._fingerprint = self.model.fingerprint
         return self._graph(self.model.hf, self.model.context, ids, layer_states, positions)
 
     def _load(self):
-        if not self.path.exists():
+        path = self.path
+        if not path.exists():
             return None
         try:
-            with self.path.open("rb") as f:
+            with path.open("rb") as f:
                 return torch.compiler.load_compiled_function(f)
         except Exception:  # noqa: BLE001 - a stale or broken artifact is rebuilt, never fatal
-            log.warning("could not load the compiled decode step %s; compiling it again", self.path, exc_info=True)
+            log.warning("could not load the compiled decode step %s; compiling it again", path, exc_info=True)
             return None
 
     def _build(self, ids: torch.Tensor, layer_states, positions: torch.Tensor):
@@ -114,8 +121,9 @@ class CompiledDecode:
                                  options={"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe})
         graph = compiler.aot_compile(((self.model.hf, self.model.context, example_ids, example_states,
                                        example_positions), {}))
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        graph.save_compiled_function(str(self.path))
+        path = self.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        graph.save_compiled_function(str(path))
         self.built = True
-        log.info("compiled the decode step into %s", self.path)
+        log.info("compiled the decode step into %s", path)
         return graph

@@ -88,6 +88,21 @@ def test_a_later_process_loads_the_graph_instead_of_tracing(cache_dir):
     assert done.returncode == 0 and "loaded" in done.stdout, done.stderr[-3000:]
 
 
+def test_new_weights_or_config_get_their_own_graph(cache_dir):
+    """Only tensor guards are kept, so a graph traced for one mu must not serve another (set_mag_weight
+    changes mu in place, as training schedules do)."""
+    model = TitansModel(tiny_model("llama"), config())
+    model.compile(cache_dir)
+    model.warm_up()
+    first = model._compiled_decode.path
+    model.set_mag_weight(0.7)
+    stream = ids(10, seed=5)
+    state = model.new_session()
+    model.prefill(state, stream[:6])
+    torch.testing.assert_close(model.step(state, int(stream[6])), model.forward_full(stream)[6], atol=TOL, rtol=0)
+    assert model._compiled_decode.path != first and model._compiled_decode.path.is_file()
+
+
 def test_the_artifact_key_follows_weights_config_and_dtype():
     model = TitansModel(tiny_model("llama"), config())
     others = [TitansModel(tiny_model("llama", seed=1), config()), TitansModel(tiny_model("llama"), config(0)),
