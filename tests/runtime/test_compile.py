@@ -12,7 +12,7 @@ import torch
 
 from tests.conftest import tiny_model
 from tptt_runtime import TitansModel, TpttConfig
-from tptt_runtime.compiled import CompiledDecode, artifact_key
+from tptt_runtime.compiled import CompiledDecode, artifact_key, decode_forward
 
 TOL = 5e-4  # eager incremental decode is held to 1e-4; inductor's fused kernels reorder float32 reductions
 #             (measured: up to 1.0e-4 on this model, and the order depends on the CPU's vector width)
@@ -88,19 +88,27 @@ def test_a_later_process_loads_the_graph_instead_of_tracing(cache_dir):
     assert done.returncode == 0 and "loaded" in done.stdout, done.stderr[-3000:]
 
 
-def test_new_weights_or_config_get_their_own_graph(cache_dir):
+def test_new_weights_or_config_get_their_own_graph(cache_dir, monkeypatch):
     """Only tensor guards are kept, so a graph traced for one mu must not serve another (set_mag_weight
-    changes mu in place, as training schedules do)."""
+    changes mu in place, as training schedules do): the next step asks for the new key's graph (here an eager
+    stand-in, to spare the suite a second compile)."""
     model = TitansModel(tiny_model("llama"), config())
     model.compile(cache_dir)
     model.warm_up()
     first = model._compiled_decode.path
     model.set_mag_weight(0.7)
+    asked = []
+
+    def build(self, *example):
+        asked.append(self.path)
+        return decode_forward
+
+    monkeypatch.setattr(CompiledDecode, "_build", build)
     stream = ids(10, seed=5)
     state = model.new_session()
     model.prefill(state, stream[:6])
     torch.testing.assert_close(model.step(state, int(stream[6])), model.forward_full(stream)[6], atol=TOL, rtol=0)
-    assert model._compiled_decode.path != first and model._compiled_decode.path.is_file()
+    assert asked == [model._compiled_decode.path] and asked[0] != first
 
 
 def test_the_artifact_key_follows_weights_config_and_dtype():
