@@ -73,7 +73,7 @@ def test_nonlinearity_changes_the_state():
     assert (linear - nonlinear).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("order", [1, 2])
+@pytest.mark.parametrize("order", [1, 2, 3])
 @pytest.mark.parametrize("nonlinear_chunk", [0, 4])
 def test_steps_equal_reference(order, nonlinear_chunk):
     q, k, v, beta, g, state = random_inputs(11, order)

@@ -112,3 +112,28 @@ def test_positions_stay_bounded_far_past_the_table():
                                k[:, :, 2:], v[:, :, 2:], torch.tensor([[2, 3, 4]]), **kw)
     torch.testing.assert_close(far, near)
     assert math.isfinite(far.abs().sum().item())
+
+
+@pytest.mark.parametrize("sinks,cached,softcap", [(0, False, None), (2, False, None), (2, True, None), (2, True, 5.0)])
+def test_attend_token_equals_attend(sinks, cached, softcap):
+    """The decode form (reductions per part, one softmax across them) gives `attend`'s output for one query
+    per row, rows at different positions, some cache slots hidden."""
+    window, batch, kv_heads, dim = 6, 3, 2, 8
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(batch, 2 * kv_heads, 1, dim, generator=gen)
+    sink_k, sink_v = (torch.randn(batch, kv_heads, sinks, dim, generator=gen) for _ in range(2))
+    win_k, win_v = (torch.randn(batch, kv_heads, window, dim, generator=gen) for _ in range(2))
+    cos, sin = rotary_table(sinks + window + 8, dim)
+    positions = torch.tensor([1, 7, 30])  # still filling its sinks, a ring not yet full, far past the window
+    count = positions + 1
+    lay = wa.layout(positions[:, None], wa.sink_positions(count, sinks), wa.ring_positions(count, sinks, window),
+                    window=window, sinks=sinks, cos=cos, sin=sin, cached=cached)
+    cache = None
+    if cached:
+        seen = torch.rand(batch, kv_heads, 1, 5, generator=gen) > 0.4
+        cache = (torch.randn(batch, kv_heads, 5, dim, generator=gen), torch.randn(batch, kv_heads, 5, dim, generator=gen),
+                 seen)
+    kw = dict(scaling=0.4, softcap=softcap)
+    expected = wa.attend(q, sink_k, sink_v, win_k, win_v, lay, **kw, cache=cache)
+    torch.testing.assert_close(wa.attend_token(q, sink_k, sink_v, win_k, win_v, lay, **kw, cache=cache), expected,
+                               atol=1e-5, rtol=1e-5)

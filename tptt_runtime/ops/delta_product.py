@@ -84,16 +84,38 @@ def recurrent_step(q, k, v, beta, g, initial_state, positions, nonlinear_chunk=0
 
     Returns (o [B, Hq, 1, V], new state). Rows may sit at different positions: the nonlinearity is applied
     per row with a mask, without a host synchronisation.
+
+    The loop's n Householder steps and the read, regrouped so that the state is read once and written once
+    (a decode step is bound by moving states, not by arithmetic). With S0 = exp(g) S and the reads
+    P = [k_1 .. k_n, q_1 .. q_G]^T S0 in one pass, step j writes
+        w_j = beta_j (v_j - k_j^T S0 - sum_{i<j} (k_j . k_i) w_i)
+    and then S' = S0 + sum_j k_j w_j^T, o = q^T S0 + sum_j (q . k_j) w_j: the loop's values, summed in
+    another order.
     """
-    batch, kv_heads = k.shape[:2]
+    batch, kv_heads, _, order, key_dim = k.shape
     groups = q.shape[1] // kv_heads
-    state, write_norm = _token_update(as_float32(initial_state), k[:, :, 0], v[:, :, 0], beta[:, :, 0],
-                                      None if g is None else g[:, :, 0])
-    out = (as_float32(q).reshape(batch, kv_heads, groups, -1) @ state).reshape(batch, kv_heads * groups, 1, -1)
+    state = as_float32(initial_state)
+    keys, values, beta = as_float32(k[:, :, 0]), as_float32(v[:, :, 0]), as_float32(beta[:, :, 0])  # [B, Hkv, n, .]
+    queries = as_float32(q).reshape(batch, kv_heads, groups, key_dim)
+    decay = 1.0 if g is None else as_float32(g[:, :, 0]).exp()[..., None, None]  # [B, Hkv, 1, 1]
+    reads = (torch.cat([keys, queries], dim=2) @ state) * decay  # [B, Hkv, n + G, V]
+    key_dots = keys @ keys.transpose(-1, -2)  # [B, Hkv, n, n]
+    writes = []
+    for j in range(order):
+        predicted = reads[:, :, j]
+        for i in range(j):
+            predicted = predicted + key_dots[:, :, j, i, None] * writes[i]
+        writes.append(beta[:, :, j, None] * (values[:, :, j] - predicted))  # [B, Hkv, V]
+    new_state = state * decay
+    for key, write in zip(keys.unbind(2), writes):  # pointwise outer products: one fused pass over the state
+        new_state = new_state + key[..., :, None] * write[..., None, :]
+    query_dots = queries @ keys.transpose(-1, -2)  # [B, Hkv, G, n]
+    out = reads[:, :, order:] + query_dots @ torch.stack(writes, dim=2)
+    out = out.reshape(batch, kv_heads * groups, 1, -1)
     if nonlinear_chunk:
         at_boundary = ((positions + 1) % nonlinear_chunk == 0)[:, None, None, None]
-        state = torch.where(at_boundary, memory_nonlinearity(state), state)
-    return (out, state, write_norm.unsqueeze(-1)) if output_write_norms else (out, state)
+        new_state = torch.where(at_boundary, memory_nonlinearity(new_state), new_state)
+    return (out, new_state, writes[0].norm(dim=-1).unsqueeze(-1)) if output_write_norms else (out, new_state)
 
 
 def _pad_time(x: torch.Tensor, lead: int, trail: int, dim: int = 2) -> torch.Tensor:

@@ -89,15 +89,18 @@ def held_over_time(score: torch.Tensor, *, window: int, sinks: int, size: int, b
 def insert(cache: dict[str, torch.Tensor], key, value, score, position, offered) -> None:
     """Offer one evicted token per row to the cache (updated in place): it takes the weakest held token's
     slot when it beats that token. key, value: [B, Hkv, D]; score: [B, Hkv]; position, offered: [B] (rows
-    where `offered` is false evict nothing)."""
+    where `offered` is false evict nothing). Writes one slot per row and kv head: the held keys and values
+    are not read."""
     held_score, held_pos = cache["cache_score"], cache["cache_pos"]
     weakest_score = held_score.min(dim=-1, keepdim=True).values  # [B, Hkv, 1]
     ties = torch.where(held_score == weakest_score, held_pos, torch.iinfo(held_pos.dtype).max)
     slot = ties.argmin(dim=-1, keepdim=True)  # the weakest: lowest score, then earliest position
     enters = offered[:, None, None] & beats(score.unsqueeze(-1), position[:, None, None], weakest_score,
-                                            held_pos.gather(-1, slot))
-    target = (torch.arange(held_score.shape[-1], device=slot.device) == slot) & enters  # [B, Hkv, size]
-    cache["cache_k"].copy_(torch.where(target.unsqueeze(-1), key.unsqueeze(2), cache["cache_k"]))
-    cache["cache_v"].copy_(torch.where(target.unsqueeze(-1), value.unsqueeze(2), cache["cache_v"]))
-    held_score.copy_(torch.where(target, score.unsqueeze(-1), held_score))
-    held_pos.copy_(torch.where(target, position[:, None, None], held_pos))
+                                            held_pos.gather(-1, slot))  # [B, Hkv, 1]
+    rows = torch.arange(slot.shape[0], device=slot.device)[:, None]
+    heads = torch.arange(slot.shape[1], device=slot.device)[None, :]
+    at, enters = (rows, heads, slot[..., 0]), enters[..., 0]  # one slot per row and kv head
+    cache["cache_k"][at] = torch.where(enters[..., None], key, cache["cache_k"][at])
+    cache["cache_v"][at] = torch.where(enters[..., None], value, cache["cache_v"][at])
+    held_score[at] = torch.where(enters, score, held_score[at])
+    held_pos[at] = torch.where(enters, position[:, None], held_pos[at])

@@ -113,6 +113,49 @@ def attend(q, sink_k, sink_v, win_k, win_v, lay: Layout, *, scaling, softcap=Non
     return grouped_values(probs, torch.cat(values, dim=2)).reshape(batch, q_heads, q_len, head_dim)
 
 
+def attend_token(q, sink_k, sink_v, win_k, win_v, lay: Layout, *, scaling, softcap=None, cache=None) -> torch.Tensor:
+    """`attend` for one query per row (a decode step, Tq = 1), in the form that reads each cached key and value
+    once: a part's scores are products summed over the channels, the rotary of the keys applied inside them
+    half by half (no rotated copy of the window, no rolled index), its values one matmul with the part's
+    probabilities (no concatenated copy of all values), and one softmax spans the parts. Same arguments
+    and result as `attend`."""
+    batch, q_heads, _, head_dim = q.shape
+    kv_heads = win_k.shape[1]
+    groups = q_heads // kv_heads
+
+    def logits(q_halves, k_halves):  # [B, Hkv, G, N]
+        scores = sum((qh.reshape(batch, kv_heads, groups, 1, -1) * kh.unsqueeze(2)).sum(-1)
+                     for qh, kh in zip(q_halves, k_halves)) * scaling
+        return torch.tanh(scores / softcap) * softcap if softcap else scores
+
+    num_sinks = sink_k.shape[2] if lay.q_sink is not None else 0
+    mask = lay.mask[:, :, :, 0]  # [B, 1, 1, S + N]
+    parts = []  # (logits [B, Hkv, G, keys], values [B, Hkv, keys, D], mask [B, 1 or Hkv, 1, keys])
+    if lay.q_sink is not None:
+        parts.append((logits(_rotary_halves(q, lay.q_sink), _rotary_halves(sink_k, lay.k_sink)), sink_v,
+                      mask[..., :num_sinks]))
+    if cache is not None:
+        cache_k, cache_v, seen = cache
+        parts.append((logits(_rotary_halves(q, lay.q_cache), cache_k.chunk(2, dim=-1)), cache_v, seen))
+    parts.append((logits(_rotary_halves(q, lay.q_win), _rotary_halves(win_k, lay.k_win)), win_v,
+                  mask[..., num_sinks:]))
+    masked = [scores.masked_fill(~seen, -math.inf) for scores, _, seen in parts]
+    top = torch.stack([scores.amax(-1) for scores in masked]).amax(0).unsqueeze(-1)  # [B, Hkv, G, 1]
+    weights = [(scores - top).exp() for scores in masked]
+    total = sum(w.sum(-1, keepdim=True) for w in weights)
+    out = sum(w @ values for w, (_, values, _) in zip(weights, parts)) / total  # [B, Hkv, G, D]
+    return out.reshape(batch, q_heads, 1, head_dim)
+
+
+def _rotary_halves(x: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`apply_rotary(x, factors)` as its two halves of the channels, each from slices of x (no roll)."""
+    c, signed_s = factors
+    first, second = x.chunk(2, dim=-1)
+    half = first.shape[-1]
+    return (first * c[..., :half] + second * signed_s[..., :half],
+            second * c[..., half:] + first * signed_s[..., half:])
+
+
 def window_attention(q, q_pos, sink_k, sink_v, sink_pos, win_k, win_v, win_pos, *, window, sinks, scaling, cos,
                      sin, softcap=None, cache=None):
     """Attention of queries over explicit sink keys, cache keys (`attend`'s `cache`) and window keys, each
@@ -263,5 +306,5 @@ def decode(q, k, v, cache, plan: DecodePlan, *, scaling, softcap=None, score=Non
         held = (cache["cache_k"], cache["cache_v"], (cache["cache_pos"] >= 0).unsqueeze(2))
     cache["win_k"][rows, :, plan.ring_slot] = key
     cache["win_v"][rows, :, plan.ring_slot] = value
-    return attend(q, cache["sink_k"], cache["sink_v"], cache["win_k"], cache["win_v"], plan.layout,
-                  scaling=scaling, softcap=softcap, cache=held)
+    return attend_token(q, cache["sink_k"], cache["sink_v"], cache["win_k"], cache["win_v"], plan.layout,
+                        scaling=scaling, softcap=softcap, cache=held)
