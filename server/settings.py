@@ -46,6 +46,8 @@ HELP = {
                "version) on a copy of the model in the background, and switches to it when it is ready",
     "compile_cache": "directory of compiled decode graphs and Inductor's kernels, kept across restarts "
                      "(default ~/.cache/tptt/compiled)",
+    "cuda_graphs": "on a CUDA device, replay decode steps as CUDA graphs (one per batch-size bucket, recorded on "
+                   "first use); --no-cuda-graphs runs them op by op",
     "log_level": "debug, info, warning, error",
     "log_prompts": "log prompt text (off by default: prompts never reach the logs)",
 }
@@ -78,6 +80,7 @@ class Settings:
     max_body_bytes: int = 8 << 20
     compile: bool = False
     compile_cache: str = ""
+    cuda_graphs: bool = True
     log_level: str = "info"
     log_prompts: bool = False
 
@@ -111,7 +114,8 @@ class Settings:
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             max_waiting=self.max_waiting, max_prompt_tokens=self.max_prompt_tokens, prefix_reuse=self.prefix_reuse,
             store_bytes=self.store_bytes, store_dir=self.store_dir or None,
-            store_disk_bytes=self.store_disk_bytes or None, redis_url=self.redis_url or None)
+            store_disk_bytes=self.store_disk_bytes or None, redis_url=self.redis_url or None,
+            cuda_graphs=self.cuda_graphs)
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None, environ=os.environ) -> "Settings":

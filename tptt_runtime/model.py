@@ -181,8 +181,15 @@ class TitansModel:
         device), positions: how many tokens each row has seen. Returns float32 logits [B, vocab]."""
         filling_sinks = min(positions) < self.config.sinks
         ids, positions = token_ids.reshape(-1, 1), torch.tensor(positions, device=self.device)
-        if self._compiled_decode is None or filling_sinks:
-            logits = self._forward(ids, layer_states, positions=positions, filling_sinks=filling_sinks)
+        if filling_sinks:
+            return self._forward(ids, layer_states, positions=positions, filling_sinks=True)[:, -1].float()
+        return self.decode_logits(layer_states, ids, positions)
+
+    def decode_logits(self, layer_states, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """decode_rows on tensors alone, for rows past the sinks: ids [B, 1], positions [B] on the model's
+        device (what a CUDA graph records, cuda_graphs.py). Float32 logits [B, vocab]."""
+        if self._compiled_decode is None:
+            logits = self._forward(ids, layer_states, positions=positions)
         else:
             logits = self._compiled_decode(ids, layer_states, positions)
         return logits[:, -1].float()

@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> None:
     runtime.add_argument("--shape", choices=["default", *SHAPES], default="default",
                          help="default: the shipped model; else a transformers Llama config shape, random weights")
     runtime.add_argument("--device", default="cpu", help="cpu or cuda")
+    runtime.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                         help="on CUDA, our decode steps replayed as CUDA graphs, as the server runs them")
     runtime.add_argument("--dtype", choices=DTYPE_NAMES, default="auto", help=DTYPE_HELP)
     runtime.add_argument("--out", type=Path, default=Path("bench-results"))
     server = sub.add_parser("server", help="served throughput (1 vs N streams) and multi-turn time to first token")
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
 
         run(sorted(args.contexts), args.baseline_max, args.decode_tokens, args.mag_weight, args.out, args.compile,
             shape=args.shape, device=args.device, dtype=resolve_dtype(args.dtype, args.device), batches=args.batch,
-            cache_tokens=args.cache_tokens)
+            cache_tokens=args.cache_tokens, cuda_graphs=args.cuda_graphs)
     elif args.bench == "cluster":
         from .cluster import run as run_cluster
 

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from ..config import TpttConfig
+from ..cuda_graphs import GraphedDecode
 from ..engine.state_pool import StatePool
 from ..layers.fused import fuse_projections
 from ..loading import DEFAULT_ADAPTER, load, load_base_model
@@ -112,8 +113,10 @@ def measure_floor(model: TitansModel, repeats: int = 7) -> dict:
     return {"ms": ms, "bytes": sum(w.numel() * w.element_size() for w in weights)}
 
 
-def measure_ours(model: TitansModel, prompt: torch.Tensor, batches: list[int], decode_tokens: int) -> dict:
-    """Prefill one session, then decode `batch` copies of it from a StatePool, as the serving engine does."""
+def measure_ours(model: TitansModel, prompt: torch.Tensor, batches: list[int], decode_tokens: int,
+                 cuda_graphs: bool = True) -> dict:
+    """Prefill one session, then decode `batch` copies of it from a StatePool, as the serving engine does (on
+    CUDA through its graphs, cuda_graphs.py, unless `cuda_graphs` is off)."""
     state = model.new_session()
     logits, prefill_s = _timed(lambda: model.prefill(state, prompt))
     row = {"prefill_tok_s": len(prompt) / prefill_s, "state_bytes": state.nbytes, "decode": {}}
@@ -123,16 +126,20 @@ def measure_ours(model: TitansModel, prompt: torch.Tensor, batches: list[int], d
             pool = StatePool(model, batch)
             slots = [pool.acquire(state) for _ in range(batch)]
             ids, seen = torch.full((batch,), token, device=model.device), [state.num_tokens]
+            graphs = GraphedDecode(model, pool.layers) if cuda_graphs and model.device.type == "cuda" else None
 
             def step():
-                model.decode_rows(layers, ids, seen * batch)
+                if graphs is None:
+                    model.decode_rows(layers, ids, seen * batch)
+                else:
+                    graphs(ids, seen * batch)
                 seen[0] += 1
 
             with pool.rows(slots) as layers:  # consecutive slots: views, written in place
                 row["decode"][str(batch)] = _decode(step, batch, decode_tokens)
         except torch.OutOfMemoryError:
             row["decode"][str(batch)] = OUT_OF_MEMORY
-        pool = layers = None
+        pool = layers = graphs = None
     return row
 
 
@@ -182,7 +189,8 @@ def _baseline_prefill(hf_model, prompt: torch.Tensor):
 
 def run(contexts: list[int], ours_only_above: int, decode_tokens: int, mag_weight: float | None,
         out_dir: Path, compile_decode: bool = False, shape: str = "default", device: str = "cpu",
-        dtype: torch.dtype = torch.float32, batches: tuple[int, ...] = (1,), cache_tokens: int | None = None) -> dict:
+        dtype: torch.dtype = torch.float32, batches: tuple[int, ...] = (1,), cache_tokens: int | None = None,
+        cuda_graphs: bool = True) -> dict:
     torch.manual_seed(0)
     ours, baseline = build_models(shape, device, dtype, mag_weight, cache_tokens)
     if compile_decode:
@@ -195,14 +203,15 @@ def run(contexts: list[int], ours_only_above: int, decode_tokens: int, mag_weigh
     rows = []
     for context in tqdm(contexts, desc="contexts"):
         prompt = torch.randint(3, ours.vocab_size, (context,), device=device)
-        row = {"context": context, "ours": measure_ours(ours, prompt, batches, decode_tokens)}
+        row = {"context": context, "ours": measure_ours(ours, prompt, batches, decode_tokens, cuda_graphs)}
         if context <= ours_only_above:
             row["baseline"] = measure_baseline(baseline, prompt, batches, decode_tokens)
         rows.append(row)
     label = "default (SmolLM2-135M-Instruct)" if shape == "default" else f"{shape} shape, random weights"
     result = {"model": label, "device": _device_name(device), "dtype": str(dtype).removeprefix("torch."),
               "config": ours.config.to_dict(), "threads": torch.get_num_threads(), "decode_tokens": decode_tokens,
-              "compiled": compile_decode, "batches": batches, "floor": floor, "rows": rows,
+              "compiled": compile_decode,
+              "cuda_graphs": cuda_graphs and str(device).startswith("cuda"), "batches": batches, "floor": floor, "rows": rows,
               "ratios": ratios(rows, floor["ms"])}
     floor_line = (f"decode floor: one matrix-vector pass over {floor['bytes'] / 1e6:.0f} MB of weights = "
                   f"{floor['ms']:.1f} ms")

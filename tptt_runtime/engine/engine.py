@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..cuda_graphs import GraphedDecode, RecordingFailed
 from ..model import TitansModel
 from .request import FinishReason, Request, RequestOutput
 from .sampling import sample_batch, token_logprobs
@@ -46,6 +47,7 @@ class EngineConfig:
     store_dir: str | None = None           # spill + persistence directory for snapshots and sessions
     store_disk_bytes: int | None = None    # cap on unpinned snapshot files
     redis_url: str | None = None           # shared tier behind RAM and disk (several processes, one set of sessions)
+    cuda_graphs: bool = True               # a CUDA model's decode steps replayed as CUDA graphs (cuda_graphs.py)
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "max_prompt_tokens"):
@@ -71,6 +73,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.config.max_num_seqs, self.config.max_num_batched_tokens, self._admit,
                                    wait_for_duplicates=self.config.prefix_reuse)
         self.pool = StatePool(model, self.config.max_num_seqs)
+        self.graphs = self._graphs(model)
         self.requests: dict[str, Request] = {}
         self.kv_bytes_per_token = model.kv_cache_bytes_per_token  # the baseline's bytes per context token
 
@@ -110,6 +113,13 @@ class LLMEngine:
         if model.fingerprint != self.model.fingerprint:
             raise ValueError("the new model has other weights or another config than the one serving")
         self.model = self.pool.model = model
+        self.graphs = self._graphs(model)
+
+    def _graphs(self, model: TitansModel) -> GraphedDecode | None:
+        """CUDA graphs of `model`'s decode step over the pool's rows, where the model is on a CUDA device."""
+        if self.config.cuda_graphs and model.device.type == "cuda":
+            return GraphedDecode(model, self.pool.layers)
+        return None
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -206,10 +216,21 @@ class LLMEngine:
         """One token for every decoding request, over pool rows 0 .. B-1 (moved there first if needed)."""
         self._move_to_front(requests)
         ids = torch.tensor([r.output_ids[-1] for r in requests], device=self.model.device)
-        with self.pool.rows([r.slot for r in requests]) as layers:
-            logits = self.model.decode_rows(layers, ids, [r.num_tokens - 1 for r in requests])
+        logits = self._decode_logits(ids, [r.num_tokens - 1 for r in requests])
         for request, row in zip(requests, logits):  # sampled on the device (`_postprocess`)
             request.pending_logits = row
+
+    def _decode_logits(self, ids: torch.Tensor, positions: list[int]) -> torch.Tensor:
+        """Logits of one step of pool rows 0 .. B-1: replayed as a CUDA graph where there are graphs and no row
+        fills the sinks, else op by op (also from the step on which a graph fails to record)."""
+        if self.graphs is not None and min(positions) >= self.model.config.sinks:
+            try:
+                return self.graphs(ids, positions)
+            except RecordingFailed:
+                log.warning("decoding without CUDA graphs from now on", exc_info=True)
+                self.graphs = None
+        with self.pool.rows(list(range(len(positions)))) as layers:
+            return self.model.decode_rows(layers, ids, positions)
 
     def _move_to_front(self, requests: list[Request]) -> None:
         """Swap slots so that requests[i] holds slot i (a no-op while the decoding set stays the same)."""
