@@ -106,12 +106,19 @@ def settings_of(service: dict) -> Settings:
     return Settings.from_args([], environ=env)
 
 
-def test_server_environment_is_valid_settings(gpu, cpu):
+def test_server_environment_is_valid_settings(stack, gpu, cpu):
+    stack_volumes = set(stack["volumes"])
     for server, device, dtype in ((gpu, "cuda", "bfloat16"), (cpu, "cpu", "auto")):
         settings = settings_of(server)
         assert (settings.host, settings.port, settings.model) == ("0.0.0.0", SERVER_PORT, "default")
         assert (settings.device, settings.dtype) == (device, dtype)
         assert settings.store_dir in mounts(server)
+        assert mounts(server)[settings.compile_cache] in stack_volumes  # compiled graphs outlive the container
+
+
+def test_the_cpu_server_compiles_its_decode_and_the_gpu_server_replays_graphs(gpu, cpu):
+    assert settings_of(cpu).compile and not settings_of(gpu).compile
+    assert settings_of(gpu).cuda_graphs
 
 
 def test_gpu_reservation_only_on_the_gpu_server(gpu, cpu):
@@ -186,7 +193,7 @@ def test_every_volume_is_declared_or_in_the_repository(stack):
 def test_dockerfile_volumes_user_healthcheck_and_baked_model(gpu, cpu):
     text = dockerfile()
     volumes = set(re.findall(r'"(/[^"]+)"', re.search(r"^VOLUME (.+)$", text, re.MULTILINE).group(1)))
-    assert set(mounts(gpu)) == set(mounts(cpu)) == volumes == {"/models", "/data/sessions"}
+    assert set(mounts(gpu)) == set(mounts(cpu)) == volumes == {"/models", "/data/sessions", "/data/compiled"}
     assert re.search(r"^USER (?!root)\w+$", text, re.MULTILINE)
     assert re.search(r"^HEALTHCHECK .*\n.*/health", text, re.MULTILINE)
     assert re.search(rf"^EXPOSE {SERVER_PORT}$", text, re.MULTILINE)
