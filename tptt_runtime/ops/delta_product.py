@@ -98,8 +98,10 @@ def recurrent_step(q, k, v, beta, g, initial_state, positions, nonlinear_chunk=0
     keys, values, beta = as_float32(k[:, :, 0]), as_float32(v[:, :, 0]), as_float32(beta[:, :, 0])  # [B, Hkv, n, .]
     queries = as_float32(q).reshape(batch, kv_heads, groups, key_dim)
     decay = 1.0 if g is None else as_float32(g[:, :, 0]).exp()[..., None, None]  # [B, Hkv, 1, 1]
-    reads = (torch.cat([keys, queries], dim=2) @ state) * decay  # [B, Hkv, n + G, V]
-    key_dots = keys @ keys.transpose(-1, -2)  # [B, Hkv, n, n]
+    keys_and_queries = torch.cat([keys, queries], dim=2)  # [B, Hkv, n + G, K]
+    reads = (keys_and_queries @ state) * decay  # [B, Hkv, n + G, V]
+    dots = keys_and_queries @ keys.transpose(-1, -2)  # [B, Hkv, n + G, n]: k_j . k_i, then q . k_j
+    key_dots, query_dots = dots[:, :, :order], dots[:, :, order:]
     writes = []
     for j in range(order):
         predicted = reads[:, :, j]
@@ -109,7 +111,6 @@ def recurrent_step(q, k, v, beta, g, initial_state, positions, nonlinear_chunk=0
     new_state = state * decay
     for key, write in zip(keys.unbind(2), writes):  # pointwise outer products: one fused pass over the state
         new_state = new_state + key[..., :, None] * write[..., None, :]
-    query_dots = queries @ keys.transpose(-1, -2)  # [B, Hkv, G, n]
     out = reads[:, :, order:] + query_dots @ torch.stack(writes, dim=2)
     out = out.reshape(batch, kv_heads * groups, 1, -1)
     if nonlinear_chunk:
