@@ -205,3 +205,63 @@ def test_batched_extreme_values_still_draw_a_best_token(extreme):
         token = sample_batch(row[None], [SamplingParams(seed=seed, **extreme)], [new_generator(seed)], [seen],
                              [[]])[0][0]
         assert token in best
+
+
+# ---- truncating rows drawn among their best CANDIDATES tokens (no sort of the vocabulary)
+
+from tptt_runtime.engine import sampling  # noqa: E402
+
+LARGE_VOCAB = 5000
+TRUNCATING = [SamplingParams(top_p=0.9), SamplingParams(top_k=40, temperature=0.8), SamplingParams(min_p=0.05),
+              SamplingParams(top_k=100, top_p=0.7, min_p=0.01, temperature=1.2), SamplingParams(top_p=0.95)]
+
+
+def peaked(seed, vocab=LARGE_VOCAB):
+    """Logits of a trained model's shape: a few dozen plausible tokens, a long tail far below."""
+    torch.manual_seed(seed)
+    row = torch.randn(vocab) * 2 - 8
+    row[torch.randperm(vocab)[:30]] += 10
+    return row
+
+
+def test_the_candidates_mask_equals_the_reference_where_it_decides():
+    """On a row's best CANDIDATES + 1 tokens: where the last is dropped, the kept tokens are exactly those
+    `truncate` keeps on the whole vocabulary; flat rows (nearly uniform logits) are decided by top_k alone."""
+    decided = []
+    for seed, params in enumerate(TRUNCATING * 4):
+        flat = seed >= len(TRUNCATING) * 3
+        row = torch.randn(LARGE_VOCAB) * 0.01 if flat else peaked(seed)
+        values, ids = sampling._scale(row[None], [params]).topk(sampling.CANDIDATES + 1)
+        masked = sampling._mask_sorted(values, [params], sampling._scale(row[None], [params]).logsumexp(-1, True))
+        reference = kept(truncate(row, params))
+        if masked[0, -1] == -math.inf:
+            decided.append((flat, params.top_k))
+            assert set(ids[0][masked[0] > -math.inf].tolist()) == reference
+        else:
+            assert len(reference) > sampling.CANDIDATES
+    assert len([d for d in decided if not d[0]]) == len(TRUNCATING) * 3  # every peaked row
+    assert all(top_k for flat, top_k in decided if flat)  # a flat row only by its top_k
+
+
+def test_truncating_rows_draw_kept_tokens_and_only_flat_rows_sort_the_vocabulary(monkeypatch):
+    whole_rows = []
+    full = sampling._truncate_batch
+    monkeypatch.setattr(sampling, "_truncate_batch", lambda rows, params: whole_rows.append(len(params)) or
+                        full(rows, params))
+    rows = torch.stack([peaked(seed) for seed in range(len(TRUNCATING))] + [torch.randn(LARGE_VOCAB) * 0.01])
+    params = TRUNCATING + [SamplingParams(top_p=0.99)]
+    for step in range(20):
+        generators = [new_generator(100 * step + i) for i in range(len(params))]
+        tokens, _ = sample_batch(rows, params, generators, [[]] * len(params), [[]] * len(params))
+        for i, token in enumerate(tokens):
+            assert token in kept(truncate(rows[i], params[i]))
+    assert whole_rows == [1] * 20  # the flat row alone, every step
+
+
+def test_draws_among_candidates_follow_the_distribution():
+    row = torch.full((1000,), -1e9)
+    row[17], row[423] = 0.0, math.log(3.0)
+    generator, counts = new_generator(0), {17: 0, 423: 0}
+    for _ in range(2000):
+        counts[sample_batch(row[None], [SamplingParams(top_p=0.9)], [generator], [[]], [[]])[0][0]] += 1
+    assert 0.70 < counts[423] / 2000 < 0.80

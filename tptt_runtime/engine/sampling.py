@@ -10,8 +10,9 @@ Order of operations on a row of float32 logits, as in vLLM / Hugging Face:
     -> temperature -> top_k -> top_p -> min_p -> draw with the request's own generator (or argmax at temperature 0)
 Reported logprobs are those of the model's raw distribution (log_softmax of the unprocessed logits), which is
 what evaluation harnesses score. Each request owns a torch.Generator seeded from `seed`, so its samples do not
-depend on which other requests share the batch: the batched draw is an exponential race (argmax of p / E with
-E ~ Exp(1) drawn from each row's own generator), which picks token i with probability p_i.
+depend on which other requests share the batch: the batched draw inverts each row's cumulative distribution at
+one uniform from the row's own generator (rows that truncate, among their CANDIDATES best tokens where those
+hold every token the masks keep: `_draw_batch`).
 """
 
 from __future__ import annotations
@@ -156,6 +157,9 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     return token, info
 
 
+CANDIDATES = 256  # best tokens a truncating row is first drawn from (`_draw_batch`)
+
+
 def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
                  prompt_ids: list[list[int]], output_ids: list[list[int]]) -> tuple[list[int], list[TokenLogprobs | None]]:
     """One token per row of raw logits [B, vocab] (any device), in the same order of operations as `sample`."""
@@ -164,14 +168,52 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators:
     drawn = [i for i, p in enumerate(params) if not p.greedy]
     if drawn:
         rows = torch.tensor(drawn, device=logits.device)
-        probs = _truncate_batch(processed[rows], [params[i] for i in drawn]).softmax(-1)
-        noise = torch.stack([torch.empty(logits.shape[-1]).exponential_(generator=generators[i]) for i in drawn])
-        noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # an exact 0 would turn a dropped token's 0 / 0 into nan
-        tokens[rows] = (probs / noise.to(probs.device)).argmax(-1)
+        tokens[rows] = _draw_batch(processed[rows], [params[i] for i in drawn], [generators[i] for i in drawn])
     tokens = tokens.tolist()
     infos = [None if p.logprobs is None else token_logprobs(logits[i].float().cpu().log_softmax(-1), tokens[i],
                                                             p.logprobs) for i, p in enumerate(params)]
     return tokens, infos
+
+
+def _draw_batch(processed: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]):
+    """Tokens [n] drawn from processed logits [n, vocab] (temperature > 0): each row truncated as `truncate`
+    does, then drawn by inverting its cumulative distribution at one uniform from the row's own generator.
+
+    A row that truncates (top_k / top_p / min_p) is first tried on its CANDIDATES best tokens: where the next
+    best token is dropped, so is every token below it (each mask keeps a prefix of the sorted row), and the row
+    is drawn among its candidates without sorting the vocabulary. Other rows take the whole vocabulary."""
+    device, vocab = processed.device, processed.shape[-1]
+    uniforms = torch.stack([torch.rand((), generator=g) for g in generators]).to(device)
+    tokens = torch.empty(len(params), dtype=torch.long, device=device)
+    narrow = [i for i, p in enumerate(params) if vocab > CANDIDATES + 1 and not p.top_k > CANDIDATES
+              and (p.top_k or p.top_p < 1.0 or p.min_p > 0.0)]
+    undecided = []
+    if narrow:
+        rows = torch.tensor(narrow, device=device)
+        row_params = [params[i] for i in narrow]
+        scaled = _scale(processed[rows], row_params)
+        values, ids = scaled.topk(CANDIDATES + 1)
+        values = _mask_sorted(values, row_params, scaled.logsumexp(-1, keepdim=True))
+        resolved = (values[:, -1] == float("-inf")).tolist()
+        decided = torch.tensor([r for r, ok in enumerate(resolved) if ok], dtype=torch.long, device=device)
+        if decided.numel():
+            picked = _invert_cdf(values[decided, :-1].softmax(-1), uniforms[rows[decided]])
+            tokens[rows[decided]] = ids[decided].gather(-1, picked[:, None])[:, 0]
+        undecided = [i for i, ok in zip(narrow, resolved) if not ok]
+    whole = [i for i in range(len(params)) if i not in narrow] + undecided
+    if whole:
+        rows = torch.tensor(whole, device=device)
+        probs = _truncate_batch(processed[rows], [params[i] for i in whole]).softmax(-1)
+        tokens[rows] = _invert_cdf(probs, uniforms[rows])
+    return tokens
+
+
+def _invert_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Column index per row of probs [n, m]: the first whose cumulative mass exceeds u * the row's total (a
+    token of probability 0 is never the first to exceed it)."""
+    cumulative = probs.cumsum(-1)
+    targets = uniforms[:, None] * cumulative[:, -1:]
+    return torch.searchsorted(cumulative, targets, right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
 
 
 def _process_batch(logits, params, prompt_ids, output_ids) -> torch.Tensor:
@@ -205,25 +247,42 @@ def _process_batch(logits, params, prompt_ids, output_ids) -> torch.Tensor:
     return logits
 
 
-def _truncate_batch(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """`truncate` for every row at once (rows that sample; temperature > 0)."""
-    device, vocab = logits.device, logits.shape[-1]
+def _scale(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, with float32 overflows as in `truncate`."""
     largest = torch.finfo(logits.dtype).max
-    temperature = torch.tensor([p.temperature for p in params], device=device)[:, None]
-    logits = (logits / temperature).nan_to_num(nan=0.0, posinf=largest, neginf=float("-inf"))
-    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)
-    top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
-    min_p = torch.tensor([p.min_p for p in params], device=device)[:, None]
+    temperature = torch.tensor([p.temperature for p in params], device=logits.device)[:, None]
+    return (logits / temperature).nan_to_num(nan=0.0, posinf=largest, neginf=float("-inf"))
+
+
+def _mask_sorted(ordered: torch.Tensor, params: list[SamplingParams], log_total: torch.Tensor) -> torch.Tensor:
+    """top_k, then top_p, then min_p on rows sorted in descending order (-inf where a token is dropped):
+    the whole row, or its best values with `log_total` the log-sum-exp of the whole row [n, 1]. A row whose
+    top_k cuts must have all of its top_k values here."""
+    device, width = ordered.device, ordered.shape[-1]
     # which masks to build is known from the params on the host (asking the device tensors would sync)
-    if any(0 < p.top_k < vocab or p.top_p < 1.0 for p in params):
-        ordered, order = logits.sort(dim=-1, descending=True)
-        kth = ordered.gather(-1, (top_k - 1)[:, None])
-        ordered = ordered.masked_fill(ordered < kth, float("-inf"))
-        probs = ordered.softmax(-1)
+    cut = [0 < p.top_k < width for p in params]
+    if any(cut):
+        kth = torch.tensor([p.top_k if c else width for p, c in zip(params, cut)], device=device)[:, None]
+        ordered = ordered.masked_fill(ordered < ordered.gather(-1, kth - 1), float("-inf"))
+        kept_total = ordered.logsumexp(-1, keepdim=True)
+        log_total = torch.where(torch.tensor(cut, device=device)[:, None], kept_total, log_total)
+    if any(p.top_p < 1.0 for p in params):
+        top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
+        probs = (ordered - log_total).exp()
         drop = (probs.cumsum(-1) - probs >= top_p) & (top_p < 1.0)  # the token crossing top_p is kept,
         drop[:, 0] = False                                          # and the best one always
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
+        ordered = ordered.masked_fill(drop, float("-inf"))
     if any(p.min_p > 0.0 for p in params):
-        probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))
-    return logits
+        min_p = torch.tensor([p.min_p for p in params], device=device)[:, None]
+        ordered = ordered.masked_fill((ordered - ordered[:, :1]).exp() < min_p, float("-inf"))
+    return ordered
+
+
+def _truncate_batch(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """`truncate` for every row at once (rows that sample; temperature > 0), on the whole vocabulary."""
+    logits = _scale(logits, params)
+    if not any(0 < p.top_k < logits.shape[-1] or p.top_p < 1.0 or p.min_p > 0.0 for p in params):
+        return logits
+    ordered, order = logits.sort(dim=-1, descending=True)
+    masked = _mask_sorted(ordered, params, ordered.logsumexp(-1, keepdim=True))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, masked)
