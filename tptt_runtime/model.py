@@ -185,6 +185,7 @@ class TitansModel:
             return self._forward(ids, layer_states, positions=positions, filling_sinks=True)[:, -1].float()
         return self.decode_logits(layer_states, ids, positions)
 
+    @torch.no_grad()
     def decode_logits(self, layer_states, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """decode_rows on tensors alone, for rows past the sinks: ids [B, 1], positions [B] on the model's
         device (what a CUDA graph records, cuda_graphs.py). Float32 logits [B, vocab]."""

@@ -29,17 +29,22 @@ class Rerun:
         self.output.copy_(self.step())
 
 
-def rerun_recorder(step):
-    output = step()
-    return Rerun(step, output), output
+class RerunRecorder:
+    def __call__(self, step):
+        output = step()
+        return Rerun(step, output), output
+
+    def replay(self, graph):
+        graph.replay()
 
 
-def failing_recorder(step):
-    step()  # changes the rows, as the warm-ups of a real recording do, before failing
-    raise RuntimeError("operation not permitted when stream is capturing")
+class FailingRecorder(RerunRecorder):
+    def __call__(self, step):
+        step()
+        raise RuntimeError("operation not permitted when stream is capturing")
 
 
-RECORDERS = [pytest.param("cpu", rerun_recorder, id="stand-in"),
+RECORDERS = [pytest.param("cpu", RerunRecorder(), id="stand-in"),
              pytest.param("cuda", None, id="cuda", marks=[
                  pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])]
 
@@ -92,6 +97,25 @@ def test_replayed_steps_equal_eager_steps_and_leave_other_rows_alone(device, rec
     assert list(graphs.graphs) == [4]
 
 
+@pytest.mark.parametrize("device, recorder", RECORDERS)
+def test_sink_filling_steps_are_refused_and_new_weights_record_anew(device, recorder):
+    model = tiny(device)
+    pool = StatePool(model, 2)
+    state = model.new_session()
+    model.prefill(state, [5, 6, 7])
+    pool.acquire(state)
+    graphs = GraphedDecode(model, pool.layers, recorder)
+    with pytest.raises(ValueError, match="sinks"):
+        graphs(torch.tensor([4], device=device), [1])
+    graphs(torch.tensor([4], device=device), [3])
+    first = graphs.graphs[1]
+    model.set_mag_weight(0.9)
+    expected = model.decode_rows([{n: t[:1].clone() for n, t in layer.items()} for layer in pool.layers],
+                                 torch.tensor([8], device=device), [4])
+    torch.testing.assert_close(graphs(torch.tensor([8], device=device), [4]), expected, atol=1e-5, rtol=1e-5)
+    assert graphs.graphs[1] is not first
+
+
 def serve(model, prompts, graphs_for=None):
     """Greedy tokens of 12 requests on 8 slots, half joining mid-decode; `graphs_for(engine)` sets the engine's
     graphs (None: the engine's own choice)."""
@@ -114,7 +138,7 @@ def serve(model, prompts, graphs_for=None):
     return engine, outputs
 
 
-PROMPTS = [[3 + (7 * i + j) % 90 for j in range(4 + 2 * i)] for i in range(12)]
+PROMPTS = [[3 + (7 * i + j) % 90 for j in range(1 + 2 * i)] for i in range(12)]  # the first fills the sinks
 
 
 @pytest.mark.parametrize("device, recorder", RECORDERS)
@@ -128,7 +152,7 @@ def test_the_engine_serves_the_same_greedy_tokens_with_and_without_graphs(device
 
 def test_the_engine_goes_on_op_by_op_when_a_graph_cannot_be_recorded():
     model = tiny("cpu")
-    engine, outputs = serve(model, PROMPTS, lambda e: GraphedDecode(model, e.pool.layers, failing_recorder))
+    engine, outputs = serve(model, PROMPTS, lambda e: GraphedDecode(model, e.pool.layers, FailingRecorder()))
     assert engine.graphs is None
     assert outputs == serve(model, PROMPTS, lambda e: None)[1]
 

@@ -229,6 +229,8 @@ class LLMEngine:
             except RecordingFailed:
                 log.warning("decoding without CUDA graphs from now on", exc_info=True)
                 self.graphs = None
+            except torch.OutOfMemoryError:
+                log.warning("no memory to record a CUDA graph of %d rows: this step runs op by op", len(positions))
         with self.pool.rows(list(range(len(positions)))) as layers:
             return self.model.decode_rows(layers, ids, positions)
 
