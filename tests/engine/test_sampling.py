@@ -131,7 +131,13 @@ def test_valid_but_extreme_values_overflowing_float32_still_draw_a_best_token(ex
 
 # ---- the batched sampler (what the engine runs) against the per-row reference above
 
-from tptt_runtime.engine.sampling import _process_batch, _truncate_batch, sample_batch  # noqa: E402
+from tptt_runtime.engine.sampling import _process_batch, _sorted_truncation, sample_batch  # noqa: E402
+
+
+def truncate_batch(logits, params):
+    """The batched truncation in vocabulary order (-inf where dropped), to compare with `truncate` row by row."""
+    masked, order = _sorted_truncation(logits, params)
+    return torch.full_like(logits, -math.inf).scatter(-1, order, masked)
 
 MIXED = [SamplingParams(temperature=0), SamplingParams(top_k=7, temperature=0.7),
          SamplingParams(top_p=0.8, min_p=0.05), SamplingParams(top_k=12, top_p=0.6, temperature=1.3),
@@ -147,7 +153,7 @@ def test_batched_processing_and_truncation_equal_the_reference_row_by_row():
     for i, params in enumerate(MIXED):
         torch.testing.assert_close(processed[i], process_logits(rows[i], params, PROMPTS[i], OUTPUTS[i]))
     drawn = [i for i, p in enumerate(MIXED) if not p.greedy]
-    truncated = _truncate_batch(processed[drawn], [MIXED[i] for i in drawn])
+    truncated = truncate_batch(processed[drawn], [MIXED[i] for i in drawn])
     for row, i in zip(truncated, drawn):
         reference = truncate(processed[i], MIXED[i])
         assert kept(row) == kept(reference)
@@ -231,8 +237,9 @@ def test_the_candidates_mask_equals_the_reference_where_it_decides():
     for seed, params in enumerate(TRUNCATING * 4):
         flat = seed >= len(TRUNCATING) * 3
         row = torch.randn(LARGE_VOCAB) * 0.01 if flat else peaked(seed)
-        values, ids = sampling._scale(row[None], [params]).topk(sampling.CANDIDATES + 1)
-        masked = sampling._mask_sorted(values, [params], sampling._scale(row[None], [params]).logsumexp(-1, True))
+        scaled = sampling._scale(row[None], [params])
+        values, ids = scaled.topk(sampling.CANDIDATES + 1)
+        masked = sampling._mask_sorted(values, [params], sampling._total(scaled, values[:, :1]))
         reference = kept(truncate(row, params))
         if masked[0, -1] == -math.inf:
             decided.append((flat, params.top_k))
@@ -243,11 +250,16 @@ def test_the_candidates_mask_equals_the_reference_where_it_decides():
     assert all(top_k for flat, top_k in decided if flat)  # a flat row only by its top_k
 
 
+def sorted_rows_drawn(monkeypatch):
+    """Counts of rows that `sample_batch` sorts whole, per call."""
+    calls, whole = [], sampling._sorted_truncation
+    monkeypatch.setattr(sampling, "_sorted_truncation", lambda rows, params: calls.append(len(params)) or
+                        whole(rows, params))
+    return calls
+
+
 def test_truncating_rows_draw_kept_tokens_and_only_flat_rows_sort_the_vocabulary(monkeypatch):
-    whole_rows = []
-    full = sampling._truncate_batch
-    monkeypatch.setattr(sampling, "_truncate_batch", lambda rows, params: whole_rows.append(len(params)) or
-                        full(rows, params))
+    calls = sorted_rows_drawn(monkeypatch)
     rows = torch.stack([peaked(seed) for seed in range(len(TRUNCATING))] + [torch.randn(LARGE_VOCAB) * 0.01])
     params = TRUNCATING + [SamplingParams(top_p=0.99)]
     for step in range(20):
@@ -255,13 +267,59 @@ def test_truncating_rows_draw_kept_tokens_and_only_flat_rows_sort_the_vocabulary
         tokens, _ = sample_batch(rows, params, generators, [[]] * len(params), [[]] * len(params))
         for i, token in enumerate(tokens):
             assert token in kept(truncate(rows[i], params[i]))
-    assert whole_rows == [1] * 20  # the flat row alone, every step
+    assert calls == [1] * 20  # the flat row alone, every step
 
 
-def test_draws_among_candidates_follow_the_distribution():
+@pytest.mark.parametrize("params", [SamplingParams(top_p=0.9), SamplingParams(top_k=3, min_p=0.01),
+                                    SamplingParams()], ids=["candidates", "top_k", "whole vocabulary"])
+def test_draws_follow_the_distribution(params):
     row = torch.full((1000,), -1e9)
     row[17], row[423] = 0.0, math.log(3.0)
     generator, counts = new_generator(0), {17: 0, 423: 0}
     for _ in range(2000):
-        counts[sample_batch(row[None], [SamplingParams(top_p=0.9)], [generator], [[]], [[]])[0][0]] += 1
+        counts[sample_batch(row[None], [params], [generator], [[]], [[]])[0][0]] += 1
     assert 0.70 < counts[423] / 2000 < 0.80
+
+
+def test_top_k_ties_past_the_candidates_sort_the_row_and_keep_the_references_tokens(monkeypatch):
+    """300 tokens tied at the best value with top_k 40 and top_p 0.9: top_k keeps all 300, top_p 270 of them
+    (which ones depends on how a sort orders ties), so the row is sorted whole and draws a tied token."""
+    calls = sorted_rows_drawn(monkeypatch)
+    row = torch.randn(LARGE_VOCAB) - 20
+    tied = torch.randperm(LARGE_VOCAB)[:300]
+    row[tied] = 5.0
+    params = SamplingParams(top_k=40, top_p=0.9)
+    assert len(kept(truncate(row, params))) == 270
+    for seed in range(10):
+        assert sample_batch(row[None], [params], [new_generator(seed)], [[]], [[]])[0][0] in set(tied.tolist())
+    assert calls == [1] * 10
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1e-7, 0.9), (1e-6, 0.5), (1e-40, 0.5)])
+def test_top_p_at_tiny_temperatures_keeps_the_references_tied_tokens(temperature, top_p):
+    """Two (or, overflowing float32, four) tokens tied at the best value: their shares of the mass are
+    softmax's, however large the scaled logits, so top_p keeps the reference's set of them."""
+    row = torch.randn(LARGE_VOCAB).clamp(max=4.0)
+    row[[3, 900]] = 6.0
+    if temperature == 1e-40:
+        row[[1200, 4000]] = 7.0  # overflows like 6.0 does
+    params = SamplingParams(temperature=temperature, top_p=top_p)
+    for rows in (row[None], torch.stack([row, peaked(1)])):
+        masked = truncate_batch(rows, [params] * len(rows))[0]
+        assert kept(masked) == kept(truncate(row, params))
+
+
+def test_truncating_draws_depend_on_the_rows_seed_only():
+    params = SamplingParams(top_p=0.8, temperature=1.3, seed=5)
+
+    def draws(others):
+        generators = [new_generator(5)] + [new_generator(100 + j) for j in range(others)]
+        out = []
+        for step in range(20):
+            rows = torch.stack([peaked(step)] + [peaked(50 + j) for j in range(others)])
+            companions = [SamplingParams(top_k=7)] * others
+            out.append(sample_batch(rows, [params] + companions, generators, [[]] * (1 + others),
+                                    [[]] * (1 + others))[0][0])
+        return out
+
+    assert draws(0) == draws(3) == draws(1)

@@ -177,43 +177,56 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators:
 
 def _draw_batch(processed: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]):
     """Tokens [n] drawn from processed logits [n, vocab] (temperature > 0): each row truncated as `truncate`
-    does, then drawn by inverting its cumulative distribution at one uniform from the row's own generator.
+    does, then drawn by inverting its cumulative distribution (float64) at one uniform from its own generator.
 
-    A row that truncates (top_k / top_p / min_p) is first tried on its CANDIDATES best tokens: where the next
-    best token is dropped, so is every token below it (each mask keeps a prefix of the sorted row), and the row
-    is drawn among its candidates without sorting the vocabulary. Other rows take the whole vocabulary."""
+    A row that truncates (top_k / top_p / min_p) keeps a prefix of its tokens sorted best first. It is first
+    masked on its CANDIDATES + 1 best: where the last of them is dropped (and is not tied with a top_k cut's
+    k-th value), so is every token below it, and the row is drawn among its candidates without sorting the
+    vocabulary; other truncating rows are sorted whole. A row that does not truncate is drawn in vocabulary
+    order."""
     device, vocab = processed.device, processed.shape[-1]
-    uniforms = torch.stack([torch.rand((), generator=g) for g in generators]).to(device)
+    uniforms = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generators]).to(device)
     tokens = torch.empty(len(params), dtype=torch.long, device=device)
-    narrow = [i for i, p in enumerate(params) if vocab > CANDIDATES + 1 and not p.top_k > CANDIDATES
-              and (p.top_k or p.top_p < 1.0 or p.min_p > 0.0)]
-    undecided = []
+    truncating = [i for i, p in enumerate(params) if p.top_k or p.top_p < 1.0 or p.min_p > 0.0]
+    plain = [i for i in range(len(params)) if i not in set(truncating)]
+    if plain:
+        rows = torch.tensor(plain, device=device)
+        probs = _scale(processed[rows], [params[i] for i in plain]).softmax(-1)
+        tokens[rows] = _invert_cdf(probs, uniforms[rows])
+    narrow = [i for i in truncating if vocab > CANDIDATES + 1 and not params[i].top_k > CANDIDATES]
+    undecided = [i for i in truncating if i not in set(narrow)]
     if narrow:
-        rows = torch.tensor(narrow, device=device)
-        row_params = [params[i] for i in narrow]
+        rows, row_params = torch.tensor(narrow, device=device), [params[i] for i in narrow]
         scaled = _scale(processed[rows], row_params)
         values, ids = scaled.topk(CANDIDATES + 1)
-        values = _mask_sorted(values, row_params, scaled.logsumexp(-1, keepdim=True))
-        resolved = (values[:, -1] == float("-inf")).tolist()
-        decided = torch.tensor([r for r, ok in enumerate(resolved) if ok], dtype=torch.long, device=device)
-        if decided.numel():
-            picked = _invert_cdf(values[decided, :-1].softmax(-1), uniforms[rows[decided]])
-            tokens[rows[decided]] = ids[decided].gather(-1, picked[:, None])[:, 0]
-        undecided = [i for i, ok in zip(narrow, resolved) if not ok]
-    whole = [i for i in range(len(params)) if i not in narrow] + undecided
-    if whole:
-        rows = torch.tensor(whole, device=device)
-        probs = _truncate_batch(processed[rows], [params[i] for i in whole]).softmax(-1)
-        tokens[rows] = _invert_cdf(probs, uniforms[rows])
+        masked = _mask_sorted(values, row_params, _total(scaled, values[:, :1]))
+        decided = (masked[:, -1] == float("-inf")) & ~_ties_past_candidates(values, row_params)
+        picks = decided.nonzero()[:, 0]
+        if picks.numel():
+            picked = _invert_cdf(masked[picks, :-1].softmax(-1), uniforms[rows[picks]], _last_kept(masked[picks]))
+            tokens[rows[picks]] = ids[picks].gather(-1, picked[:, None])[:, 0]
+        undecided += [i for i, ok in zip(narrow, decided.tolist()) if not ok]
+    if undecided:
+        rows = torch.tensor(undecided, device=device)
+        masked, order = _sorted_truncation(processed[rows], [params[i] for i in undecided])
+        picked = _invert_cdf(masked.softmax(-1), uniforms[rows], _last_kept(masked))
+        tokens[rows] = order.gather(-1, picked[:, None])[:, 0]
     return tokens
 
 
-def _invert_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Column index per row of probs [n, m]: the first whose cumulative mass exceeds u * the row's total (a
-    token of probability 0 is never the first to exceed it)."""
-    cumulative = probs.cumsum(-1)
+def _invert_cdf(probs: torch.Tensor, uniforms: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
+    """Column index per row of probs [n, m]: the first whose cumulative mass (float64) exceeds u * the row's
+    total, at most `last` [n] (the last kept column of a row whose kept tokens are a prefix: rounding in a
+    device's parallel cumsum cannot then reach a dropped one)."""
+    cumulative = probs.double().cumsum(-1)
     targets = uniforms[:, None] * cumulative[:, -1:]
-    return torch.searchsorted(cumulative, targets, right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
+    picked = torch.searchsorted(cumulative, targets, right=True)[:, 0]
+    return picked.clamp_(max=probs.shape[-1] - 1) if last is None else torch.minimum(picked, last)
+
+
+def _last_kept(masked: torch.Tensor) -> torch.Tensor:
+    """Index of the last kept (finite) value of rows sorted best first whose kept values are a prefix."""
+    return ((masked > float("-inf")).sum(-1) - 1).clamp_(min=0)
 
 
 def _process_batch(logits, params, prompt_ids, output_ids) -> torch.Tensor:
@@ -254,35 +267,52 @@ def _scale(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     return (logits / temperature).nan_to_num(nan=0.0, posinf=largest, neginf=float("-inf"))
 
 
-def _mask_sorted(ordered: torch.Tensor, params: list[SamplingParams], log_total: torch.Tensor) -> torch.Tensor:
-    """top_k, then top_p, then min_p on rows sorted in descending order (-inf where a token is dropped):
-    the whole row, or its best values with `log_total` the log-sum-exp of the whole row [n, 1]. A row whose
-    top_k cuts must have all of its top_k values here."""
+def _total(scaled: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+    """Sum of exp(x - best) over each whole row [n, 1]: softmax's denominator, relative to the row's best."""
+    return (scaled - best).exp().sum(-1, keepdim=True)
+
+
+def _cuts(params: list[SamplingParams], width: int) -> list[bool]:
+    return [0 < p.top_k < width for p in params]
+
+
+def _ties_past_candidates(values: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Rows [n] of sorted best values whose top_k cut keeps tokens past them: the last value ties the k-th."""
+    cut = _cuts(params, values.shape[-1])
+    if not any(cut):
+        return torch.zeros(values.shape[0], dtype=torch.bool, device=values.device)
+    kth = torch.tensor([p.top_k if c else 1 for p, c in zip(params, cut)], device=values.device)[:, None]
+    return torch.tensor(cut, device=values.device) & (values[:, -1] >= values.gather(-1, kth - 1)[:, 0])
+
+
+def _mask_sorted(ordered: torch.Tensor, params: list[SamplingParams], total: torch.Tensor) -> torch.Tensor:
+    """top_k, then top_p, then min_p on rows sorted best first (-inf where a token is dropped): whole rows, or
+    their best values with `total` the whole row's `_total`. A row whose top_k cuts must have here every value
+    at least its k-th. Probabilities are softmax's (relative to the best value, so that huge scaled logits
+    keep their ties' shares)."""
     device, width = ordered.device, ordered.shape[-1]
+    best = ordered[:, :1]
     # which masks to build is known from the params on the host (asking the device tensors would sync)
-    cut = [0 < p.top_k < width for p in params]
+    cut = _cuts(params, width)
     if any(cut):
         kth = torch.tensor([p.top_k if c else width for p, c in zip(params, cut)], device=device)[:, None]
         ordered = ordered.masked_fill(ordered < ordered.gather(-1, kth - 1), float("-inf"))
-        kept_total = ordered.logsumexp(-1, keepdim=True)
-        log_total = torch.where(torch.tensor(cut, device=device)[:, None], kept_total, log_total)
+        total = torch.where(torch.tensor(cut, device=device)[:, None], _total(ordered, best), total)
     if any(p.top_p < 1.0 for p in params):
         top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
-        probs = (ordered - log_total).exp()
+        probs = (ordered - best).exp() / total
         drop = (probs.cumsum(-1) - probs >= top_p) & (top_p < 1.0)  # the token crossing top_p is kept,
         drop[:, 0] = False                                          # and the best one always
         ordered = ordered.masked_fill(drop, float("-inf"))
     if any(p.min_p > 0.0 for p in params):
         min_p = torch.tensor([p.min_p for p in params], device=device)[:, None]
-        ordered = ordered.masked_fill((ordered - ordered[:, :1]).exp() < min_p, float("-inf"))
+        ordered = ordered.masked_fill((ordered - best).exp() < min_p, float("-inf"))
     return ordered
 
 
-def _truncate_batch(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """`truncate` for every row at once (rows that sample; temperature > 0), on the whole vocabulary."""
-    logits = _scale(logits, params)
-    if not any(0 < p.top_k < logits.shape[-1] or p.top_p < 1.0 or p.min_p > 0.0 for p in params):
-        return logits
-    ordered, order = logits.sort(dim=-1, descending=True)
-    masked = _mask_sorted(ordered, params, ordered.logsumexp(-1, keepdim=True))
-    return torch.full_like(logits, float("-inf")).scatter(-1, order, masked)
+def _sorted_truncation(logits: torch.Tensor, params: list[SamplingParams]):
+    """`truncate` for every row at once on the whole vocabulary, in sorted order: (masked [n, vocab] best
+    first, order: the token id of each column)."""
+    scaled = _scale(logits, params)
+    ordered, order = scaled.sort(dim=-1, descending=True)
+    return _mask_sorted(ordered, params, _total(scaled, ordered[:, :1])), order
