@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve test bench image image-check clean
+.PHONY: setup serve test bench gpu-check image image-check clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,18 @@ test: setup
 
 bench: setup
 	$(VENV)/bin/tptt-bench runtime
+
+# On a CUDA host, with a Python whose torch has CUDA (GPU_PYTHON; this package's deps and the `cuda` extra
+# importable from the repo root): the gpu-marked tests, then our decode (CUDA graphs), eager and compiled
+# against Hugging Face on the default model's shape with random weights (no download).
+GPU_PYTHON ?= python3
+GPU_BENCH := $(GPU_PYTHON) -m tptt_runtime.bench.cli runtime --shape smollm2-135m --device cuda --dtype bfloat16 \
+	--batch 1 16 --decode-tokens 32
+gpu-check:
+	$(GPU_PYTHON) -m pytest -q -p no:cacheprovider -m gpu tests/ops/test_fla_kernels.py tests/engine/test_cuda_graphs.py
+	$(GPU_BENCH) --contexts 512 4096 16384 --out bench-results/gpu-graphs
+	$(GPU_BENCH) --contexts 512 4096 --no-cuda-graphs --out bench-results/gpu-eager
+	$(GPU_BENCH) --contexts 512 --compile --out bench-results/gpu-compiled
 
 # The CPU image, built here (a local Debian base when no registry can be reached): docker/check_image.py.
 # GPU hosts: docker compose build.
