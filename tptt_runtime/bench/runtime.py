@@ -210,9 +210,8 @@ def run(contexts: list[int], ours_only_above: int, decode_tokens: int, mag_weigh
     label = "default (SmolLM2-135M-Instruct)" if shape == "default" else f"{shape} shape, random weights"
     result = {"model": label, "device": _device_name(device), "dtype": str(dtype).removeprefix("torch."),
               "config": ours.config.to_dict(), "threads": torch.get_num_threads(), "decode_tokens": decode_tokens,
-              "compiled": compile_decode,
-              "cuda_graphs": cuda_graphs and str(device).startswith("cuda"), "batches": batches, "floor": floor, "rows": rows,
-              "ratios": ratios(rows, floor["ms"])}
+              "compiled": compile_decode, "cuda_graphs": cuda_graphs and str(device).startswith("cuda"),
+              "batches": batches, "floor": floor, "rows": rows, "ratios": ratios(rows, floor["ms"])}
     floor_line = (f"decode floor: one matrix-vector pass over {floor['bytes'] / 1e6:.0f} MB of weights = "
                   f"{floor['ms']:.1f} ms")
     report.write(out_dir, "runtime", result, figure(result),
