@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_model
+from tests.engine.arrivals import serve_staggered
 from tptt_runtime.config import TpttConfig
 from tptt_runtime.cuda_graphs import GraphedDecode, buckets
 from tptt_runtime.engine import EngineConfig, LLMEngine, Request, SamplingParams
@@ -124,18 +125,8 @@ def serve(model, prompts, graphs_for=None):
         engine.graphs = graphs_for(engine)
     requests = [Request(f"r{i}", p, SamplingParams(temperature=0, max_tokens=6 + i % 3, ignore_eos=True))
                 for i, p in enumerate(prompts)]
-    outputs = {r.request_id: [] for r in requests}
-    for request in requests[:6]:
-        engine.add_request(request)
-    step = 0
-    while engine.has_work():
-        step += 1
-        if step == 3:
-            for request in requests[6:]:
-                engine.add_request(request)
-        for output in engine.step():
-            outputs[output.request_id] += output.token_ids
-    return engine, outputs
+    outputs = serve_staggered(engine, requests, first=6)
+    return engine, {rid: [t for o in outs for t in o.token_ids] for rid, outs in outputs.items()}
 
 
 PROMPTS = [[3 + (7 * i + j) % 90 for j in range(1 + 2 * i)] for i in range(12)]  # the first fills the sinks

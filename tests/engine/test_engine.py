@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tptt_runtime.engine import EngineConfig, LLMEngine, Request, SamplingParams
+from tests.engine.arrivals import serve_staggered
 from tptt_runtime.engine.detokenizer import OutputProcessor
 
 
@@ -199,20 +200,7 @@ def test_sixteen_requests_joining_mid_decode_and_some_aborted_each_equal_the_mod
     requests = [Request(f"r{i}", p, SamplingParams(temperature=0, max_tokens=4 + i % 5, ignore_eos=True))
                 for i, p in enumerate(prompts)]
     engine = LLMEngine(default_model, EngineConfig(max_num_seqs=8, max_num_batched_tokens=24, prefix_reuse=False))
-    outputs = {r.request_id: [] for r in requests}
-    for request in requests[:8]:
-        engine.add_request(request)
-    step = 0
-    while engine.has_work():
-        step += 1
-        if step == 3:
-            for request in requests[8:]:
-                engine.add_request(request)
-        if step == 5:
-            for request in requests[::4]:
-                engine.abort(request.request_id)
-        for output in engine.step():
-            outputs[output.request_id].append(output)
+    outputs = serve_staggered(engine, requests, first=8, abort=requests[::4])
     for i, request in enumerate(requests):
         final = outputs[request.request_id][-1]
         if i % 4 == 0:
