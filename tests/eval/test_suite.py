@@ -132,3 +132,40 @@ def test_cli_runs_the_suite(monkeypatch, tmp_path):
     assert calls["args"] == ("default", [1024, 3000], 5, ["docqa"], ["chat"], 12, 3, tmp_path)
     main(["default", "--suite", "--out", str(tmp_path)])
     assert calls["args"][1:3] == (list(suite.CONTEXTS), suite.TRIALS)
+
+
+def oracle_run(contexts, trials=2, models=(Echo(), Mute()), **settings):
+    """A suite result of the oracle models, as `suite.run` writes it."""
+    args = dict(trials=trials, tasks=["passkey"], formats=["raw"], new_tokens=8, seed=1) | settings
+    return {"adapter": "default", "window": 16, "sinks": 2, **suite.measure(list(models), CharTokenizer(), contexts,
+                                                                            **args)}
+
+
+def test_merging_runs_at_different_lengths_equals_one_run_over_all():
+    """Runs at 450 and at 600 merge into what one run at both would have measured, cell for cell."""
+    whole = oracle_run([450, 600])
+    merged = suite.merge([oracle_run([600]), oracle_run([450])])
+    assert merged["contexts"] == [450, 600] and merged["models"] == ["echo", "mute"]
+    assert merged["accuracy"] == whole["accuracy"] and merged["pooled"] == whole["pooled"]
+    assert sorted(map(json.dumps, merged["trials_run"])) == sorted(map(json.dumps, whole["trials_run"]))
+    assert suite.merge([oracle_run([450], formats=["chat"]), oracle_run([450])])["formats"] == ["chat", "raw"]
+
+
+@pytest.mark.parametrize("other, message", [
+    (dict(contexts=[600], trials=3), "differ in trials"),  # other depths: not the same prompts
+    (dict(contexts=[600], seed=2), "differ in seed"),
+    (dict(contexts=[450]), "same cells"),                  # measured twice
+])
+def test_merging_refuses_runs_that_are_not_of_one_suite(other, message):
+    with pytest.raises(ValueError, match=message):
+        suite.merge([oracle_run([450]), oracle_run(**other)])
+
+
+def test_cli_merges_suite_files(tmp_path):
+    for context in (450, 600):
+        suite.write(tmp_path / str(context), oracle_run([context]))
+    main(["--suite-merge", str(tmp_path / "450" / "suite.json"), str(tmp_path / "600" / "suite.json"), "--out",
+          str(tmp_path / "merged")])
+    merged = json.loads((tmp_path / "merged" / "suite.json").read_text())
+    assert merged["contexts"] == [450, 600] and merged["pooled"]["echo"]["600"]["hits"] == 2
+    assert (tmp_path / "merged" / "suite.png").stat().st_size > 1000

@@ -16,6 +16,7 @@ no training text uses, raw and chat formats, accuracy with 95 % Wilson intervals
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -193,6 +194,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tasks", nargs="+", choices=needles.TASKS, default=list(needles.TASKS), help="suite tasks")
     p.add_argument("--formats", nargs="+", choices=needles.FORMATS, default=list(needles.FORMATS),
                    help="suite prompt formats: raw text with an answer lead-in, or a chat-template user message")
+    p.add_argument("--suite-merge", type=Path, nargs="+", metavar="SUITE_JSON",
+                   help="instead: join suite.json files of runs of the same suite (same adapter, trials, seed, "
+                        "new tokens) at different contexts, tasks, formats or models into <out>/suite.{json,png}")
     p.add_argument("--ruler", action="store_true",
                    help="instead: RULER's needle tasks (lm-evaluation-harness) at --suite-contexts, --trials "
                         "samples each, the adapter through the server (eval/ruler.py)")
@@ -208,6 +212,9 @@ def main(argv: list[str] | None = None) -> None:
 
         ruler.run(args.adapter, args.suite_contexts, args.trials or ruler.TRIALS, args.ruler_tasks,
                   args.new_tokens or ruler.NEW_TOKENS, args.out)
+        return
+    if args.suite_merge:
+        suite.write(args.out, suite.merge([json.loads(path.read_text()) for path in args.suite_merge]))
         return
     if args.suite:
         suite.run(args.adapter, args.suite_contexts, args.trials or suite.TRIALS, args.tasks, args.formats,

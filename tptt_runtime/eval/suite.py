@@ -8,7 +8,8 @@ continuation and no other key of the same document is (needles.found: listing ev
 Reported per model, task, format and context: hits / trials, accuracy and its 95 % Wilson score interval; and
 the same pooled over tasks and formats. A model with a `max_len` (the base model: full attention only up to
 its trained positions) skips the contexts beyond it. Table on stdout, <out>/suite.json (every trial, with its
-continuation) and <out>/suite.png.
+continuation) and <out>/suite.png. `tptt-eval --suite-merge a/suite.json b/suite.json` joins runs of the same
+suite made at different lengths (one length can take hours on a CPU) into one such result.
 
 Boundaries: prompts come from needles.py, models from the wrappers of eval/run.py (`greedy(ids, n)`, `name`,
 `max_len`); this module only schedules, scores and reports.
@@ -16,6 +17,7 @@ Boundaries: prompts come from needles.py, models from the wrappers of eval/run.p
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -109,6 +111,39 @@ def settings(models, contexts, trials, tasks, formats, new_tokens, seed) -> dict
     return {"models": [m.name for m in models], "contexts": list(contexts), "trials": trials,
             "tasks": list(tasks), "formats": list(formats), "new_tokens": new_tokens, "seed": seed,
             "prose_documents": [path for path, _ in needles.held_out_documents()]}
+
+
+# what makes two runs ask the same prompts (at a context both ran) and score them the same way
+SAME_IN_EVERY_RUN = ("adapter", "window", "sinks", "trials", "new_tokens", "seed", "prose_documents")
+
+
+def merge(runs: list[dict]) -> dict:
+    """One result from several runs of the same suite (the same settings in SAME_IN_EVERY_RUN, so the same
+    prompts at each context) over different contexts, tasks, formats or models: their trials together,
+    summarized again. A run measured over hours at a few lengths at a time becomes one table. Raises
+    ValueError when the settings differ or two runs measured the same cell (model, task, format, context)."""
+    if not runs:
+        raise ValueError("nothing to merge")
+    for key in SAME_IN_EVERY_RUN:
+        values = {json.dumps(run.get(key)) for run in runs}
+        if len(values) > 1:
+            raise ValueError(f"the runs differ in {key}: {sorted(values)}; only runs of the same suite merge")
+    records, measured = [], set()
+    for run in runs:
+        cells = {(r["model"], r["task"], r["format"], r["context"]) for r in run["trials_run"]}
+        if cells & measured:
+            raise ValueError(f"two runs measured the same cells (model, task, format, context): "
+                             f"{sorted(cells & measured)}")
+        measured |= cells
+        records += run["trials_run"]
+    return {**{key: runs[0][key] for key in SAME_IN_EVERY_RUN}, "models": _union(runs, "models"),
+            "contexts": sorted(_union(runs, "contexts")), "tasks": _union(runs, "tasks"),
+            "formats": _union(runs, "formats"), **summarize(records), "trials_run": records}
+
+
+def _union(runs: list[dict], key: str) -> list:
+    """The items of every run's list `key`, each once, in order of first appearance."""
+    return list(dict.fromkeys(item for run in runs for item in run[key]))
 
 
 def write(out_dir: Path, results: dict) -> None:
