@@ -128,10 +128,11 @@ def test_cli_runs_the_suite(monkeypatch, tmp_path):
     calls = {}
     monkeypatch.setattr(suite, "run", lambda *args: calls.update(args=args))
     main(["default", "--suite", "--suite-contexts", "1k", "3000", "--trials", "5", "--tasks", "docqa",
-          "--formats", "chat", "--new-tokens", "12", "--seed", "3", "--out", str(tmp_path)])
-    assert calls["args"] == ("default", [1024, 3000], 5, ["docqa"], ["chat"], 12, 3, tmp_path)
+          "--formats", "chat", "--new-tokens", "12", "--seed", "3", "--suite-models", "converted", "--out",
+          str(tmp_path)])
+    assert calls["args"] == ("default", [1024, 3000], 5, ["docqa"], ["chat"], 12, 3, tmp_path, ["converted"])
     main(["default", "--suite", "--out", str(tmp_path)])
-    assert calls["args"][1:3] == (list(suite.CONTEXTS), suite.TRIALS)
+    assert calls["args"][1:3] == (list(suite.CONTEXTS), suite.TRIALS) and calls["args"][-1] == list(suite.MODELS)
 
 
 def oracle_run(contexts, trials=2, models=(Echo(), Mute()), **settings):
@@ -169,3 +170,16 @@ def test_cli_merges_suite_files(tmp_path):
     merged = json.loads((tmp_path / "merged" / "suite.json").read_text())
     assert merged["contexts"] == [450, 600] and merged["pooled"]["echo"]["600"]["hits"] == 2
     assert (tmp_path / "merged" / "suite.png").stat().st_size > 1000
+
+
+def test_run_measures_only_the_models_asked_for(monkeypatch, tmp_path):
+    """`--suite-models converted`: the others are loaded (one loader) but never run."""
+    from types import SimpleNamespace
+
+    from tptt_runtime.eval import run as run_module
+
+    named = [SimpleNamespace(name=name, max_len=None, greedy=Echo().greedy) for name in suite.MODELS]
+    converted = SimpleNamespace(config=SimpleNamespace(window=16, sinks=2), tokenizer=CharTokenizer())
+    monkeypatch.setattr(run_module, "load_models", lambda adapter: (converted, named))
+    results = suite.run("default", [450], 2, ["passkey"], ["raw"], 8, 1, tmp_path, ["converted"])
+    assert results["models"] == ["converted"] and {r["model"] for r in results["trials_run"]} == {"converted"}

@@ -194,6 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tasks", nargs="+", choices=needles.TASKS, default=list(needles.TASKS), help="suite tasks")
     p.add_argument("--formats", nargs="+", choices=needles.FORMATS, default=list(needles.FORMATS),
                    help="suite prompt formats: raw text with an answer lead-in, or a chat-template user message")
+    p.add_argument("--suite-models", nargs="+", choices=suite.MODELS, default=list(suite.MODELS),
+                   help="suite models to run (a long context for one of them; --suite-merge joins the runs)")
     p.add_argument("--suite-merge", type=Path, nargs="+", metavar="SUITE_JSON",
                    help="instead: join suite.json files of runs of the same suite (same adapter, trials, seed, "
                         "new tokens) at different contexts, tasks, formats or models into <out>/suite.{json,png}")
@@ -218,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.suite:
         suite.run(args.adapter, args.suite_contexts, args.trials or suite.TRIALS, args.tasks, args.formats,
-                  args.new_tokens or suite.NEW_TOKENS, args.seed, args.out)
+                  args.new_tokens or suite.NEW_TOKENS, args.seed, args.out, args.suite_models)
         return
     if args.probe:
         from . import recall

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from ..bench import report
 from . import needles
 
+MODELS = ("base", "window-only", "converted")  # eval/run.py's load_models, by name
 CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768)  # 65536 on request
 TRIALS = 20
 NEW_TOKENS = 24
@@ -150,11 +151,14 @@ def write(out_dir: Path, results: dict) -> None:
     report.write(out_dir, "suite", results, figure(results), table(results))
 
 
-def run(adapter: str, contexts, trials: int, tasks, formats, new_tokens: int, seed: int, out_dir: Path) -> dict:
-    """Load base / window-only / converted for `adapter` (eval/run.py), measure, write <out>/suite.{json,png}."""
+def run(adapter: str, contexts, trials: int, tasks, formats, new_tokens: int, seed: int, out_dir: Path,
+        models=MODELS) -> dict:
+    """Load base / window-only / converted for `adapter` (eval/run.py), measure those named in `models`, write
+    <out>/suite.{json,png}."""
     from .run import load_models
 
-    converted, models = load_models(adapter)
+    converted, loaded = load_models(adapter)
+    models = [model for model in loaded if model.name in models]
     results = {"adapter": adapter, "window": converted.config.window, "sinks": converted.config.sinks,
                **measure(models, converted.tokenizer, contexts, trials, tasks, formats, new_tokens, seed)}
     write(out_dir, results)
