@@ -6,6 +6,8 @@
     forward_full(ids)        all logits of a sequence, no state: the reference semantics
     prefill_rows / decode_rows   the same over per-layer tensors with a leading batch dim that the caller owns
                              (the serving engine's state pool, engine/state_pool.py), written in place
+    prefill_packed(pieces)   prompt pieces of several sessions, each from its own position and of its own
+                             length, packed into one forward
 
 Invariant: for any split of a sequence into prefill pieces and decode steps, the logits equal forward_full's.
 The model knows token ids, never text or HTTP. The Hugging Face model runs its own embeddings, decoder layers
@@ -20,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import itertools
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -27,10 +31,19 @@ from torch import nn
 from .compiled import CompiledDecode, run_forward
 from .config import TpttConfig
 from .convert import inject_liza
-from .layers.liza import ForwardContext
+from .layers.liza import ForwardContext, Segment
 from .state import SessionState, check_fingerprint
 
 PREFILL_CHUNK = 2048  # tokens per forward in prefill: bounds activation memory whatever the prompt length
+
+
+@dataclass
+class PrefillPiece:
+    """New prompt tokens for one session of a packed prefill (`TitansModel.prefill_packed`)."""
+    layer_states: list[dict[str, torch.Tensor]]  # the session's per-layer tensors [1, ...], written in place
+    start: int                                   # tokens the session has seen
+    ids: torch.Tensor                            # [T] new token ids on the model's device
+    all_logits: bool = False                     # logits after every new token, not only after the last
 
 
 class TitansModel:
@@ -146,6 +159,34 @@ class TitansModel:
             start += piece.shape[1]
         return torch.cat(pieces, dim=1) if all_logits else pieces[-1][:, -1:]
 
+    @torch.no_grad()
+    def prefill_packed(self, pieces: list[PrefillPiece]) -> list[torch.Tensor]:
+        """Pieces of different sessions, each from its own position and of its own length, packed one after
+        another into forwards of up to PREFILL_CHUNK tokens ([1, T]: no padding). The projections, MLPs and head
+        run once for every token of a forward; each attention layer reads and writes every piece's own session.
+        Returns each piece's float32 logits [T or 1, vocab], as `prefill_rows` of that piece alone."""
+        if any(piece.ids.numel() == 0 for piece in pieces):
+            raise ValueError("a prefill piece without tokens")
+        parts: list[list[torch.Tensor]] = [[] for _ in pieces]
+        for pack in _packs(pieces, PREFILL_CHUNK):
+            for (index, _), logits in zip(pack, self._forward_packed([piece for _, piece in pack])):
+                parts[index].append(logits)
+        return [torch.cat(rows) if piece.all_logits else rows[-1][-1:] for rows, piece in zip(parts, pieces)]
+
+    def _forward_packed(self, pieces: list[PrefillPiece]) -> list[torch.Tensor]:
+        """One [1, T] forward of pieces of different sessions: each piece's float32 logits [T or 1, vocab]."""
+        lengths = [piece.ids.numel() for piece in pieces]
+        keep = torch.cat([torch.arange(end - length if piece.all_logits else end - 1, end)
+                          for end, length, piece in zip(itertools.accumulate(lengths), lengths, pieces)])
+        self.context.segments = [Segment(piece.layer_states, piece.start, n) for piece, n in zip(pieces, lengths)]
+        try:
+            logits = self.hf(input_ids=torch.cat([piece.ids for piece in pieces])[None], use_cache=False,
+                             logits_to_keep=keep.to(self.device)).logits[0]
+        finally:
+            self.context.segments = None
+            self.context.memo.clear()
+        return logits.float().split([n if piece.all_logits else 1 for piece, n in zip(pieces, lengths)])
+
     def step(self, state: SessionState, token_id: int) -> torch.Tensor:
         """One decode token; returns the float32 logits [vocab] after it."""
         return self.decode([state], [token_id])[0]
@@ -209,6 +250,22 @@ class TitansModel:
             yield hook
         finally:
             self.context.hook = None
+
+
+def _packs(pieces: list[PrefillPiece], size: int) -> list[list[tuple[int, PrefillPiece]]]:
+    """The pieces (with their index) in order, in packs of at most `size` tokens; a longer piece is cut into
+    consecutive pieces of the same session, which later packs continue."""
+    packs, pack, tokens = [], [], 0
+    for index, piece in enumerate(pieces):
+        for offset in range(0, piece.ids.numel(), size):
+            cut = PrefillPiece(piece.layer_states, piece.start + offset, piece.ids[offset:offset + size],
+                               piece.all_logits)
+            if pack and tokens + cut.ids.numel() > size:
+                packs.append(pack)
+                pack, tokens = [], 0
+            pack.append((index, cut))
+            tokens += cut.ids.numel()
+    return packs + [pack] if pack else packs
 
 
 def fingerprint(model: nn.Module, config: TpttConfig) -> str:

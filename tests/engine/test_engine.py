@@ -162,21 +162,21 @@ def test_a_request_whose_sampling_fails_is_failed_alone(default_model, monkeypat
     assert not engine.has_work()
 
 
-def test_simultaneous_prompts_prefill_in_one_forward_and_equal_requests_served_alone(default_model, monkeypatch):
+def test_simultaneous_prompts_of_different_lengths_prefill_in_one_forward_and_equal_requests_served_alone(
+        default_model, monkeypatch):
     texts = ["The sea is calm and blue today,", "My favourite fruit is the mango because",
              "Counting slowly: one, two, three,", "The capital of Italy is a city called"]
-    prompts = [default_model.tokenizer(t)["input_ids"][:7] for t in texts]
+    prompts = [default_model.tokenizer(t)["input_ids"][:5 + i] for i, t in enumerate(texts)]
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     alone = [tokens(run_all(LLMEngine(default_model, EngineConfig(prefix_reuse=False)),
                             [Request(f"a{i}", p, params)])[f"a{i}"]) for i, p in enumerate(prompts)]
-    batch_sizes = []
-    prefill_rows = default_model.prefill_rows
-    monkeypatch.setattr(default_model, "prefill_rows",
-                        lambda layers, start, ids, *a: batch_sizes.append(ids.shape[0]) or prefill_rows(layers, start,
-                                                                                                       ids, *a))
+    packs = []
+    prefill_packed = default_model.prefill_packed
+    monkeypatch.setattr(default_model, "prefill_packed",
+                        lambda pieces: packs.append([p.ids.numel() for p in pieces]) or prefill_packed(pieces))
     together = run_all(LLMEngine(default_model, EngineConfig(prefix_reuse=False)),
                        [Request(f"t{i}", p, params) for i, p in enumerate(prompts)])
-    assert batch_sizes == [4]
+    assert packs == [[5, 6, 7, 8]]
     assert [tokens(together[f"t{i}"]) for i in range(4)] == alone
 
 

@@ -1,5 +1,5 @@
-"""StatePool: slots allocated once, forwards over slot rows equal forwards over SessionStates (same bytes), rows
-gathered in any order are written back, slots are reused and the pool never grows."""
+"""StatePool: slots allocated once, forwards over slot rows (a packed prefill over any slots, decode over the
+front rows) equal forwards over SessionStates (same bytes), slots are reused and the pool never grows."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ import torch
 from tests.conftest import tiny_model
 from tptt_runtime.config import TpttConfig
 from tptt_runtime.engine.state_pool import PoolFull, StatePool
-from tptt_runtime.model import TitansModel
+from tptt_runtime.model import PrefillPiece, TitansModel
 
 
 @pytest.fixture(scope="module")
@@ -43,32 +43,33 @@ def test_a_new_slot_holds_a_new_session_and_a_loaded_one_its_state(model):
 
 
 def test_prefill_and_decode_over_slots_equal_the_session_path_byte_for_byte(model):
-    """Three sessions at different positions: a batched prefill of two, then decode steps over gathered rows
-    (non-consecutive slots) and over a consecutive view; every slot ends with the state and the logits of the
-    same tokens fed through SessionStates: bit for bit for the session prefilled alone, within float rounding
-    of a larger batch's matmuls for the others."""
+    """Three sessions at different positions: a packed prefill of two (non-consecutive slots), then decode steps
+    over the front rows in two orders (slots swapped there first); every slot ends with the state and the
+    logits of the same tokens fed through SessionStates: bit for bit for the session prefilled alone, within
+    float rounding of a larger batch's matmuls for the others."""
     pool = StatePool(model, 4)
     streams = [ids(14, seed) for seed in range(3)]
     states = [model.new_session() for _ in streams]
-    slots = [pool.acquire() for _ in streams]
+    slot_of = [pool.acquire() for _ in streams]
     pool.acquire()  # slot 3 taken: a pool that is not just these sessions
-    with pool.rows([slots[0], slots[2]]) as layers:  # non-consecutive: gathered, written back
-        batched = model.prefill_rows(layers, 0, torch.stack([streams[0][:6], streams[2][:6]]))
-    with pool.rows([slots[1]]) as layers:
-        model.prefill_rows(layers, 0, streams[1][None, :9])
-    for state, stream, n in zip(states, streams, (6, 9, 6)):
+    packed = model.prefill_packed([PrefillPiece(pool.row(slot_of[0]), 0, streams[0][:6]),
+                                   PrefillPiece(pool.row(slot_of[2]), 0, streams[2][:5])])
+    model.prefill_packed([PrefillPiece(pool.row(slot_of[1]), 0, streams[1][:9])])
+    for state, stream, n in zip(states, streams, (6, 9, 5)):
         reference = model.prefill(state, stream[:n])
-    torch.testing.assert_close(batched[1, -1], reference, atol=1e-5, rtol=0)
-    assert same(pool.snapshot(slots[1], 9), states[1])
+    torch.testing.assert_close(packed[1][-1], reference, atol=1e-5, rtol=0)
+    assert same(pool.snapshot(slot_of[1], 9), states[1])
     for order in ([2, 0, 1], [0, 1, 2]):
-        rows = [slots[i] for i in order]
-        with pool.rows(rows) as layers:
-            positions = [states[i].num_tokens for i in order]
-            logits = model.decode_rows(layers, torch.stack([streams[i][positions[j]] for j, i in enumerate(order)]),
-                                       positions)
+        for row, i in enumerate(order):  # session i to slot `row`, as the engine moves decoding requests
+            other = slot_of.index(row)
+            pool.swap(row, slot_of[i])
+            slot_of[other], slot_of[i] = slot_of[i], row
+        positions = [states[i].num_tokens for i in order]
+        logits = model.decode_rows(pool.front(3), torch.stack([streams[i][positions[j]] for j, i in enumerate(order)]),
+                                   positions)
         expected = model.decode([states[i] for i in order], [int(streams[i][states[i].num_tokens]) for i in order])
         torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
-    for slot, state in zip(slots, states):
+    for slot, state in zip(slot_of, states):
         assert same(pool.snapshot(slot, state.num_tokens), state, atol=1e-5)
 
 
@@ -92,8 +93,7 @@ def test_slots_are_reused_and_the_pool_never_grows(model):
         assert {a, b} == {0, 1}
         with pytest.raises(PoolFull):
             pool.acquire()
-        with pool.rows([b, a]) as layers:
-            model.decode_rows(layers, ids(2, round_), [0, 0])
+        model.decode_rows(pool.front(2), ids(2, round_), [0, 0])
         pool.release(a)
         pool.release(b)
     assert storages(pool) == before

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from tptt_runtime import TitansModel, TpttConfig
+from tptt_runtime import model as model_module
+from tptt_runtime.model import PrefillPiece
 from tptt_runtime.layers.liza import LiZAttention
 from tptt_runtime.ops import memory_inputs
 from tptt_runtime.state import SessionState
@@ -55,6 +57,33 @@ def test_incremental_equals_full(tiny_pair, pieces):
     assert state.num_tokens == 37
     for position, logits in rows.items():
         torch.testing.assert_close(logits, full[position], atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("pack_tokens", [2048, 8])  # 8: packs of 8 tokens, longer pieces cut across packs
+@pytest.mark.parametrize("cache_tokens", [0, 3])
+def test_a_packed_prefill_of_sessions_at_different_positions_equals_forward_full(tiny_pair, cache_tokens,
+                                                                                  pack_tokens, monkeypatch):
+    """prefill_packed: pieces of three sessions, each from its own position (one still filling its sinks) and of
+    its own length, in shared forwards; each piece's logits and the decode after it are forward_full's."""
+    monkeypatch.setattr(model_module, "PREFILL_CHUNK", pack_tokens)
+    converted, _ = tiny_pair
+    model = TitansModel(converted, TpttConfig(window=5, sinks=2, mag_weight=0.5, chunk_size=4,
+                                              cache_tokens=cache_tokens))
+    streams = [ids(40, seed) for seed in (1, 2, 3)]
+    seen, new = (0, 11, 1), (9, 1, 20)  # tokens each session has seen, tokens of its piece
+    states = [model.new_session() for _ in streams]
+    for state, stream, n in zip(states, streams, seen):
+        if n:
+            model.prefill(state, stream[:n])
+    pieces = [PrefillPiece(state.layers, n, stream[n:n + m], all_logits=i == 2)
+              for i, (state, stream, n, m) in enumerate(zip(states, streams, seen, new))]
+    logits = model.prefill_packed(pieces)
+    for i, (state, stream, n, m) in enumerate(zip(states, streams, seen, new)):
+        full = model.forward_full(stream)
+        expected = full[n:n + m] if i == 2 else full[n + m - 1:n + m]
+        torch.testing.assert_close(logits[i], expected, atol=TOL, rtol=0)
+        state.num_tokens = n + m
+        torch.testing.assert_close(model.step(state, int(stream[n + m])), full[n + m], atol=TOL, rtol=0)
 
 
 @pytest.mark.parametrize("options", [

@@ -124,7 +124,9 @@ def measure_ours(model: TitansModel, prompt: torch.Tensor, batches: list[int], d
     for batch in batches:
         try:
             pool = StatePool(model, batch)
-            slots = [pool.acquire(state) for _ in range(batch)]
+            for _ in range(batch):
+                pool.acquire(state)
+            layers = pool.front(batch)  # views of the slots, written in place
             ids, seen = torch.full((batch,), token, device=model.device), [state.num_tokens]
             graphs = GraphedDecode(model, pool.layers) if cuda_graphs and model.device.type == "cuda" else None
 
@@ -135,8 +137,7 @@ def measure_ours(model: TitansModel, prompt: torch.Tensor, batches: list[int], d
                     graphs(ids, seen * batch)
                 seen[0] += 1
 
-            with pool.rows(slots) as layers:  # consecutive slots: views, written in place
-                row["decode"][str(batch)] = _decode(step, batch, decode_tokens)
+            row["decode"][str(batch)] = _decode(step, batch, decode_tokens)
         except torch.OutOfMemoryError:
             row["decode"][str(batch)] = OUT_OF_MEMORY
         pool = layers = graphs = None

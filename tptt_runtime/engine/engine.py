@@ -7,9 +7,9 @@ The engine owns the model, the scheduler and the session store; it knows token i
 Per step:
     schedule     admit waiting requests (resuming the longest stored snapshot of their prompt), pick decodes and
                  prefill chunks under the token budget
-    run          one forward per group of prefill chunks that share a start and a length (several requests'
-                 new prompts prefill together); one batched decode forward for all decoding requests, over
-                 the front rows of the state pool (engine/state_pool.py: every running request's tensors
+    run          one forward for the step's prefill chunks, each request's from its own position (several
+                 requests' new prompts prefill together); one batched decode forward for all decoding requests,
+                 over the front rows of the state pool (engine/state_pool.py: every running request's tensors
                  live in one slot of it, written in place)
     postprocess  sample every request that has fresh logits in one batched draw on the device, apply the
                  token stop conditions (EOS, stop token ids, max_tokens), emit outputs;
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..cuda_graphs import GraphedDecode, RecordingFailed
-from ..model import TitansModel
+from ..model import PrefillPiece, TitansModel
 from .request import FinishReason, Request, RequestOutput
 from .sampling import sample_batch, token_logprobs
 from .scheduler import ScheduledBatch, Scheduler
@@ -182,12 +182,12 @@ class LLMEngine:
     def _run(self, batch: ScheduledBatch) -> list[RequestOutput]:
         """Model forwards of one step; a request whose forward fails is finished with an error output."""
         failed = []
-        for group in prefill_groups(batch.prefills):
+        if batch.prefills:
             try:
-                self._prefill(group)
+                self._prefill(batch.prefills)
             except Exception as error:  # noqa: BLE001 - reported to those requests' clients, the engine goes on
-                log.exception("prefill failed for %s", ", ".join(r.request_id for r, _ in group))
-                failed += [self._fail(request, error) for request, _ in group]
+                log.exception("prefill failed for %s", ", ".join(r.request_id for r, _ in batch.prefills))
+                failed += [self._fail(request, error) for request, _ in batch.prefills]
         if batch.decodes:
             try:
                 self._decode(batch.decodes)
@@ -196,17 +196,17 @@ class LLMEngine:
                 failed += [self._fail(r, error) for r in batch.decodes]
         return failed
 
-    def _prefill(self, group: list[tuple[Request, int]]) -> None:
-        """One forward for requests at the same prompt position taking the same number of tokens."""
-        start, num_tokens = group[0][0].num_computed, group[0][1]
-        requests = [request for request, _ in group]
-        ids = torch.tensor([r.prompt_ids[start:start + num_tokens] for r in requests], device=self.model.device)
-        all_logits = requests[0].wants_prompt_logprobs
-        with self.pool.rows([r.slot for r in requests]) as layers:
-            logits = self.model.prefill_rows(layers, start, ids, all_logits)  # [B, T or 1, vocab]
-        for request, rows in zip(requests, logits):
-            if all_logits:
-                self._record_prompt_logprobs(request, start, rows.cpu())
+    def _prefill(self, prefills: list[tuple[Request, int]]) -> None:
+        """The step's prompt chunks, each request from its own position, packed into one forward
+        (TitansModel.prefill_packed) that writes each request's slot in place."""
+        pieces = [PrefillPiece(self.pool.row(request.slot), request.num_computed,
+                               torch.tensor(request.prompt_ids[request.num_computed:request.num_computed + num_tokens],
+                                            device=self.model.device), request.wants_prompt_logprobs)
+                  for request, num_tokens in prefills]
+        logits = self.model.prefill_packed(pieces)  # per request [T or 1, vocab]
+        for (request, num_tokens), piece, rows in zip(prefills, pieces, logits):
+            if piece.all_logits:
+                self._record_prompt_logprobs(request, piece.start, rows.cpu())
             request.num_computed += num_tokens
             if not request.is_prefill:
                 request.pending_logits = rows[-1]
@@ -231,8 +231,7 @@ class LLMEngine:
                 self.graphs = None
             except torch.OutOfMemoryError:
                 log.warning("no memory to record a CUDA graph of %d rows: this step runs op by op", len(positions))
-        with self.pool.rows(list(range(len(positions)))) as layers:
-            return self.model.decode_rows(layers, ids, positions)
+        return self.model.decode_rows(self.pool.front(len(positions)), ids, positions)
 
     def _move_to_front(self, requests: list[Request]) -> None:
         """Swap slots so that requests[i] holds slot i (a no-op while the decoding set stays the same)."""
@@ -365,13 +364,3 @@ def eos_token_ids(model: TitansModel) -> set[int]:
             continue
         ids.update(source if isinstance(source, (list, tuple)) else [source])
     return ids
-
-
-def prefill_groups(prefills: list[tuple[Request, int]]) -> list[list[tuple[Request, int]]]:
-    """The step's prefill chunks grouped by (start, length), each group one batched forward; a request that
-    wants prompt logprobs (all logits of its chunk) goes alone."""
-    groups: dict[tuple, list[tuple[Request, int]]] = {}
-    for request, num_tokens in prefills:
-        key = (request.request_id,) if request.wants_prompt_logprobs else (request.num_computed, num_tokens)
-        groups.setdefault(key, []).append((request, num_tokens))
-    return list(groups.values())

@@ -1,18 +1,17 @@
 """StatePool: the session tensors of every running request, allocated once and addressed by slot.
 
 Each layer's state tensors exist once, at [num_slots, ...] (the engine's max_num_seqs). A running request holds
-a slot index; forwards read and write its row in place (TitansModel.prefill_rows / decode_rows), so a decode
+a slot index; forwards read and write its row in place (TitansModel.prefill_packed / decode_rows), so a decode
 step copies no state. Nothing else holds running state: a SessionState is only a value, copied out of a slot
 for a snapshot (`snapshot`) or into a free slot to resume one (`acquire`). The pool never grows.
 
 The engine keeps the slots of the requests decoding together at the front of the pool (`swap`), so that a
-decode step reads one contiguous view of rows 0 .. B-1. Rows in any other order (a batched prefill of some
-requests) are gathered and written back (`rows`). The pool knows tensors and slot numbers, never requests.
+decode step reads one contiguous view of rows 0 .. B-1 (`front`); a packed prefill reads and writes each of its
+requests' slots through views of that one row (`row`). Nothing is gathered or copied back. The pool knows
+tensors and slot numbers, never requests.
 """
 
 from __future__ import annotations
-
-from contextlib import contextmanager
 
 import torch
 
@@ -71,17 +70,11 @@ class StatePool:
             self._free.remove(a if free_a else b)
             self._free.append(b if free_a else a)
 
-    @contextmanager
-    def rows(self, slots: list[int]):
-        """Per-layer tensors [len(slots), ...] of these slots, for one forward that updates them in place: views
-        when the slots are consecutive (no copy), else a gathered batch written back when the block exits."""
-        first = slots[0]
-        if slots == list(range(first, first + len(slots))):
-            yield [{name: t[first:first + len(slots)] for name, t in layer.items()} for layer in self.layers]
-            return
-        index = torch.tensor(slots, device=self.model.device)
-        batch = [{name: t.index_select(0, index) for name, t in layer.items()} for layer in self.layers]
-        yield batch
-        for layer, gathered in zip(self.layers, batch):
-            for name, tensor in layer.items():
-                tensor.index_copy_(0, index, gathered[name])
+    def front(self, count: int) -> list[dict[str, torch.Tensor]]:
+        """Per-layer views [count, ...] of slots 0 .. count-1 (where the decoding requests sit), for one forward
+        that writes them in place."""
+        return [{name: t[:count] for name, t in layer.items()} for layer in self.layers]
+
+    def row(self, slot: int) -> list[dict[str, torch.Tensor]]:
+        """Per-layer views [1, ...] of one slot (a request's piece of a packed prefill)."""
+        return [{name: t[slot:slot + 1] for name, t in layer.items()} for layer in self.layers]

@@ -39,6 +39,15 @@ VIRTUAL_KEY_EPS = 1e-3  # virtual keys are e / max(|e|, eps): a difference of tw
 
 
 @dataclass
+class Segment:
+    """One session's piece of a packed prefill: `length` new tokens after the `start` it has seen, its
+    per-layer tensors [1, ...] (views into the caller's rows, written in place)."""
+    layer_states: list[dict[str, torch.Tensor]]
+    start: int
+    length: int
+
+
+@dataclass
 class ForwardContext:
     """What every LiZA layer needs to know about the forward in flight (set by TitansModel around one call)."""
 
@@ -50,6 +59,9 @@ class ForwardContext:
     positions: torch.Tensor | None = None
     # decode: whether a row's new token is one of the first `sinks` tokens (known on the host)
     filling_sinks: bool = False
+    # packed prefill: the pieces of several sessions, one after another along the tokens of a [1, T] forward
+    # (layer_states and start are then unused)
+    segments: list[Segment] | None = None
     # what the first layer computed from positions alone, for the others (see `shared`)
     memo: dict = field(default_factory=dict)
     # research hook (training's attention transfer, evaluation's recall probes): see LayerHook; None to serve
@@ -153,6 +165,8 @@ class LiZAttention(nn.Module):
                 ctx, hidden_states))
             return self.decode_step(hidden_states, ctx.layer_states[self.layer_idx], plan), None
         q, k, v = self._project(hidden_states)  # q: [B, Hq, T, D]; k, v: [B, Hkv, T, D], before rotary
+        if ctx.segments is not None:
+            return self.packed_prefill(hidden_states, q, k, v, ctx.segments), None
         hook = ctx.hook
         if hook is not None and (out := hook.prefill(self, hidden_states, q, k, v)) is not None:
             return out, None
@@ -160,16 +174,32 @@ class LiZAttention(nn.Module):
             state = self.new_state(hidden_states.shape[0], hidden_states.dtype, hidden_states.device)
         else:
             state = ctx.layer_states[self.layer_idx]
+        return self.prefill_piece(hidden_states, q, k, v, state, ctx.start), None
+
+    def prefill_piece(self, hidden_states, q, k, v, state, start: int) -> torch.Tensor:
+        """New tokens after the `start` every row of `state` has seen: [B, T, hidden] and their projections ->
+        [B, T, hidden]; `state` updated in place."""
         cos, sin = self._rotary_tables(q)
-        read, write_norms = (self.memory_branch(q, k, v, state, ctx.start) if self.config.uses_memory
-                             else (None, None))
-        softmax_out = window_ops.prefill(q, k, v, state, ctx.start, window=self.config.window,
+        read, write_norms = self.memory_branch(q, k, v, state, start) if self.config.uses_memory else (None, None)
+        softmax_out = window_ops.prefill(q, k, v, state, start, window=self.config.window,
                                          sinks=self.config.sinks, scaling=self.scaling, cos=cos, sin=sin,
                                          softcap=self.softcap, block=QUERY_BLOCK,
                                          scores=self.cache_scores(k, write_norms))
-        if hook is not None and (out := hook.mix(self, hidden_states, softmax_out, read, ctx.start)) is not None:
-            return out, None
-        return self._output(hidden_states, softmax_out, read, ctx.start), None
+        hook = self.context.hook
+        if hook is not None and (out := hook.mix(self, hidden_states, softmax_out, read, start)) is not None:
+            return out
+        return self._output(hidden_states, softmax_out, read, start)
+
+    def packed_prefill(self, hidden_states, q, k, v, segments: list[Segment]) -> torch.Tensor:
+        """Pieces of several sessions in one [1, T, hidden] forward (ForwardContext.segments): the projections
+        were computed for all tokens at once; each piece reads and writes its own session from its own start."""
+        outputs, first = [], 0
+        for segment in segments:
+            part = slice(first, first + segment.length)
+            outputs.append(self.prefill_piece(hidden_states[:, part], q[:, :, part], k[:, :, part], v[:, :, part],
+                                              segment.layer_states[self.layer_idx], segment.start))
+            first += segment.length
+        return torch.cat(outputs, dim=1)
 
     def decode_step(self, hidden_states: torch.Tensor, state, plan: window_ops.DecodePlan) -> torch.Tensor:
         """One new token per row: [B, 1, hidden] -> [B, 1, hidden]; `state` updated in place."""
