@@ -49,8 +49,7 @@ def run_forward(hf, context, ids: torch.Tensor, layer_states, start: int = 0, po
     try:
         out = hf(input_ids=ids, use_cache=False, logits_to_keep=1 if last_only else 0)
     finally:
-        context.layer_states, context.start, context.positions, context.filling_sinks = None, 0, None, False
-        context.memo.clear()
+        context.reset()
     return out.logits
 
 

@@ -5,9 +5,9 @@
     decode(states, ids)      one decode token for each of several sessions, in one batched forward
     forward_full(ids)        all logits of a sequence, no state: the reference semantics
     prefill_rows / decode_rows   the same over per-layer tensors with a leading batch dim that the caller owns
-                             (the serving engine's state pool, engine/state_pool.py), written in place
+                             (decode_rows: the serving engine's state pool, engine/state_pool.py), written in place
     prefill_packed(pieces)   prompt pieces of several sessions, each from its own position and of its own
-                             length, packed into one forward
+                             length, packed into shared forwards (the engine's prefill)
 
 Invariant: for any split of a sequence into prefill pieces and decode steps, the logits equal forward_full's.
 The model knows token ids, never text or HTTP. The Hugging Face model runs its own embeddings, decoder layers
@@ -183,8 +183,7 @@ class TitansModel:
             logits = self.hf(input_ids=torch.cat([piece.ids for piece in pieces])[None], use_cache=False,
                              logits_to_keep=keep.to(self.device)).logits[0]
         finally:
-            self.context.segments = None
-            self.context.memo.clear()
+            self.context.reset()
         return logits.float().split([n if piece.all_logits else 1 for piece, n in zip(pieces, lengths)])
 
     def step(self, state: SessionState, token_id: int) -> torch.Tensor:

@@ -162,6 +162,26 @@ def test_a_request_whose_sampling_fails_is_failed_alone(default_model, monkeypat
     assert not engine.has_work()
 
 
+def test_a_request_whose_bookkeeping_after_a_packed_prefill_fails_is_failed_alone(default_model, monkeypatch):
+    """Prefilled in the same forward as another request, one request's snapshot fails: it ends with an error,
+    the other is served as alone."""
+    engine = LLMEngine(default_model)
+    real_snapshot = engine._snapshot
+
+    def snapshot(request, *args):
+        if request.request_id == "bad":
+            raise OSError("disk full")
+        return real_snapshot(request, *args)
+
+    monkeypatch.setattr(engine, "_snapshot", snapshot)
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    prompts = {"bad": chat_ids(default_model, "Hello!"), "good": chat_ids(default_model, "Name a colour.")}
+    outputs = run_all(engine, [Request(rid, ids, params) for rid, ids in prompts.items()])
+    assert outputs["bad"][-1].finish_reason == "error" and "disk full" in outputs["bad"][-1].error
+    assert tokens(outputs["good"]) == reference_greedy(default_model, prompts["good"], 3)
+    assert engine.pool.num_free == engine.pool.num_slots and not engine.has_work()
+
+
 def test_simultaneous_prompts_of_different_lengths_prefill_in_one_forward_and_equal_requests_served_alone(
         default_model, monkeypatch):
     texts = ["The sea is calm and blue today,", "My favourite fruit is the mango because",

@@ -1,6 +1,7 @@
 """LiZA on every supported family: the base model is recovered when the memory is off, and any split of a
 sequence into prefill pieces and decode steps gives the logits of forward_full."""
 
+import copy
 import math
 
 import pytest
@@ -84,6 +85,22 @@ def test_a_packed_prefill_of_sessions_at_different_positions_equals_forward_full
         torch.testing.assert_close(logits[i], expected, atol=TOL, rtol=0)
         state.num_tokens = n + m
         torch.testing.assert_close(model.step(state, int(stream[n + m])), full[n + m], atol=TOL, rtol=0)
+
+
+def test_a_copy_made_during_a_forward_has_a_context_of_its_own_with_no_forward_in_flight():
+    """TitansModel.compiled_copy deep-copies a model that goes on serving: the copy's layers share one fresh
+    context, never the original's session tensors or packed pieces, and compute what the original does."""
+    from tests.conftest import tiny_model
+
+    model = TitansModel(tiny_model("llama"), TpttConfig(window=4, sinks=1, mag_weight=0.5))
+    context = model.context
+    context.segments, context.layer_states, context.memo["geometry"] = ["piece"], [{"memory": torch.ones(1)}], 1
+    twin = copy.deepcopy(model)
+    assert twin.context is not context and all(layer.context is twin.context for layer in twin.layers)
+    assert twin.context.segments is None and twin.context.layer_states is None and not twin.context.memo
+    context.reset()
+    tokens = ids(12)
+    torch.testing.assert_close(twin.forward_full(tokens), model.forward_full(tokens), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("options", [

@@ -7,10 +7,10 @@ The engine owns the model, the scheduler and the session store; it knows token i
 Per step:
     schedule     admit waiting requests (resuming the longest stored snapshot of their prompt), pick decodes and
                  prefill chunks under the token budget
-    run          one forward for the step's prefill chunks, each request's from its own position (several
-                 requests' new prompts prefill together); one batched decode forward for all decoding requests,
-                 over the front rows of the state pool (engine/state_pool.py: every running request's tensors
-                 live in one slot of it, written in place)
+    run          the step's prefill chunks packed into one forward (or more, 2048 tokens each: several
+                 requests' new prompts prefill together, each from its own position); one batched decode forward
+                 for all decoding requests, over the front rows of the state pool (engine/state_pool.py: every
+                 running request's tensors live in one slot of it, written in place)
     postprocess  sample every request that has fresh logits in one batched draw on the device, apply the
                  token stop conditions (EOS, stop token ids, max_tokens), emit outputs;
                  store a snapshot after every prompt and at every finish (prefix reuse for the next turn)
@@ -183,11 +183,7 @@ class LLMEngine:
         """Model forwards of one step; a request whose forward fails is finished with an error output."""
         failed = []
         if batch.prefills:
-            try:
-                self._prefill(batch.prefills)
-            except Exception as error:  # noqa: BLE001 - reported to those requests' clients, the engine goes on
-                log.exception("prefill failed for %s", ", ".join(r.request_id for r, _ in batch.prefills))
-                failed += [self._fail(request, error) for request, _ in batch.prefills]
+            failed += self._prefill(batch.prefills)
         if batch.decodes:
             try:
                 self._decode(batch.decodes)
@@ -196,21 +192,37 @@ class LLMEngine:
                 failed += [self._fail(r, error) for r in batch.decodes]
         return failed
 
-    def _prefill(self, prefills: list[tuple[Request, int]]) -> None:
+    def _prefill(self, prefills: list[tuple[Request, int]]) -> list[RequestOutput]:
         """The step's prompt chunks, each request from its own position, packed into one forward
-        (TitansModel.prefill_packed) that writes each request's slot in place."""
+        (TitansModel.prefill_packed) that writes each request's slot in place. Returns the error outputs: every
+        request's if the forward fails (their slots are partly written), else those whose bookkeeping failed."""
         pieces = [PrefillPiece(self.pool.row(request.slot), request.num_computed,
                                torch.tensor(request.prompt_ids[request.num_computed:request.num_computed + num_tokens],
                                             device=self.model.device), request.wants_prompt_logprobs)
                   for request, num_tokens in prefills]
-        logits = self.model.prefill_packed(pieces)  # per request [T or 1, vocab]
+        try:
+            logits = self.model.prefill_packed(pieces)  # per request [T or 1, vocab]
+        except Exception as error:  # noqa: BLE001 - reported to those requests' clients, the engine goes on
+            log.exception("prefill failed for %s", ", ".join(r.request_id for r, _ in prefills))
+            return [self._fail(request, error) for request, _ in prefills]
+        failed = []
         for (request, num_tokens), piece, rows in zip(prefills, pieces, logits):
-            if piece.all_logits:
-                self._record_prompt_logprobs(request, piece.start, rows.cpu())
-            request.num_computed += num_tokens
-            if not request.is_prefill:
-                request.pending_logits = rows[-1]
-                self._snapshot(request, request.prompt_ids, rows[-1])
+            try:
+                self._prefilled(request, num_tokens, piece, rows)
+            except Exception as error:  # noqa: BLE001
+                log.exception("after the prefill of %s", request.request_id)
+                failed.append(self._fail(request, error))
+        return failed
+
+    def _prefilled(self, request: Request, num_tokens: int, piece: PrefillPiece, logits: torch.Tensor) -> None:
+        """A request's bookkeeping after its prompt chunk: prompt logprobs, and at the prompt's end the logits to
+        sample from and a snapshot of the prompt."""
+        if piece.all_logits:
+            self._record_prompt_logprobs(request, piece.start, logits.cpu())
+        request.num_computed += num_tokens
+        if not request.is_prefill:
+            request.pending_logits = logits[-1]
+            self._snapshot(request, request.prompt_ids, logits[-1])
 
     def _decode(self, requests: list[Request]) -> None:
         """One token for every decoding request, over pool rows 0 .. B-1 (moved there first if needed)."""

@@ -67,6 +67,16 @@ class ForwardContext:
     # research hook (training's attention transfer, evaluation's recall probes): see LayerHook; None to serve
     hook: "LayerHook | None" = None
 
+    def reset(self) -> None:
+        """Back to no forward in flight (after every forward)."""
+        self.layer_states, self.start, self.positions, self.filling_sinks, self.segments = None, 0, None, False, None
+        self.memo.clear()
+
+    def __deepcopy__(self, memo) -> "ForwardContext":
+        """A copied model (TitansModel.compiled_copy, made while the original serves) gets a context of its own
+        with no forward in flight: never the original's session tensors or pieces."""
+        return ForwardContext()
+
     def shared(self, key, compute):
         """`compute()` once per forward for every layer asking with the same key (position geometry)."""
         if key not in self.memo:
