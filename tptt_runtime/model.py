@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import itertools
 from dataclasses import dataclass
 
 import torch
@@ -39,10 +38,11 @@ PREFILL_CHUNK = 2048  # tokens per forward in prefill: bounds activation memory 
 
 @dataclass
 class PrefillPiece:
-    """New prompt tokens for one session of a packed prefill (`TitansModel.prefill_packed`)."""
-    layer_states: list[dict[str, torch.Tensor]]  # the session's per-layer tensors [1, ...], written in place
-    start: int                                   # tokens the session has seen
-    ids: torch.Tensor                            # [T] new token ids on the model's device
+    """New prompt tokens for sessions of a packed prefill (`TitansModel.prefill_packed`): B sessions at the same
+    position taking the same number of tokens (usually one)."""
+    layer_states: list[dict[str, torch.Tensor]]  # the sessions' per-layer tensors [B, ...], written in place
+    start: int                                   # tokens each session has seen
+    ids: torch.Tensor                            # [B, T] new token ids on the model's device
     all_logits: bool = False                     # logits after every new token, not only after the last
 
 
@@ -163,28 +163,34 @@ class TitansModel:
     def prefill_packed(self, pieces: list[PrefillPiece]) -> list[torch.Tensor]:
         """Pieces of different sessions, each from its own position and of its own length, packed one after
         another into forwards of up to PREFILL_CHUNK tokens ([1, T]: no padding). The projections, MLPs and head
-        run once for every token of a forward; each attention layer reads and writes every piece's own session.
-        Returns each piece's float32 logits [T or 1, vocab], as `prefill_rows` of that piece alone."""
-        if any(piece.ids.numel() == 0 for piece in pieces):
+        run once for every token of a forward; each attention layer reads and writes every piece's own sessions
+        (a piece's rows as one batch). Returns each piece's float32 logits [B, T or 1, vocab], as `prefill_rows`
+        of that piece alone."""
+        if any(piece.ids.shape[1] == 0 for piece in pieces):
             raise ValueError("a prefill piece without tokens")
         parts: list[list[torch.Tensor]] = [[] for _ in pieces]
         for pack in _packs(pieces, PREFILL_CHUNK):
             for (index, _), logits in zip(pack, self._forward_packed([piece for _, piece in pack])):
                 parts[index].append(logits)
-        return [torch.cat(rows) if piece.all_logits else rows[-1][-1:] for rows, piece in zip(parts, pieces)]
+        return [torch.cat(rows, dim=1) if piece.all_logits else rows[-1] for rows, piece in zip(parts, pieces)]
 
     def _forward_packed(self, pieces: list[PrefillPiece]) -> list[torch.Tensor]:
-        """One [1, T] forward of pieces of different sessions: each piece's float32 logits [T or 1, vocab]."""
-        lengths = [piece.ids.numel() for piece in pieces]
-        keep = torch.cat([torch.arange(end - length if piece.all_logits else end - 1, end)
-                          for end, length, piece in zip(itertools.accumulate(lengths), lengths, pieces)])
-        self.context.segments = [Segment(piece.layer_states, piece.start, n) for piece, n in zip(pieces, lengths)]
+        """One [1, T] forward of pieces of different sessions: each piece's float32 logits [B, T or 1, vocab]."""
+        keep, first = [], 0
+        for piece in pieces:
+            rows, length = piece.ids.shape
+            ends = first + length * torch.arange(1, rows + 1)[:, None]  # [B, 1]: after each row's last token
+            keep.append((ends - torch.arange(length if piece.all_logits else 1, 0, -1)).reshape(-1))
+            first += rows * length
+        self.context.segments = [Segment(piece.layer_states, piece.start, piece.ids.shape[1], piece.ids.shape[0])
+                                 for piece in pieces]
         try:
-            logits = self.hf(input_ids=torch.cat([piece.ids for piece in pieces])[None], use_cache=False,
-                             logits_to_keep=keep.to(self.device)).logits[0]
+            logits = self.hf(input_ids=torch.cat([piece.ids.reshape(-1) for piece in pieces])[None], use_cache=False,
+                             logits_to_keep=torch.cat(keep).to(self.device)).logits[0].float()
         finally:
             self.context.reset()
-        return logits.float().split([n if piece.all_logits else 1 for piece, n in zip(pieces, lengths)])
+        return [rows.reshape(piece.ids.shape[0], -1, rows.shape[-1])
+                for piece, rows in zip(pieces, logits.split([k.numel() for k in keep]))]
 
     def step(self, state: SessionState, token_id: int) -> torch.Tensor:
         """One decode token; returns the float32 logits [vocab] after it."""
@@ -252,12 +258,14 @@ class TitansModel:
 
 
 def _packs(pieces: list[PrefillPiece], size: int) -> list[list[tuple[int, PrefillPiece]]]:
-    """The pieces (with their index) in order, in packs of at most `size` tokens; a longer piece is cut into
-    consecutive pieces of the same session, which later packs continue."""
+    """The pieces (with their index) in order, in packs of at most `size` tokens (or one piece's rows of one
+    token); a longer piece is cut along its tokens into consecutive pieces, which later packs continue."""
     packs, pack, tokens = [], [], 0
     for index, piece in enumerate(pieces):
-        for offset in range(0, piece.ids.numel(), size):
-            cut = PrefillPiece(piece.layer_states, piece.start + offset, piece.ids[offset:offset + size],
+        rows, length = piece.ids.shape
+        step = max(1, size // rows)
+        for offset in range(0, length, step):
+            cut = PrefillPiece(piece.layer_states, piece.start + offset, piece.ids[:, offset:offset + step],
                                piece.all_logits)
             if pack and tokens + cut.ids.numel() > size:
                 packs.append(pack)

@@ -193,10 +193,10 @@ def test_simultaneous_prompts_of_different_lengths_prefill_in_one_forward_and_eq
     packs = []
     prefill_packed = default_model.prefill_packed
     monkeypatch.setattr(default_model, "prefill_packed",
-                        lambda pieces: packs.append([p.ids.numel() for p in pieces]) or prefill_packed(pieces))
+                        lambda pieces: packs.append([tuple(p.ids.shape) for p in pieces]) or prefill_packed(pieces))
     together = run_all(LLMEngine(default_model, EngineConfig(prefix_reuse=False)),
                        [Request(f"t{i}", p, params) for i, p in enumerate(prompts)])
-    assert packs == [[5, 6, 7, 8]]
+    assert packs == [[(1, 5), (1, 6), (1, 7), (1, 8)]]
     assert [tokens(together[f"t{i}"]) for i in range(4)] == alone
 
 

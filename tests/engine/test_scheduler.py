@@ -100,3 +100,19 @@ def test_finish_removes_a_waiting_or_running_request():
     runner.scheduler.finish(waiting)
     runner.scheduler.finish(running)
     assert not runner.scheduler.has_work()
+
+
+def test_prefill_runs_batch_requests_in_consecutive_slots_at_one_position_taking_as_many_tokens():
+    """engine.prefill_runs: which of a step's prefill chunks one batched piece of a packed prefill carries."""
+    from types import SimpleNamespace
+
+    from tptt_runtime.engine.engine import prefill_runs
+
+    def chunk(slot, start, tokens, logprobs=False):
+        return SimpleNamespace(slot=slot, num_computed=start, wants_prompt_logprobs=logprobs), tokens
+
+    chunks = [chunk(3, 0, 64), chunk(1, 0, 64), chunk(2, 0, 64), chunk(5, 0, 64),  # 1-3 a run, 5 not next to 3
+              chunk(4, 0, 30), chunk(6, 12, 64), chunk(7, 0, 64, logprobs=True), chunk(0, 0, 64)]
+    runs = [[(request.slot, tokens) for request, tokens in run] for run in prefill_runs(chunks)]
+    assert sorted(runs) == sorted([[(0, 64), (1, 64), (2, 64), (3, 64)], [(5, 64)], [(4, 30)], [(6, 64)], [(7, 64)]])
+    assert sorted(slot for run in runs for slot, _ in run) == list(range(8))

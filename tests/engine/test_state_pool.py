@@ -52,12 +52,12 @@ def test_prefill_and_decode_over_slots_equal_the_session_path_byte_for_byte(mode
     states = [model.new_session() for _ in streams]
     slot_of = [pool.acquire() for _ in streams]
     pool.acquire()  # slot 3 taken: a pool that is not just these sessions
-    packed = model.prefill_packed([PrefillPiece(pool.row(slot_of[0]), 0, streams[0][:6]),
-                                   PrefillPiece(pool.row(slot_of[2]), 0, streams[2][:5])])
-    model.prefill_packed([PrefillPiece(pool.row(slot_of[1]), 0, streams[1][:9])])
+    packed = model.prefill_packed([PrefillPiece(pool.rows(slot_of[0]), 0, streams[0][None, :6]),
+                                   PrefillPiece(pool.rows(slot_of[2]), 0, streams[2][None, :5])])
+    model.prefill_packed([PrefillPiece(pool.rows(slot_of[1]), 0, streams[1][None, :9])])
     for state, stream, n in zip(states, streams, (6, 9, 5)):
         reference = model.prefill(state, stream[:n])
-    torch.testing.assert_close(packed[1][-1], reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(packed[1][0, -1], reference, atol=1e-5, rtol=0)
     assert same(pool.snapshot(slot_of[1], 9), states[1])
     for order in ([2, 0, 1], [0, 1, 2]):
         for row, i in enumerate(order):  # session i to slot `row`, as the engine moves decoding requests
@@ -65,7 +65,7 @@ def test_prefill_and_decode_over_slots_equal_the_session_path_byte_for_byte(mode
             pool.swap(row, slot_of[i])
             slot_of[other], slot_of[i] = slot_of[i], row
         positions = [states[i].num_tokens for i in order]
-        logits = model.decode_rows(pool.front(3), torch.stack([streams[i][positions[j]] for j, i in enumerate(order)]),
+        logits = model.decode_rows(pool.rows(0, 3), torch.stack([streams[i][positions[j]] for j, i in enumerate(order)]),
                                    positions)
         expected = model.decode([states[i] for i in order], [int(streams[i][states[i].num_tokens]) for i in order])
         torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
@@ -93,7 +93,7 @@ def test_slots_are_reused_and_the_pool_never_grows(model):
         assert {a, b} == {0, 1}
         with pytest.raises(PoolFull):
             pool.acquire()
-        model.decode_rows(pool.front(2), ids(2, round_), [0, 0])
+        model.decode_rows(pool.rows(0, 2), ids(2, round_), [0, 0])
         pool.release(a)
         pool.release(b)
     assert storages(pool) == before

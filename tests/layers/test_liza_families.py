@@ -64,27 +64,37 @@ def test_incremental_equals_full(tiny_pair, pieces):
 @pytest.mark.parametrize("cache_tokens", [0, 3])
 def test_a_packed_prefill_of_sessions_at_different_positions_equals_forward_full(tiny_pair, cache_tokens,
                                                                                   pack_tokens, monkeypatch):
-    """prefill_packed: pieces of three sessions, each from its own position (one still filling its sinks) and of
-    its own length, in shared forwards; each piece's logits and the decode after it are forward_full's."""
+    """prefill_packed: pieces of five sessions in shared forwards, each piece from its own position (one still
+    filling its sinks) and of its own length, the last one two sessions at one position as a batch; each
+    session's logits and the decode after its piece are forward_full's."""
     monkeypatch.setattr(model_module, "PREFILL_CHUNK", pack_tokens)
     converted, _ = tiny_pair
     model = TitansModel(converted, TpttConfig(window=5, sinks=2, mag_weight=0.5, chunk_size=4,
                                               cache_tokens=cache_tokens))
-    streams = [ids(40, seed) for seed in (1, 2, 3)]
-    seen, new = (0, 11, 1), (9, 1, 20)  # tokens each session has seen, tokens of its piece
+    streams = [ids(40, seed) for seed in range(1, 6)]
+    seen, new = (0, 11, 1, 7), (9, 1, 20, 6)  # tokens each piece's sessions have seen, tokens of the piece
+    rows = ((0,), (1,), (2,), (3, 4))          # the sessions of each piece
     states = [model.new_session() for _ in streams]
-    for state, stream, n in zip(states, streams, seen):
+    for state, stream, n in zip(states, streams, (0, 11, 1, 7, 7)):
         if n:
             model.prefill(state, stream[:n])
-    pieces = [PrefillPiece(state.layers, n, stream[n:n + m], all_logits=i == 2)
-              for i, (state, stream, n, m) in enumerate(zip(states, streams, seen, new))]
+    batched = [{name: torch.cat([states[3].layers[i][name], states[4].layers[i][name]]) for name in layer}
+               for i, layer in enumerate(states[3].layers)]
+    pieces = [PrefillPiece(batched if len(sessions) > 1 else states[sessions[0]].layers, n,
+                           torch.stack([streams[s][n:n + m] for s in sessions]), all_logits=i == 2)
+              for i, (sessions, n, m) in enumerate(zip(rows, seen, new))]
     logits = model.prefill_packed(pieces)
-    for i, (state, stream, n, m) in enumerate(zip(states, streams, seen, new)):
-        full = model.forward_full(stream)
-        expected = full[n:n + m] if i == 2 else full[n + m - 1:n + m]
-        torch.testing.assert_close(logits[i], expected, atol=TOL, rtol=0)
-        state.num_tokens = n + m
-        torch.testing.assert_close(model.step(state, int(stream[n + m])), full[n + m], atol=TOL, rtol=0)
+    for piece_logits, sessions, n, m, all_logits in zip(logits, rows, seen, new, (False, False, True, False)):
+        for row, s in enumerate(sessions):
+            full = model.forward_full(streams[s])
+            expected = full[n:n + m] if all_logits else full[n + m - 1:n + m]
+            torch.testing.assert_close(piece_logits[row], expected, atol=TOL, rtol=0)
+            if len(sessions) > 1:
+                for mine, stacked in zip(states[s].layers, batched):
+                    for name, tensor in mine.items():
+                        tensor.copy_(stacked[name][row:row + 1])
+            states[s].num_tokens = n + m
+            torch.testing.assert_close(model.step(states[s], int(streams[s][n + m])), full[n + m], atol=TOL, rtol=0)
 
 
 def test_a_copy_made_during_a_forward_has_a_context_of_its_own_with_no_forward_in_flight():

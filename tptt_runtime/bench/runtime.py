@@ -126,7 +126,7 @@ def measure_ours(model: TitansModel, prompt: torch.Tensor, batches: list[int], d
             pool = StatePool(model, batch)
             for _ in range(batch):
                 pool.acquire(state)
-            layers = pool.front(batch)  # views of the slots, written in place
+            layers = pool.rows(0, batch)  # views of the slots, written in place
             ids, seen = torch.full((batch,), token, device=model.device), [state.num_tokens]
             graphs = GraphedDecode(model, pool.layers) if cuda_graphs and model.device.type == "cuda" else None
 

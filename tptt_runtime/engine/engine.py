@@ -193,26 +193,32 @@ class LLMEngine:
         return failed
 
     def _prefill(self, prefills: list[tuple[Request, int]]) -> list[RequestOutput]:
-        """The step's prompt chunks, each request from its own position, packed into one forward
-        (TitansModel.prefill_packed) that writes each request's slot in place. Returns the error outputs: every
-        request's if the forward fails (their slots are partly written), else those whose bookkeeping failed."""
-        pieces = [PrefillPiece(self.pool.row(request.slot), request.num_computed,
-                               torch.tensor(request.prompt_ids[request.num_computed:request.num_computed + num_tokens],
-                                            device=self.model.device), request.wants_prompt_logprobs)
-                  for request, num_tokens in prefills]
+        """The step's prompt chunks packed into one forward (TitansModel.prefill_packed) that writes each request's
+        slot in place; requests at the same position taking as many tokens from consecutive slots go as one
+        batched piece (`prefill_runs`). Returns the error outputs: every request's if the forward fails (their
+        slots are partly written), else those whose bookkeeping failed."""
+        runs = prefill_runs(prefills)
+        pieces = [self._piece(run) for run in runs]
         try:
-            logits = self.model.prefill_packed(pieces)  # per request [T or 1, vocab]
+            logits = self.model.prefill_packed(pieces)  # per run [B, T or 1, vocab]
         except Exception as error:  # noqa: BLE001 - reported to those requests' clients, the engine goes on
             log.exception("prefill failed for %s", ", ".join(r.request_id for r, _ in prefills))
             return [self._fail(request, error) for request, _ in prefills]
         failed = []
-        for (request, num_tokens), piece, rows in zip(prefills, pieces, logits):
-            try:
-                self._prefilled(request, num_tokens, piece, rows)
-            except Exception as error:  # noqa: BLE001
-                log.exception("after the prefill of %s", request.request_id)
-                failed.append(self._fail(request, error))
+        for run, piece, rows in zip(runs, pieces, logits):
+            for (request, num_tokens), request_logits in zip(run, rows):
+                try:
+                    self._prefilled(request, num_tokens, piece, request_logits)
+                except Exception as error:  # noqa: BLE001
+                    log.exception("after the prefill of %s", request.request_id)
+                    failed.append(self._fail(request, error))
         return failed
+
+    def _piece(self, run: list[tuple[Request, int]]) -> PrefillPiece:
+        """The prefill piece of requests in consecutive slots at one position, taking as many tokens."""
+        first, (start, num_tokens) = run[0][0].slot, (run[0][0].num_computed, run[0][1])
+        ids = torch.tensor([r.prompt_ids[start:start + num_tokens] for r, _ in run], device=self.model.device)
+        return PrefillPiece(self.pool.rows(first, len(run)), start, ids, run[0][0].wants_prompt_logprobs)
 
     def _prefilled(self, request: Request, num_tokens: int, piece: PrefillPiece, logits: torch.Tensor) -> None:
         """A request's bookkeeping after its prompt chunk: prompt logprobs, and at the prompt's end the logits to
@@ -243,7 +249,7 @@ class LLMEngine:
                 self.graphs = None
             except torch.OutOfMemoryError:
                 log.warning("no memory to record a CUDA graph of %d rows: this step runs op by op", len(positions))
-        return self.model.decode_rows(self.pool.front(len(positions)), ids, positions)
+        return self.model.decode_rows(self.pool.rows(0, len(positions)), ids, positions)
 
     def _move_to_front(self, requests: list[Request]) -> None:
         """Swap slots so that requests[i] holds slot i (a no-op while the decoding set stays the same)."""
@@ -365,6 +371,23 @@ class LLMEngine:
             first_token_time=request.first_token_time,
             snapshot_keys=list(request.snapshot_keys) if request.finish_reason else [],
         )
+
+
+def prefill_runs(prefills: list[tuple[Request, int]]) -> list[list[tuple[Request, int]]]:
+    """The step's prefill chunks as runs that one batched piece can carry: requests in consecutive slots at the
+    same prompt position, taking the same number of tokens, alike in wanting prompt logprobs (all logits)."""
+    def key(item):
+        request, num_tokens = item
+        return request.num_computed, num_tokens, request.wants_prompt_logprobs
+
+    runs: list[list[tuple[Request, int]]] = []
+    for item in sorted(prefills, key=lambda item: (key(item), item[0].slot)):
+        last = runs[-1][-1] if runs else None
+        if last is not None and key(last) == key(item) and last[0].slot + 1 == item[0].slot:
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    return runs
 
 
 def eos_token_ids(model: TitansModel) -> set[int]:

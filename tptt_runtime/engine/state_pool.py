@@ -6,8 +6,8 @@ step copies no state. Nothing else holds running state: a SessionState is only a
 for a snapshot (`snapshot`) or into a free slot to resume one (`acquire`). The pool never grows.
 
 The engine keeps the slots of the requests decoding together at the front of the pool (`swap`), so that a
-decode step reads one contiguous view of rows 0 .. B-1 (`front`); a packed prefill reads and writes each of its
-requests' slots through views of that one row (`row`). Nothing is gathered or copied back. The pool knows
+decode step reads one contiguous view of rows 0 .. B-1; a packed prefill reads and writes its requests' slots
+through views of runs of consecutive slots. Nothing is gathered or copied back (`rows`). The pool knows
 tensors and slot numbers, never requests.
 """
 
@@ -70,11 +70,7 @@ class StatePool:
             self._free.remove(a if free_a else b)
             self._free.append(b if free_a else a)
 
-    def front(self, count: int) -> list[dict[str, torch.Tensor]]:
-        """Per-layer views [count, ...] of slots 0 .. count-1 (where the decoding requests sit), for one forward
-        that writes them in place."""
-        return [{name: t[:count] for name, t in layer.items()} for layer in self.layers]
-
-    def row(self, slot: int) -> list[dict[str, torch.Tensor]]:
-        """Per-layer views [1, ...] of one slot (a request's piece of a packed prefill)."""
-        return [{name: t[slot:slot + 1] for name, t in layer.items()} for layer in self.layers]
+    def rows(self, first: int, count: int = 1) -> list[dict[str, torch.Tensor]]:
+        """Per-layer views [count, ...] of slots first .. first+count-1, for one forward that writes them in place
+        (the decoding requests at the front; a piece of a packed prefill)."""
+        return [{name: t[first:first + count] for name, t in layer.items()} for layer in self.layers]

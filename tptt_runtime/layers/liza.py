@@ -40,11 +40,13 @@ VIRTUAL_KEY_EPS = 1e-3  # virtual keys are e / max(|e|, eps): a difference of tw
 
 @dataclass
 class Segment:
-    """One session's piece of a packed prefill: `length` new tokens after the `start` it has seen, its
-    per-layer tensors [1, ...] (views into the caller's rows, written in place)."""
+    """A piece of a packed prefill: `rows` sessions that have all seen `start` tokens, `length` new tokens each
+    (row after row along the packed tokens), their per-layer tensors [rows, ...] (views into the caller's
+    rows, written in place)."""
     layer_states: list[dict[str, torch.Tensor]]
     start: int
     length: int
+    rows: int = 1
 
 
 @dataclass
@@ -202,13 +204,16 @@ class LiZAttention(nn.Module):
 
     def packed_prefill(self, hidden_states, q, k, v, segments: list[Segment]) -> torch.Tensor:
         """Pieces of several sessions in one [1, T, hidden] forward (ForwardContext.segments): the projections
-        were computed for all tokens at once; each piece reads and writes its own session from its own start."""
+        were computed for all tokens at once; each piece reads and writes its own sessions from its own start,
+        its rows as one batch."""
         outputs, first = [], 0
         for segment in segments:
-            part = slice(first, first + segment.length)
-            outputs.append(self.prefill_piece(hidden_states[:, part], q[:, :, part], k[:, :, part], v[:, :, part],
-                                              segment.layer_states[self.layer_idx], segment.start))
-            first += segment.length
+            part, shape = slice(first, first + segment.rows * segment.length), (segment.rows, segment.length)
+            x = hidden_states[:, part].reshape(*shape, -1)
+            heads = (t[:, :, part].transpose(1, 2).reshape(*shape, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+            out = self.prefill_piece(x, *heads, segment.layer_states[self.layer_idx], segment.start)
+            outputs.append(out.reshape(1, -1, out.shape[-1]))
+            first = part.stop
         return torch.cat(outputs, dim=1)
 
     def decode_step(self, hidden_states: torch.Tensor, state, plan: window_ops.DecodePlan) -> torch.Tensor:
