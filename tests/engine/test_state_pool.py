@@ -65,8 +65,8 @@ def test_prefill_and_decode_over_slots_equal_the_session_path_byte_for_byte(mode
             pool.swap(row, slot_of[i])
             slot_of[other], slot_of[i] = slot_of[i], row
         positions = [states[i].num_tokens for i in order]
-        logits = model.decode_rows(pool.rows(0, 3), torch.stack([streams[i][positions[j]] for j, i in enumerate(order)]),
-                                   positions)
+        next_ids = torch.stack([streams[i][positions[j]] for j, i in enumerate(order)])
+        logits = model.decode_rows(pool.rows(0, 3), next_ids, positions)
         expected = model.decode([states[i] for i in order], [int(streams[i][states[i].num_tokens]) for i in order])
         torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
     for slot, state in zip(slot_of, states):

@@ -210,7 +210,8 @@ class LiZAttention(nn.Module):
         for segment in segments:
             part, shape = slice(first, first + segment.rows * segment.length), (segment.rows, segment.length)
             x = hidden_states[:, part].reshape(*shape, -1)
-            heads = (t[:, :, part].transpose(1, 2).reshape(*shape, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+            heads = (t[:, :, part].transpose(1, 2).reshape(*shape, -1, self.head_dim).transpose(1, 2)
+                     for t in (q, k, v))
             out = self.prefill_piece(x, *heads, segment.layer_states[self.layer_idx], segment.start)
             outputs.append(out.reshape(1, -1, out.shape[-1]))
             first = part.stop
