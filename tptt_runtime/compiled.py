@@ -40,11 +40,11 @@ log = logging.getLogger(__name__)
 ARTIFACT = "decode.bin"
 
 
-def run_forward(hf, context, ids: torch.Tensor, layer_states, start: int = 0, positions: torch.Tensor | None = None,
+def run_forward(hf, context, ids: torch.Tensor, layer_states, positions: torch.Tensor | None = None,
                 filling_sinks: bool = False, last_only: bool = True) -> torch.Tensor:
     """One Hugging Face forward of ids [B, T] with `context` set for the LiZA layers around it (TitansModel's
     forwards, eager or compiled). Returns the logits [B, 1 or T, vocab] in the model's dtype."""
-    context.layer_states, context.start, context.positions = layer_states, start, positions
+    context.layer_states, context.positions = layer_states, positions
     context.filling_sinks = filling_sinks
     try:
         out = hf(input_ids=ids, use_cache=False, logits_to_keep=1 if last_only else 0)

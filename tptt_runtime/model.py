@@ -4,10 +4,10 @@
     step(state, token_id)    one decode token
     decode(states, ids)      one decode token for each of several sessions, in one batched forward
     forward_full(ids)        all logits of a sequence, no state: the reference semantics
-    prefill_rows / decode_rows   the same over per-layer tensors with a leading batch dim that the caller owns
-                             (decode_rows: the serving engine's state pool, engine/state_pool.py), written in place
     prefill_packed(pieces)   prompt pieces of several sessions, each from its own position and of its own
-                             length, packed into shared forwards (the engine's prefill)
+                             length, packed into shared forwards (prefill, and the engine's prefill)
+    decode_rows              decode over per-layer tensors with a leading batch dim that the caller owns (the
+                             serving engine's state pool, engine/state_pool.py), written in place
 
 Invariant: for any split of a sequence into prefill pieces and decode steps, the logits equal forward_full's.
 The model knows token ids, never text or HTTP. The Hugging Face model runs its own embeddings, decoder layers
@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -30,20 +29,10 @@ from torch import nn
 from .compiled import CompiledDecode, run_forward
 from .config import TpttConfig
 from .convert import inject_liza
-from .layers.liza import ForwardContext, Segment
+from .layers.liza import ForwardContext, PrefillPiece
 from .state import SessionState, check_fingerprint
 
 PREFILL_CHUNK = 2048  # tokens per forward in prefill: bounds activation memory whatever the prompt length
-
-
-@dataclass
-class PrefillPiece:
-    """New prompt tokens for sessions of a packed prefill (`TitansModel.prefill_packed`): B sessions at the same
-    position taking the same number of tokens (usually one)."""
-    layer_states: list[dict[str, torch.Tensor]]  # the sessions' per-layer tensors [B, ...], written in place
-    start: int                                   # tokens each session has seen
-    ids: torch.Tensor                            # [B, T] new token ids on the model's device
-    all_logits: bool = False                     # logits after every new token, not only after the last
 
 
 class TitansModel:
@@ -133,10 +122,11 @@ class TitansModel:
         return ids.to(self.device)
 
     # ------------------------------------------------------------------------------------------ forwards
-    def _forward(self, ids: torch.Tensor, layer_states, start: int = 0, positions: torch.Tensor | None = None,
+    def _forward(self, ids: torch.Tensor, layer_states, positions: torch.Tensor | None = None,
                  filling_sinks: bool = False, last_only=True):
-        """ids: [B, T]. Sets the context for the LiZA layers around one Hugging Face forward."""
-        return run_forward(self.hf, self.context, ids, layer_states, start, positions, filling_sinks, last_only)
+        """ids: [B, T]. Sets the context for the LiZA layers around one Hugging Face forward: a decode step
+        (positions) or, without layer_states, a stateless forward from token 0."""
+        return run_forward(self.hf, self.context, ids, layer_states, positions, filling_sinks, last_only)
 
     @torch.no_grad()
     def prefill(self, state: SessionState, ids, all_logits: bool = False) -> torch.Tensor:
@@ -144,28 +134,17 @@ class TitansModel:
         (with `all_logits`, [len(ids), vocab]: the logits after each of them)."""
         self._check(state)
         ids = self._ids(ids)
-        logits = self.prefill_rows(state.layers, state.num_tokens, ids[None], all_logits)[0]
+        logits = self.prefill_packed([PrefillPiece(state.layers, state.num_tokens, ids[None], all_logits)])[0][0]
         state.num_tokens += ids.numel()
         return logits if all_logits else logits[-1]
-
-    @torch.no_grad()
-    def prefill_rows(self, layer_states, start: int, ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
-        """Feed ids [B, T] to B sessions that have all seen `start` tokens, their per-layer tensors [B, ...]
-        updated in place (PREFILL_CHUNK tokens per forward). Returns float32 logits [B, T or 1, vocab]: after
-        every token with `all_logits`, else after the last."""
-        pieces = []
-        for piece in ids.split(PREFILL_CHUNK, dim=1):
-            pieces.append(self._forward(piece, layer_states, start=start, last_only=not all_logits).float())
-            start += piece.shape[1]
-        return torch.cat(pieces, dim=1) if all_logits else pieces[-1][:, -1:]
 
     @torch.no_grad()
     def prefill_packed(self, pieces: list[PrefillPiece]) -> list[torch.Tensor]:
         """Pieces of different sessions, each from its own position and of its own length, packed one after
         another into forwards of up to PREFILL_CHUNK tokens ([1, T]: no padding). The projections, MLPs and head
         run once for every token of a forward; each attention layer reads and writes every piece's own sessions
-        (a piece's rows as one batch). Returns each piece's float32 logits [B, T or 1, vocab], as `prefill_rows`
-        of that piece alone."""
+        (a piece's rows as one batch). Returns each piece's float32 logits [B, T or 1, vocab]: after every new
+        token with the piece's `all_logits`, else after its last."""
         if any(piece.ids.shape[1] == 0 for piece in pieces):
             raise ValueError("a prefill piece without tokens")
         parts: list[list[torch.Tensor]] = [[] for _ in pieces]
@@ -182,8 +161,7 @@ class TitansModel:
             ends = first + length * torch.arange(1, rows + 1)[:, None]  # [B, 1]: after each row's last token
             keep.append((ends - torch.arange(length if piece.all_logits else 1, 0, -1)).reshape(-1))
             first += rows * length
-        self.context.segments = [Segment(piece.layer_states, piece.start, piece.ids.shape[1], piece.ids.shape[0])
-                                 for piece in pieces]
+        self.context.pieces = pieces
         try:
             logits = self.hf(input_ids=torch.cat([piece.ids.reshape(-1) for piece in pieces])[None], use_cache=False,
                              logits_to_keep=torch.cat(keep).to(self.device)).logits[0].float()

@@ -104,10 +104,10 @@ def test_a_copy_made_during_a_forward_has_a_context_of_its_own_with_no_forward_i
 
     model = TitansModel(tiny_model("llama"), TpttConfig(window=4, sinks=1, mag_weight=0.5))
     context = model.context
-    context.segments, context.layer_states, context.memo["geometry"] = ["piece"], [{"memory": torch.ones(1)}], 1
+    context.pieces, context.layer_states, context.memo["geometry"] = ["piece"], [{"memory": torch.ones(1)}], 1
     twin = copy.deepcopy(model)
     assert twin.context is not context and all(layer.context is twin.context for layer in twin.layers)
-    assert twin.context.segments is None and twin.context.layer_states is None and not twin.context.memo
+    assert twin.context.pieces is None and twin.context.layer_states is None and not twin.context.memo
     context.reset()
     tokens = ids(12)
     torch.testing.assert_close(twin.forward_full(tokens), model.forward_full(tokens), atol=0, rtol=0)

@@ -39,31 +39,29 @@ VIRTUAL_KEY_EPS = 1e-3  # virtual keys are e / max(|e|, eps): a difference of tw
 
 
 @dataclass
-class Segment:
-    """A piece of a packed prefill: `rows` sessions that have all seen `start` tokens, `length` new tokens each
-    (row after row along the packed tokens), their per-layer tensors [rows, ...] (views into the caller's
-    rows, written in place)."""
-    layer_states: list[dict[str, torch.Tensor]]
-    start: int
-    length: int
-    rows: int = 1
+class PrefillPiece:
+    """New prompt tokens of B sessions that have all seen `start` tokens, each taking the same number T (B is
+    usually 1): one piece of a packed prefill (TitansModel.prefill_packed), placed row after row along the
+    tokens of a [1, T] forward."""
+    layer_states: list[dict[str, torch.Tensor]]  # the sessions' per-layer tensors [B, ...], written in place
+    start: int                                   # tokens each session has seen
+    ids: torch.Tensor                            # [B, T] new token ids on the model's device
+    all_logits: bool = False                     # logits after every new token, not only after the last
 
 
 @dataclass
 class ForwardContext:
     """What every LiZA layer needs to know about the forward in flight (set by TitansModel around one call)."""
 
-    # per-layer state dicts with a leading batch dim, updated in place; None = stateless forward from token 0
+    # decode: per-layer state dicts [B, ...], updated in place
     layer_states: list[dict[str, torch.Tensor]] | None = None
-    # prefill: absolute position of the first new token (every row starts at the same position)
-    start: int = 0
-    # decode: [B] absolute position of the single new token of each row; None for a prefill
+    # decode: [B] absolute position of the single new token of each row
     positions: torch.Tensor | None = None
     # decode: whether a row's new token is one of the first `sinks` tokens (known on the host)
     filling_sinks: bool = False
-    # packed prefill: the pieces of several sessions, one after another along the tokens of a [1, T] forward
-    # (layer_states and start are then unused)
-    segments: list[Segment] | None = None
+    # prefill: the pieces of several sessions, one after another along the tokens of a [1, T] forward;
+    # None (and no positions) = a stateless forward from token 0 (forward_full, training)
+    pieces: list[PrefillPiece] | None = None
     # what the first layer computed from positions alone, for the others (see `shared`)
     memo: dict = field(default_factory=dict)
     # research hook (training's attention transfer, evaluation's recall probes): see LayerHook; None to serve
@@ -71,7 +69,7 @@ class ForwardContext:
 
     def reset(self) -> None:
         """Back to no forward in flight (after every forward)."""
-        self.layer_states, self.start, self.positions, self.filling_sinks, self.segments = None, 0, None, False, None
+        self.layer_states, self.positions, self.filling_sinks, self.pieces = None, None, False, None
         self.memo.clear()
 
     def __deepcopy__(self, memo) -> "ForwardContext":
@@ -177,16 +175,13 @@ class LiZAttention(nn.Module):
                 ctx, hidden_states))
             return self.decode_step(hidden_states, ctx.layer_states[self.layer_idx], plan), None
         q, k, v = self._project(hidden_states)  # q: [B, Hq, T, D]; k, v: [B, Hkv, T, D], before rotary
-        if ctx.segments is not None:
-            return self.packed_prefill(hidden_states, q, k, v, ctx.segments), None
+        if ctx.pieces is not None:
+            return self.packed_prefill(hidden_states, q, k, v, ctx.pieces), None
         hook = ctx.hook
         if hook is not None and (out := hook.prefill(self, hidden_states, q, k, v)) is not None:
             return out, None
-        if ctx.layer_states is None:
-            state = self.new_state(hidden_states.shape[0], hidden_states.dtype, hidden_states.device)
-        else:
-            state = ctx.layer_states[self.layer_idx]
-        return self.prefill_piece(hidden_states, q, k, v, state, ctx.start), None
+        state = self.new_state(hidden_states.shape[0], hidden_states.dtype, hidden_states.device)
+        return self.prefill_piece(hidden_states, q, k, v, state, 0), None
 
     def prefill_piece(self, hidden_states, q, k, v, state, start: int) -> torch.Tensor:
         """New tokens after the `start` every row of `state` has seen: [B, T, hidden] and their projections ->
@@ -202,20 +197,21 @@ class LiZAttention(nn.Module):
             return out
         return self._output(hidden_states, softmax_out, read, start)
 
-    def packed_prefill(self, hidden_states, q, k, v, segments: list[Segment]) -> torch.Tensor:
-        """Pieces of several sessions in one [1, T, hidden] forward (ForwardContext.segments): the projections
+    def packed_prefill(self, hidden_states, q, k, v, pieces: list[PrefillPiece]) -> torch.Tensor:
+        """Pieces of several sessions in one [1, T, hidden] forward (ForwardContext.pieces): the projections
         were computed for all tokens at once; each piece reads and writes its own sessions from its own start,
         its rows as one batch."""
         outputs, first = [], 0
-        for segment in segments:
-            part, shape = slice(first, first + segment.rows * segment.length), (segment.rows, segment.length)
+        for piece in pieces:
+            shape = piece.ids.shape  # [B, T]
+            part = slice(first, first + piece.ids.numel())
             x = hidden_states[:, part].reshape(*shape, -1)
             heads = (t[:, :, part].transpose(1, 2).reshape(*shape, -1, self.head_dim).transpose(1, 2)
                      for t in (q, k, v))
-            out = self.prefill_piece(x, *heads, segment.layer_states[self.layer_idx], segment.start)
+            out = self.prefill_piece(x, *heads, piece.layer_states[self.layer_idx], piece.start)
             outputs.append(out.reshape(1, -1, out.shape[-1]))
             first = part.stop
-        return torch.cat(outputs, dim=1)
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     def decode_step(self, hidden_states: torch.Tensor, state, plan: window_ops.DecodePlan) -> torch.Tensor:
         """One new token per row: [B, 1, hidden] -> [B, 1, hidden]; `state` updated in place."""
