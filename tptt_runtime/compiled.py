@@ -43,7 +43,11 @@ ARTIFACT = "decode.bin"
 def run_forward(hf, context, ids: torch.Tensor, layer_states, positions: torch.Tensor | None = None,
                 filling_sinks: bool = False, last_only: bool = True) -> torch.Tensor:
     """One Hugging Face forward of ids [B, T] with `context` set for the LiZA layers around it (TitansModel's
-    forwards, eager or compiled). Returns the logits [B, 1 or T, vocab] in the model's dtype."""
+    forwards, eager or compiled): a decode step (`positions`), or without `layer_states` a stateless forward from
+    token 0 (a stateful prefill is TitansModel.prefill_packed). Returns the logits [B, 1 or T, vocab] in the
+    model's dtype."""
+    if layer_states is not None and positions is None:
+        raise ValueError("session states without positions: a stateful prefill goes through prefill_packed")
     context.layer_states, context.positions = layer_states, positions
     context.filling_sinks = filling_sinks
     try:

@@ -113,6 +113,38 @@ def test_a_copy_made_during_a_forward_has_a_context_of_its_own_with_no_forward_i
     torch.testing.assert_close(twin.forward_full(tokens), model.forward_full(tokens), atol=0, rtol=0)
 
 
+def test_a_research_hook_sees_stateless_forwards_only_and_states_need_positions():
+    """LayerHook is for the stateless forward (forward_full, training): a session's prefill under
+    `model.hooked` calls neither of its methods and equals the unhooked prefill; a forward over session states
+    without positions is refused (a stateful prefill is prefill_packed), never run on a fresh state."""
+    from tests.conftest import tiny_model
+    from tptt_runtime.compiled import run_forward
+    from tptt_runtime.layers.liza import LayerHook
+
+    model = TitansModel(tiny_model("llama"), TpttConfig(window=4, sinks=1, mag_weight=0.5))
+    tokens = ids(12)
+
+    class Calls(LayerHook):
+        def __init__(self):
+            self.calls = []
+
+        def prefill(self, layer, hidden_states, q, k, v):
+            self.calls.append("prefill")
+
+        def mix(self, layer, hidden_states, softmax_out, read, seen):
+            self.calls.append("mix")
+
+    with model.hooked(Calls()) as hook:
+        served = model.prefill(model.new_session(), tokens)
+    assert hook.calls == []
+    torch.testing.assert_close(served, model.prefill(model.new_session(), tokens), atol=0, rtol=0)
+    with model.hooked(Calls()) as hook:
+        model.forward_full(tokens)
+    assert hook.calls == ["prefill", "mix"] * len(model.layers)
+    with pytest.raises(ValueError, match="prefill_packed"):
+        run_forward(model.hf, model.context, tokens[None], model.new_session().layers)
+
+
 @pytest.mark.parametrize("options", [
     dict(order=1), dict(order=2, trick="rotary"), dict(order=2, trick="combined"), dict(cross_gate=True),
     dict(alpha_gate="kv", beta_gate="v", nonlinear_chunk=8, chunk_size=4), dict(sinks=0, window=1),

@@ -42,7 +42,7 @@ VIRTUAL_KEY_EPS = 1e-3  # virtual keys are e / max(|e|, eps): a difference of tw
 class PrefillPiece:
     """New prompt tokens of B sessions that have all seen `start` tokens, each taking the same number T (B is
     usually 1): one piece of a packed prefill (TitansModel.prefill_packed), placed row after row along the
-    tokens of a [1, T] forward."""
+    tokens of a [1, N] forward."""
     layer_states: list[dict[str, torch.Tensor]]  # the sessions' per-layer tensors [B, ...], written in place
     start: int                                   # tokens each session has seen
     ids: torch.Tensor                            # [B, T] new token ids on the model's device
@@ -181,18 +181,18 @@ class LiZAttention(nn.Module):
         if hook is not None and (out := hook.prefill(self, hidden_states, q, k, v)) is not None:
             return out, None
         state = self.new_state(hidden_states.shape[0], hidden_states.dtype, hidden_states.device)
-        return self.prefill_piece(hidden_states, q, k, v, state, 0), None
+        return self.prefill_piece(hidden_states, q, k, v, state, 0, hook), None
 
-    def prefill_piece(self, hidden_states, q, k, v, state, start: int) -> torch.Tensor:
+    def prefill_piece(self, hidden_states, q, k, v, state, start: int, hook: LayerHook | None = None) -> torch.Tensor:
         """New tokens after the `start` every row of `state` has seen: [B, T, hidden] and their projections ->
-        [B, T, hidden]; `state` updated in place."""
+        [B, T, hidden]; `state` updated in place. `hook`: the stateless forward's LayerHook, whose `mix` may
+        take the place of the layer's (a served piece passes none)."""
         cos, sin = self._rotary_tables(q)
         read, write_norms = self.memory_branch(q, k, v, state, start) if self.config.uses_memory else (None, None)
         softmax_out = window_ops.prefill(q, k, v, state, start, window=self.config.window,
                                          sinks=self.config.sinks, scaling=self.scaling, cos=cos, sin=sin,
                                          softcap=self.softcap, block=QUERY_BLOCK,
                                          scores=self.cache_scores(k, write_norms))
-        hook = self.context.hook
         if hook is not None and (out := hook.mix(self, hidden_states, softmax_out, read, start)) is not None:
             return out
         return self._output(hidden_states, softmax_out, read, start)
