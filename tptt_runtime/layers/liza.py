@@ -59,7 +59,7 @@ class ForwardContext:
     positions: torch.Tensor | None = None
     # decode: whether a row's new token is one of the first `sinks` tokens (known on the host)
     filling_sinks: bool = False
-    # prefill: the pieces of several sessions, one after another along the tokens of a [1, T] forward;
+    # prefill: the pieces of several sessions, one after another along the tokens of a [1, N] forward;
     # None (and no positions) = a stateless forward from token 0 (forward_full, training)
     pieces: list[PrefillPiece] | None = None
     # what the first layer computed from positions alone, for the others (see `shared`)
