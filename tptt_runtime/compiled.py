@@ -40,18 +40,19 @@ log = logging.getLogger(__name__)
 ARTIFACT = "decode.bin"
 
 
-def run_forward(hf, context, ids: torch.Tensor, layer_states, positions: torch.Tensor | None = None,
-                filling_sinks: bool = False, last_only: bool = True) -> torch.Tensor:
-    """One Hugging Face forward of ids [B, T] with `context` set for the LiZA layers around it (TitansModel's
-    forwards, eager or compiled): a decode step (`positions`), or without `layer_states` a stateless forward from
-    token 0 (a stateful prefill is TitansModel.prefill_packed). Returns the logits [B, 1 or T, vocab] in the
-    model's dtype."""
+def run_forward(hf, context, ids: torch.Tensor, layer_states=None, positions: torch.Tensor | None = None,
+                filling_sinks: bool = False, pieces=None, logits_to_keep: int | torch.Tensor = 1) -> torch.Tensor:
+    """One Hugging Face forward of ids [B, T] with `context` set for the LiZA layers around it, eager or
+    compiled; every TitansModel forward goes through here. Three kinds: a decode step (`layer_states` with
+    `positions`), a packed prefill (`pieces`, layers/liza.py PrefillPiece, ids [1, N]), or neither: a stateless
+    forward from token 0. `logits_to_keep` is Hugging Face's: the last n positions (0: all) or an index tensor.
+    Returns the logits [B, kept, vocab] in the model's dtype."""
     if layer_states is not None and positions is None:
         raise ValueError("session states without positions: a stateful prefill goes through prefill_packed")
     context.layer_states, context.positions = layer_states, positions
-    context.filling_sinks = filling_sinks
+    context.filling_sinks, context.pieces = filling_sinks, pieces
     try:
-        out = hf(input_ids=ids, use_cache=False, logits_to_keep=1 if last_only else 0)
+        out = hf(input_ids=ids, use_cache=False, logits_to_keep=logits_to_keep)
     finally:
         context.reset()
     return out.logits

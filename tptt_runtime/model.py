@@ -122,11 +122,10 @@ class TitansModel:
         return ids.to(self.device)
 
     # ------------------------------------------------------------------------------------------ forwards
-    def _forward(self, ids: torch.Tensor, layer_states, positions: torch.Tensor | None = None,
-                 filling_sinks: bool = False, last_only=True):
-        """ids: [B, T]. Sets the context for the LiZA layers around one Hugging Face forward: a decode step
-        (positions) or, without layer_states, a stateless forward from token 0."""
-        return run_forward(self.hf, self.context, ids, layer_states, positions, filling_sinks, last_only)
+    def _forward(self, ids: torch.Tensor, layer_states=None, positions: torch.Tensor | None = None,
+                 filling_sinks: bool = False, pieces=None, logits_to_keep: int | torch.Tensor = 1):
+        """run_forward (compiled.py) on this model's Hugging Face module and context."""
+        return run_forward(self.hf, self.context, ids, layer_states, positions, filling_sinks, pieces, logits_to_keep)
 
     @torch.no_grad()
     def prefill(self, state: SessionState, ids, all_logits: bool = False) -> torch.Tensor:
@@ -161,12 +160,8 @@ class TitansModel:
             ends = first + length * torch.arange(1, rows + 1)[:, None]  # [B, 1]: after each row's last token
             keep.append((ends - torch.arange(length if piece.all_logits else 1, 0, -1)).reshape(-1))
             first += rows * length
-        self.context.pieces = pieces
-        try:
-            logits = self.hf(input_ids=torch.cat([piece.ids.reshape(-1) for piece in pieces])[None], use_cache=False,
-                             logits_to_keep=torch.cat(keep).to(self.device)).logits[0].float()
-        finally:
-            self.context.reset()
+        ids = torch.cat([piece.ids.reshape(-1) for piece in pieces])[None]
+        logits = self._forward(ids, pieces=pieces, logits_to_keep=torch.cat(keep).to(self.device))[0].float()
         return [rows.reshape(piece.ids.shape[0], -1, rows.shape[-1])
                 for piece, rows in zip(pieces, logits.split([k.numel() for k in keep]))]
 
@@ -222,7 +217,7 @@ class TitansModel:
     @torch.no_grad()
     def forward_full(self, ids) -> torch.Tensor:
         """Logits [T, vocab] (float32) of a whole sequence from an empty state: the reference semantics."""
-        return self._forward(self._ids(ids)[None], None, last_only=False)[0].float()
+        return self._forward(self._ids(ids)[None], logits_to_keep=0)[0].float()
 
     @contextlib.contextmanager
     def hooked(self, hook):
