@@ -46,7 +46,7 @@ def merge_lora(hf_model: nn.Module) -> None:
 
 def _is_memory_param(name: str) -> bool:
     return (".mag_gate." in name or ".memory_map." in name or name.endswith((".read_scale", ".memory_decay"))
-            or ".gate_input_" in name or ".cache_scorer." in name)
+            or ".gate_input_" in name or ".retaining_head." in name)
 
 
 def trainable_names(hf_model: nn.Module) -> list[str]:

@@ -20,7 +20,7 @@ MAG_GATES = ("constant", "learned")
 FEATURE_MAPS = ("fixed", "learned")
 READ_SCALES = ("softmax_rms", "learned")
 GATE_INPUTS = ("mean", "learned")
-CACHE_SCORES = ("write", "learned")
+CACHE_SCORES = ("write", "retain")
 
 
 @dataclass
@@ -30,8 +30,8 @@ class TpttConfig:
     sinks: int = 4
     # exact-token cache: per layer and kv head, the `cache_tokens` tokens that left the window with the highest
     # score, attended with the window in one softmax; 0 = none. cache_score write: the memory's write (write
-    # strength x prediction error); learned: a learned linear read of the token's key per kv head, trained to
-    # predict how much full attention reads the token from beyond the window (docs/math.md 3b)
+    # strength x prediction error); retain: the log of that plus a retaining head's logit, a small MLP per kv
+    # head on the token's own q, k, v trained to spot the tokens of stated facts (docs/math.md 3b)
     cache_tokens: int = 0
     cache_score: str = "write"
     # Memory as Gate: o = (1 - mu) * o_softmax + mu * o_linear (+ cross term if cross_gate), where mu is
@@ -123,13 +123,13 @@ class TpttConfig:
 
     @property
     def scores_by_write(self) -> bool:
-        """Whether the exact-token cache ranks tokens by the memory's write norms."""
-        return self.cache_tokens > 0 and self.cache_score == "write"
+        """Whether the exact-token cache ranks tokens by the memory's write norms (both scores start from them)."""
+        return self.cache_tokens > 0
 
     @property
-    def learns_cache_score(self) -> bool:
-        """Whether the exact-token cache ranks tokens by a learned scorer of their keys (each layer has one)."""
-        return self.cache_tokens > 0 and self.cache_score == "learned"
+    def retains(self) -> bool:
+        """Whether each layer has a retaining head whose logit adds to the cache's score (cache_score "retain")."""
+        return self.cache_tokens > 0 and self.cache_score == "retain"
 
     @property
     def gates_read_v(self) -> bool:

@@ -62,7 +62,8 @@ def module_level_strings(path: Path) -> list[str]:
 
 EVAL_WORDING = module_level_strings(PACKAGE / "eval" / "needles.py")
 TRAINING_STRINGS = [s for path in TRAIN_MODULES + [OLD_PASSKEY] for s in all_string_constants(path)]
-TRAINING_WORDING = ([s for template in retrieval.TEMPLATES + retrieval.CHAT_TURNS for s in template]
+TRAINING_WORDING = ([s for template in retrieval.TEMPLATES + retrieval.CHAT_TURNS + retrieval.PERSON_TEMPLATES
+                     + retrieval.PERSON_CHAT_TURNS for s in template]
                     + list(retrieval.FILLER_SENTENCES) + all_string_constants(OLD_PASSKEY))  # its needle is an f-string inside a function
 
 
@@ -101,9 +102,11 @@ def test_no_evaluation_wording_in_training_strings():
 
 
 def test_no_training_phrase_in_evaluation_wording():
-    """Training's subjects and kinds of number ("north gate", "access code"), its filler sentences and the old
-    passkey's words are not in any eval string (template pieces: the 4-word test above)."""
-    phrases = {" ".join(words(p)) for p in retrieval.KINDS + retrieval.SUBJECTS} | {"pass key", "remember it"}
+    """Training's subjects, kinds of number, roles and names ("north gate", "access code", "caretaker",
+    "Marta"), its filler sentences and the old passkey's words are not in any eval string (template pieces: the
+    4-word test above)."""
+    phrases = {" ".join(words(p)) for p in retrieval.KINDS + retrieval.SUBJECTS + retrieval.ROLES
+               + retrieval.FIRST_NAMES + retrieval.LAST_NAMES} | {"pass key", "remember it"}
     phrases |= {" ".join(words(s)) for s in retrieval.FILLER_SENTENCES + (needles_old_filler(),)}
     evaluation = [normalized(s) for s in EVAL_WORDING]
     assert [p for p in phrases if any(f" {p} " in e for e in evaluation)] == []

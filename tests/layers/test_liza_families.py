@@ -164,24 +164,25 @@ def test_incremental_equals_full_for_each_option(options):
 
 
 def random_scorers(model, seed=0):
-    """Give every layer's learned cache score random weights (fresh ones are 0: every token ties)."""
+    """Give every layer's retaining head random weights (fresh ones are 0: they add nothing to the write score)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in model.layers:
-            layer.cache_scorer.weight.copy_(torch.randn(layer.cache_scorer.weight.shape, generator=generator))
+            for param in layer.retaining_head.parameters():
+                param.copy_(torch.randn(param.shape, generator=generator) * 3 / param.shape[-1] ** 0.5)
     return model
 
 
-@pytest.mark.parametrize("cache_score", ["write", "learned"])
+@pytest.mark.parametrize("cache_score", ["write", "retain"])
 @pytest.mark.parametrize("cache_tokens", [1, 4, 64])
 @pytest.mark.parametrize("pieces", [(1,), (7, 1, 13), (30,)])
 def test_incremental_equals_full_with_an_exact_token_cache(tiny_pair, cache_tokens, pieces, cache_score):
-    """The cache (64: more slots than tokens ever evicted), ranked by the memory's writes or by a learned score,
-    keeps every split exact on every family."""
+    """The cache (64: more slots than tokens ever evicted), ranked by the memory's writes alone or with a
+    retaining head, keeps every split exact on every family."""
     converted, _ = tiny_pair
     model = TitansModel(converted, TpttConfig(window=5, sinks=2, mag_weight=0.5, chunk_size=4,
                                               cache_tokens=cache_tokens, cache_score=cache_score))
-    if cache_score == "learned":
+    if cache_score == "retain":
         random_scorers(model)
     tokens = ids(37)
     full = model.forward_full(tokens)
@@ -194,28 +195,33 @@ def test_incremental_equals_full_with_an_exact_token_cache(tiny_pair, cache_toke
 
 @pytest.mark.parametrize("mag_weight", [0.5, 0.0])
 @pytest.mark.parametrize("pieces", [(37,), (7, 1, 13), (1,)])
-def test_a_learned_score_caches_the_tokens_its_scorer_ranks_highest(pieces, mag_weight):
-    """cache_score "learned": after any split, each layer and kv head holds the `cache_tokens` evicted tokens
-    whose keys the scorer rates highest (the later one on a tie), with or without the memory in the mix."""
+def test_a_retaining_head_caches_the_tokens_it_scores_highest(pieces, mag_weight):
+    """cache_score "retain": after any split, each layer and kv head holds the `cache_tokens` evicted tokens
+    with the highest log write norm + retaining head logit (the later one on a tie), computed here from the
+    layer's own q, k, v and a memory run over the whole sequence at once, with or without the memory in the
+    mix."""
     from tests.conftest import tiny_model
     from tptt_runtime.layers.liza import LayerHook
+    from tptt_runtime.layers.retaining import head_features
 
-    config = TpttConfig(window=5, sinks=2, mag_weight=mag_weight, chunk_size=4, cache_tokens=4, cache_score="learned")
+    config = TpttConfig(window=5, sinks=2, mag_weight=mag_weight, chunk_size=4, cache_tokens=4, cache_score="retain")
     model = random_scorers(TitansModel(tiny_model("llama"), config))
     tokens = ids(37)
 
-    class Keys(LayerHook):
-        keys = {}
+    class Scores(LayerHook):
+        scores = {}
 
         def prefill(self, layer, hidden_states, q, k, v):
-            self.keys[layer.layer_idx] = k
+            _, write_norms = layer.memory_branch(q, k, v, layer.new_state(1, q.dtype, q.device), 0)
+            logit = layer.retaining_head(head_features(q, k, v))
+            self.scores[layer.layer_idx] = write_norms.clamp(min=1e-8).log() + logit
 
-    with model.hooked(Keys()), torch.no_grad():
+    with model.hooked(Scores()), torch.no_grad():
         model.forward_full(tokens)
     _, state = incremental_logits(model, tokens, pieces)
     evicted = torch.arange(2, 37 - 5)  # sinks .. the last token that left the window (t - window for t = 36)
     for layer, layer_state in zip(model.layers, state.layers):
-        score = layer.cache_scorer(Keys.keys[layer.layer_idx].float())[0][:, evicted]  # [Hkv, evicted]
+        score = Scores.scores[layer.layer_idx][0][:, evicted]  # [Hkv, evicted]
         for head in range(score.shape[0]):
             ranked = sorted(range(len(evicted)), key=lambda j: (score[head, j].item(), j), reverse=True)
             expected = sorted(int(evicted[j]) for j in ranked[:4])
@@ -249,13 +255,13 @@ def test_memory_changes_the_output():
     assert (off - on).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("cache_tokens,cache_score", [(0, "write"), (2, "write"), (2, "learned")])
+@pytest.mark.parametrize("cache_tokens,cache_score", [(0, "write"), (2, "write"), (2, "retain")])
 def test_batched_decode_equals_one_at_a_time(cache_tokens, cache_score):
     from tests.conftest import tiny_model
 
     model = TitansModel(tiny_model("qwen2"), TpttConfig(window=4, sinks=1, mag_weight=0.5, nonlinear_chunk=4,
                                                         cache_tokens=cache_tokens, cache_score=cache_score))
-    if cache_score == "learned":
+    if cache_score == "retain":
         random_scorers(model)
     tokens = ids(30)
     states = [model.new_session() for _ in range(3)]

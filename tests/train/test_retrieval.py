@@ -1,6 +1,6 @@
 """Retrieval documents: the length of the text they replace, every fact stated before it is asked for, the
-answers right, the reads on the answers, nothing of the passkey evaluation's wording, reproducible from the
-seed."""
+answers right (numbers and people's names), the reads on the answers, the statements' tokens marked, nothing of
+the passkey evaluation's wording, reproducible from the seed."""
 
 import random
 import re
@@ -8,7 +8,14 @@ import re
 import pytest
 import torch
 
-from tptt_runtime.train.retrieval import CHAT_TURNS, SUBJECTS, TEMPLATES, retrieval_document, with_retrieval
+from tptt_runtime.train.retrieval import (CHAT_TURNS, FIRST_NAMES, LAST_NAMES, PERSON_CHAT_TURNS, PERSON_TEMPLATES,
+                                          SUBJECTS, TEMPLATES, retrieval_document, with_retrieval)
+
+
+def is_answer(text: str) -> bool:
+    """A number, or a first and last name from the training lists."""
+    return text.isdigit() or (len(text.split()) == 2 and text.split()[0] in FIRST_NAMES
+                              and text.split()[1] in LAST_NAMES)
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +30,7 @@ def prose(tokenizer):
 
 
 def split(tokenizer, document, reads):
-    """(body text, [(question line, answer number)]) of a retrieval document, from its reads."""
+    """(body text, [(question line, answer)]) of a retrieval document, from its reads."""
     first_question = max(i for i in range(min(reads)) if "\n" in tokenizer.decode([document[i]]))
     answers, lines = [], [line for line in tokenizer.decode(document[first_question:]).split("\n") if line]
     for position in reads:
@@ -35,12 +42,12 @@ def split(tokenizer, document, reads):
 
 @pytest.mark.parametrize("seed", range(12))
 def test_every_question_is_answered_by_a_fact_stated_earlier(tokenizer, prose, seed):
-    document, reads = retrieval_document(tokenizer, prose, random.Random(seed))
+    document, reads, _ = retrieval_document(tokenizer, prose, random.Random(seed))
     assert len(document) == len(prose)
     body, questions = split(tokenizer, document, reads)
     assert 1 <= len(questions) <= 4
     for line, number in questions:
-        assert line.endswith(number + ".") and number.isdigit()
+        assert line.endswith(number + ".") and is_answer(number)
         (subject,) = [s for s in SUBJECTS if s in line.lower()]
         statement = re.search(rf"{subject}[^\n]{{0,60}}?{number}|{number}[^\n]{{0,60}}?{subject}", body, re.IGNORECASE)
         assert statement, (subject, number)
@@ -48,23 +55,42 @@ def test_every_question_is_answered_by_a_fact_stated_earlier(tokenizer, prose, s
     assert "pass key" not in text.lower() and "grass is green" not in text
 
 
-def test_templates_state_the_number_and_ask_without_it():
-    fields = dict(kind="PIN", subject="red door", Subject="Red door", number="4821")
-    for statement, question in TEMPLATES:
+@pytest.mark.parametrize("templates,answer", [(TEMPLATES, "4821"), (PERSON_TEMPLATES, "Marta Holm")])
+def test_templates_state_the_answer_and_ask_without_it(templates, answer):
+    fields = dict(kind="PIN", role="caretaker", subject="red door", Subject="Red door", number="4821", name=answer)
+    for statement, question in templates:
         statement, question = statement.format(**fields), question.format(**fields)
-        assert "4821" in statement and "red door" in statement.lower()
-        assert "4821" not in question and "red door" in question.lower()
+        assert answer in statement and "red door" in statement.lower()
+        assert answer not in question and "red door" in question.lower()
         assert not {"pass key", "remember it"} & {statement.lower(), question.lower()}
+
+
+def test_a_share_of_the_facts_is_about_a_person_and_the_statements_are_marked(tokenizer, prose):
+    """Across seeds, answers are numbers and names; the marked tokens are exactly the documents' statements:
+    each run of them decodes to a sentence that holds one asked answer and its subject."""
+    kinds = set()
+    for seed in range(12):
+        document, reads, stated = retrieval_document(tokenizer, prose, random.Random(seed))
+        _, questions = split(tokenizer, document, reads)
+        kinds |= {answer.isdigit() for _, answer in questions}
+        runs = [[stated[0]]]
+        for position in stated[1:]:
+            runs.append([position]) if position != runs[-1][-1] + 1 else runs[-1].append(position)
+        statements = [tokenizer.decode([document[p] for p in run]) for run in runs]
+        assert len(statements) == len(questions) and max(stated) < min(reads)
+        for _, answer in questions:
+            (statement,) = [s for s in statements if answer in s]
+            assert any(subject in statement.lower() for subject in SUBJECTS) and statement.strip().endswith(".")
+    assert kinds == {True, False}
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_reads_are_the_positions_before_each_answer_token(tokenizer, prose, seed):
-    """Each read is followed by a token of an answer number and the questions' lines end with those numbers."""
-    document, reads = retrieval_document(tokenizer, prose, random.Random(seed))
+    """Each read is followed by a token of an answer and the questions' lines end with those answers."""
+    document, reads, _ = retrieval_document(tokenizer, prose, random.Random(seed))
     _, questions = split(tokenizer, document, reads)
     read_tokens = tokenizer.decode([document[position + 1] for position in reads])
-    assert read_tokens.split() == [number for _, number in questions]
-    assert all(tokenizer.decode([document[p + 1]]).strip() in ("", *"0123456789") for p in reads)  # " " or a digit
+    assert read_tokens.split() == " ".join(answer for _, answer in questions).split()
     assert reads == sorted(reads) and min(reads) > len(document) // 2
 
 
@@ -79,7 +105,7 @@ def test_documents_are_a_function_of_the_seed(tokenizer, prose):
 def test_chat_documents_are_a_conversation_whose_assistant_answers_from_the_user_message(tokenizer, prose, seed):
     """Chat form: the user's first message (system prompt and all, as the template renders it) holds the facts,
     each question is a user turn that the assistant's next turn answers, and the reads sit on the answers."""
-    document, reads = retrieval_document(tokenizer, prose, random.Random(seed), chat=True)
+    document, reads, _ = retrieval_document(tokenizer, prose, random.Random(seed), chat=True)
     assert len(document) == len(prose)
     text = tokenizer.decode(document)
     head = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False).split("x")[0]
@@ -93,7 +119,7 @@ def test_chat_documents_are_a_conversation_whose_assistant_answers_from_the_user
     answered = [tokenizer.decode([document[position + 1] for position in run]).strip() for run in runs]
     assert len(answered) == len(answers)
     for answer, number in zip(answers, answered):
-        assert number.isdigit() and answer.removeprefix("assistant\n").rstrip("\n").endswith(number + ".<|im_end|>")
+        assert is_answer(number) and answer.removeprefix("assistant\n").rstrip("\n").endswith(number + ".<|im_end|>")
         (subject,) = [s for s in SUBJECTS if re.search(rf"{s}[^\n]{{0,60}}?{number}|{number}[^\n]{{0,60}}?{s}",
                                                      first, re.IGNORECASE)]
         user_turn = text[:text.index(answer)].rsplit("<|im_start|>user\n", 1)[-1]
@@ -101,24 +127,26 @@ def test_chat_documents_are_a_conversation_whose_assistant_answers_from_the_user
         assert subject in question.lower() and number not in question
 
 
-def test_chat_turns_ask_without_the_number():
-    fields = dict(kind="PIN", subject="red door", Subject="Red door", number="4821")
-    for question, reply in CHAT_TURNS:
-        assert "red door" in question.format(**fields).lower() and "4821" not in question.format(**fields) + reply
+def test_chat_turns_ask_without_the_answer():
+    fields = dict(kind="PIN", role="caretaker", subject="red door", Subject="Red door")
+    for question, reply in CHAT_TURNS + PERSON_CHAT_TURNS:
+        question = question.format(**fields)
+        assert "red door" in question.lower() and not any(word in question + reply for word in ("4821", "Marta"))
 
 
 def test_with_retrieval_rebuilds_the_asked_share_of_rows(tokenizer, prose):
     sequences = torch.tensor([prose] * 10)
-    mixed, reads = with_retrieval(tokenizer, sequences, 0.3, seed=0)
+    mixed, reads, stated = with_retrieval(tokenizer, sequences, 0.3, seed=0)
     assert mixed.shape == sequences.shape == reads.shape
     rebuilt = (mixed != sequences).any(dim=1)
     assert rebuilt.sum() == 3
     assert torch.equal(reads.any(dim=1), rebuilt)  # reads only in retrieval documents, in each of them
-    again, again_reads = with_retrieval(tokenizer, sequences, 0.3, seed=0)
-    assert torch.equal(again, mixed) and torch.equal(again_reads, reads)
+    again, again_reads, again_stated = with_retrieval(tokenizer, sequences, 0.3, seed=0)
+    assert torch.equal(again, mixed) and torch.equal(again_reads, reads) and torch.equal(again_stated, stated)
+    assert torch.equal(stated.any(dim=1), rebuilt) and not (stated & reads).any()
     with pytest.raises(ValueError):
         with_retrieval(tokenizer, sequences, 1.5, seed=0)
-    chats, _ = with_retrieval(tokenizer, sequences, 0.6, seed=0, chat_share=0.5)
+    chats, _, _ = with_retrieval(tokenizer, sequences, 0.6, seed=0, chat_share=0.5)
     in_chat_form = [tokenizer.decode(row[:3].tolist()).startswith("<|im_start|>") for row in chats]
     assert 0 < sum(in_chat_form) < 6
 

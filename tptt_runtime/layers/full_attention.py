@@ -1,5 +1,4 @@
-"""Full causal softmax attention over a LiZA layer's own q, k, v, its exact split at the window, and how much
-each key is read from beyond the window.
+"""Full causal softmax attention over a LiZA layer's own q, k, v and its exact split at the window.
 
 The reference that training (train/transfer.py: attention transfer) and the recall probes (eval/recall.py)
 compare the memory with; serving never runs it (it is quadratic in the sequence and holds [T, T] scores).
@@ -30,24 +29,6 @@ def split_attention(q, k, v, layer: LiZAttention, cached: torch.Tensor | None = 
     o_far = window_ops.grouped_values(far_probs, v).reshape(batch, q_heads, seq_len, dim)
     lam = far_probs.sum(-1).reshape(batch, q_heads, seq_len)  # 0 where no key is far
     return o_full, o_far / lam.clamp(min=torch.finfo(lam.dtype).tiny)[..., None], lam
-
-
-def far_reads(probs: torch.Tensor, window: int, queries: torch.Tensor | None = None,
-              reduce: str = "max") -> torch.Tensor:
-    """[B, Hkv, T]: for each key j, how much full causal attention (`probs` [B, Hkv, G, T, T], causal_probs)
-    reads it from beyond the window: the largest softmax weight (reduce "max") or the mean one ("mean", over
-    query heads and queries) that the kv head's query heads give it from a query at t >= j + window, among
-    `queries` [B, T] (bool; None: every query); 0 where no such query exists. What the exact-token cache's
-    learned score is fitted to (train/score.py)."""
-    position = torch.arange(probs.shape[-1], device=probs.device)
-    far = (position[None, :] <= position[:, None] - window)[None]  # [1 or B, query, key]
-    if queries is not None:
-        far = far & queries[:, :, None]
-    far = far[:, None, None]  # [B, 1, 1, query, key]
-    if reduce == "max":
-        return probs.masked_fill(~far, 0.0).amax(dim=(2, 3))
-    count = far.sum(dim=3) * probs.shape[2]  # [B, 1, 1, key] x query heads
-    return probs.masked_fill(~far, 0.0).sum(dim=(2, 3)) / count[:, :, 0].clamp(min=1)
 
 
 def causal_probs(q, k, layer: LiZAttention) -> torch.Tensor:

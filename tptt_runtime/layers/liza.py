@@ -7,7 +7,7 @@
                     branch's RMS or at its own size times a learned scale per head. The learned gate, scale,
                     feature map (for the memory's q and k), gate inputs (what the write strength beta and
                     the decay take from each token's k and v), per-head decays and the exact-token cache's
-                    learned score are the only parameters this module adds
+                    retaining head (layers/retaining.py) are the only parameters this module adds
 
 The module replaces a Hugging Face attention module in place and keeps its projection submodules under the
 same names (q_proj, k_proj, v_proj, o_proj, q_norm, k_norm), so state dicts and LoRA targets are unchanged.
@@ -31,6 +31,7 @@ from torch import nn
 from ..config import TpttConfig
 from ..ops import as_float32, delta_product, exact_cache, fla_kernels, memory_inputs, store
 from ..ops import window_attention as window_ops
+from .retaining import RetainingHead
 
 QUERY_BLOCK = 128  # queries per block in the windowed prefill (64 and 256 measured slower at 2k)
 VIRTUAL_KEY_EPS = 1e-3  # virtual keys are e / max(|e|, eps): a difference of two nearly equal keys (a token
@@ -147,8 +148,9 @@ class LiZAttention(nn.Module):
         self.memory_decay = (nn.Parameter(torch.full((self.num_kv_heads,), _logit(config.decay),
                                                      device=base.q_proj.weight.device))
                              if config.alpha_gate == "learned" else None)  # logit of each kv head's decay
-        self.cache_scorer = (GateInput(self.num_kv_heads, self.head_dim, base.q_proj, start=0.0)
-                             if config.learns_cache_score else None)
+        group_width = (self.num_heads // self.num_kv_heads + 2) * self.head_dim  # a group's q, its k and v
+        self.retaining_head = (RetainingHead(self.num_kv_heads, group_width, base.q_proj)
+                               if config.retains else None)
 
     # ----------------------------------------------------------------------------------------------- state
     def new_state(self, batch: int, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
@@ -192,7 +194,7 @@ class LiZAttention(nn.Module):
         softmax_out = window_ops.prefill(q, k, v, state, start, window=self.config.window,
                                          sinks=self.config.sinks, scaling=self.scaling, cos=cos, sin=sin,
                                          softcap=self.softcap, block=QUERY_BLOCK,
-                                         scores=self.cache_scores(k, write_norms))
+                                         scores=self.cache_scores(q, k, v, write_norms))
         if hook is not None and (out := hook.mix(self, hidden_states, softmax_out, read, start)) is not None:
             return out
         return self._output(hidden_states, softmax_out, read, start)
@@ -219,7 +221,7 @@ class LiZAttention(nn.Module):
         read, write_norm = (self.memory_branch(q, k, v, state, plan.positions) if self.config.uses_memory
                             else (None, None))
         softmax_out = window_ops.decode(q, k, v, state, plan, scaling=self.scaling, softcap=self.softcap,
-                                        score=self.cache_scores(k, write_norm))
+                                        score=self.cache_scores(q, k, v, write_norm))
         return self._output(hidden_states, softmax_out, read, plan.positions)
 
     def _decode_plan(self, ctx: ForwardContext, like: torch.Tensor) -> window_ops.DecodePlan:
@@ -269,11 +271,12 @@ class LiZAttention(nn.Module):
             table = self._table = rotary_table(self._rotary[0], self.layer_type, size, like)
         return table
 
-    def cache_scores(self, k: torch.Tensor, write_norms: torch.Tensor | None) -> torch.Tensor | None:
+    def cache_scores(self, q, k, v, write_norms: torch.Tensor | None) -> torch.Tensor | None:
         """Each new token's exact-token cache score [B, Hkv, T] (docs/math.md 3b), fixed when it is written: the
-        learned scorer's read of its key (k before rotary), or the memory's write norms; None without a cache."""
-        if self.cache_scorer is not None:
-            return self.cache_scorer(as_float32(k))
+        memory's write norms, or with a retaining head their log plus its logit on the token's q, k, v (before
+        rotary); None without a cache."""
+        if self.retaining_head is not None:
+            return self.retaining_head.score(q, k, v, write_norms)
         return write_norms
 
     def memory_branch(self, q, k, v, state, seen):
@@ -362,13 +365,11 @@ def _logit(p: float) -> float:
 
 class GateInput(nn.Module):
     """A per-token scalar from k or v [B, Hkv, T, D] -> [B, Hkv, T]: a weighted sum of the channels plus a bias,
-    per kv head (a gate's input, or the exact-token cache's learned score); the weights start at `start`
-    (1 / D: the channel mean), the bias at 0."""
+    per kv head (a gate's input); the weights start at 1 / D (the channel mean), the bias at 0."""
 
-    def __init__(self, heads: int, dim: int, like: nn.Linear, start: float | None = None):
+    def __init__(self, heads: int, dim: int, like: nn.Linear):
         super().__init__()
-        start = 1.0 / dim if start is None else start
-        self.weight = nn.Parameter(torch.full((heads, dim), start, device=like.weight.device))
+        self.weight = nn.Parameter(torch.full((heads, dim), 1.0 / dim, device=like.weight.device))
         self.bias = nn.Parameter(torch.zeros(heads, device=like.weight.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -54,10 +54,11 @@ def main(argv: list[str] | None = None) -> None:
                         "stages; with --init, a change to that adapter's config")
     p.add_argument("--cache-score", choices=CACHE_SCORES,
                    help="what ranks tokens for the exact-token cache (default write: the memory's write norm; "
-                        "learned: a scorer of each key, fitted by --score-steps); with --init, a change to that "
-                        "adapter's config")
-    p.add_argument("--score-steps", type=int, default=0,
-                   help="stage 0: steps fitting the learned cache score alone to full attention's far reads")
+                        "retain: its log plus a retaining head's logit on the token's q, k, v, fitted by "
+                        "--retain-docs); with --init, a change to that adapter's config")
+    p.add_argument("--retain-docs", type=int, default=0,
+                   help="stage 0: fit the retaining heads alone on this many retrieval documents before training "
+                        "(with --steps 0: fit them and write the adapter, nothing else trained)")
     p.add_argument("--transfer-steps", type=int, default=0,
                    help="stage 1: steps of attention transfer (memory vs full attention) before distillation")
     p.add_argument("--ce-weight", type=float, default=0.0)
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
                       cache_score=args.cache_score or "write",
                       mag_weight=args.mag_weight if args.mag_gate == "learned" else 0.0)
     train = TrainConfig(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
-                        gate_lr=args.gate_lr, transfer_steps=args.transfer_steps, score_steps=args.score_steps,
+                        gate_lr=args.gate_lr, transfer_steps=args.transfer_steps, retain_docs=args.retain_docs,
                         ce_weight=args.ce_weight, checkpoint_every=args.checkpoint_every, seed=args.seed,
                         schedule=MagSchedule(args.schedule, target=args.mag_weight), text=tuple(args.text),
                         retrieval=args.retrieval, chat_retrieval=args.chat_retrieval, init=args.init,

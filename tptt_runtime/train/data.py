@@ -56,5 +56,5 @@ def order(num_sequences: int, steps: int, batch_size: int, seed: int) -> torch.T
     """[steps, batch_size] sequence indices: seeded permutations, concatenated as often as needed."""
     generator = torch.Generator().manual_seed(seed)
     needed = steps * batch_size
-    perms = [torch.randperm(num_sequences, generator=generator) for _ in range(-(-needed // num_sequences))]
+    perms = [torch.randperm(num_sequences, generator=generator) for _ in range(max(1, -(-needed // num_sequences)))]
     return torch.cat(perms)[:needed].view(steps, batch_size)

@@ -1,8 +1,8 @@
 """The conversion run: LoRA on the shared projections, trained to reproduce the base model's own logits.
 
-Stage 0 (the first `score_steps` steps, optional): the exact-token cache's learned score alone is fitted to how
-much full attention reads each token from beyond the window (train/score.py; with retrieval documents, how much
-more their answer positions read it than a typical query does); nothing else moves.
+Stage 0 (`retain_docs` > 0, before the first step, optional): the exact-token cache's retaining heads alone
+are fitted to spot the tokens that state facts in that many fresh retrieval documents (train/retain.py);
+nothing else moves, and later steps leave them as they are (no gradient reaches a hard top-C selection).
 
 Stage 1 (the next `transfer_steps` steps, optional): attention transfer. Every LiZA layer compares its memory
 with full softmax attention over the same q, k, v (train/transfer.py): the memory read should
@@ -40,9 +40,9 @@ from ..adapters import (adapter_state_dict, add_lora, load_adapter_state_dict, l
 from ..config import TpttConfig
 from ..model import TitansModel
 from . import data
+from .retain import fit_retaining_heads, retain_documents
 from .retrieval import with_retrieval
 from .schedules import MagSchedule
-from .score import score_loss
 from .transfer import transfer_loss
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class TrainConfig:
     batch_size: int = 1
     lr: float = 1e-3
     gate_lr: float = 1e-2                 # the memory's own parameters (gates, feature maps)
-    score_steps: int = 0                  # stage 0 (the cache's learned score alone) steps, counted in `steps`
+    retain_docs: int = 0                  # stage 0: retrieval documents that fit the retaining heads (0: none)
     transfer_steps: int = 0               # stage 1 (attention transfer) steps, counted in `steps`
     warmup_steps: int = 10
     ce_weight: float = 0.0                # 0 = pure distillation
@@ -77,12 +77,14 @@ class TrainConfig:
                                           # activations of one layer at a time: long sequences fit in RAM)
 
     def __post_init__(self):
-        if min(self.steps, self.seq_len, self.batch_size, self.checkpoint_every) < 1 or self.lr <= 0:
-            raise ValueError("steps, seq_len, batch_size, checkpoint_every and lr must be positive")
-        if not 0 <= self.transfer_steps < self.steps:
+        if min(self.seq_len, self.batch_size, self.checkpoint_every) < 1 or self.lr <= 0:
+            raise ValueError("seq_len, batch_size, checkpoint_every and lr must be positive")
+        if self.steps < 1 and not (self.steps == 0 and self.retain_docs > 0):
+            raise ValueError("steps must be positive (0 only to fit the retaining heads alone: retain_docs > 0)")
+        if self.retain_docs < 0:
+            raise ValueError("retain_docs must be >= 0")
+        if not 0 <= self.transfer_steps < max(self.steps, 1):
             raise ValueError("transfer_steps must be in [0, steps)")
-        if not 0 <= self.score_steps <= self.steps - self.transfer_steps:
-            raise ValueError("score_steps must be in [0, steps - transfer_steps]")
         if self.recall_weight < 0:
             raise ValueError("recall_weight must be >= 0")
 
@@ -143,9 +145,9 @@ class Trainer:
         if train.transfer_steps and not learns_memory:
             raise ValueError("attention transfer trains the memory's own parameters: it needs a learned mag_gate, "
                              "feature_map, read_scale, gate_input or alpha_gate")
-        if train.score_steps and not student.config.learns_cache_score:
-            raise ValueError("score_steps fit the exact-token cache's learned score: it needs cache_tokens > 0 "
-                             "and cache_score \"learned\"")
+        if train.retain_docs and not student.config.retains:
+            raise ValueError("retain_docs fit the exact-token cache's retaining heads: they need cache_tokens > 0 "
+                             "and cache_score \"retain\"")
         self.optimizer = torch.optim.AdamW(_param_groups(named, trainable, train), lr=train.lr, weight_decay=0.0)
         self.order = data.order(len(sequences), train.steps, train.batch_size, train.seed)
         self.step, self.history = 0, []
@@ -166,10 +168,7 @@ class Trainer:
             self.student.set_mag_weight(self.train.schedule(self.step, self.train.steps))
         self.student.hf.train()
         stage = self.stage(self.step)
-        if stage == "score":
-            readers = None if self.reads is None else self.reads[rows].to(self.student.device)
-            loss, kl = score_loss(self.student, ids, readers), None
-        elif stage == "transfer":
+        if stage == "transfer":
             loss, kl = transfer_loss(self.student, ids, weights), None
         else:
             loss, kl = self._distillation_loss(ids, weights)
@@ -186,10 +185,8 @@ class Trainer:
         return record
 
     def stage(self, step: int) -> str:
-        """"score" for the first score_steps steps, then "transfer" for transfer_steps, then "distill"."""
-        if step < self.train.score_steps:
-            return "score"
-        return "transfer" if step < self.train.score_steps + self.train.transfer_steps else "distill"
+        """"transfer" for the first transfer_steps steps, then "distill"."""
+        return "transfer" if step < self.train.transfer_steps else "distill"
 
     def _position_weights(self, rows: torch.Tensor) -> torch.Tensor | None:
         """[B, T] weight of each position in the loss: 1 + recall_weight where a retrieval answer is read."""
@@ -245,7 +242,7 @@ class Trainer:
 
     def save_adapter(self) -> Path:
         config = self.student.config
-        if not self.learned_gate:
+        if not self.learned_gate and self.train.steps:
             config = config.replace(mag_weight=self.train.schedule(self.train.steps - 1, self.train.steps))
         save_adapter(self.student.hf, config, self.out)
         (self.out / "training_history.json").write_text(json.dumps(self.history))
@@ -269,16 +266,19 @@ def convert(base: str, out: str | Path, tptt: TpttConfig, train: TrainConfig, re
     if init is not None:
         tptt = TpttConfig.load(init).replace(**train.init_changes)
     student = TitansModel(load_base_model(directory).to(device), tptt.replace(base_model=str(base)), tokenizer)
-    sequences = data.sequences(tokenizer, train.seq_len, patterns=train.text, max_tokens=train.max_corpus_tokens)
-    reads = None
+    prose = data.sequences(tokenizer, train.seq_len, patterns=train.text, max_tokens=train.max_corpus_tokens)
+    sequences, reads = prose, None
     if train.retrieval:
-        sequences, reads = with_retrieval(tokenizer, sequences, train.retrieval, train.seed, train.chat_retrieval)
+        sequences, reads, _ = with_retrieval(tokenizer, prose, train.retrieval, train.seed, train.chat_retrieval)
     log.info("%d training sequences of %d tokens (%.0f %% retrieval documents, %.0f %% of them chats)",
              len(sequences), train.seq_len, 100 * train.retrieval, 100 * train.chat_retrieval)
     trainer = Trainer(teacher, student, train, sequences, out, reads)
     if init is not None:
         load_adapter_weights(student.hf, init, missing_ok=bool(train.init_changes))
-    if resume:
-        trainer.load_checkpoint()
+    resumed = resume and trainer.load_checkpoint()
+    if train.retain_docs and not resumed:  # a checkpoint holds the heads it fitted
+        documents, stated = retain_documents(tokenizer, prose, train.retain_docs, train.seed + 1)
+        trainer.history.append(fit_retaining_heads(student, documents.to(device), stated, train.seed))
+        trainer.save_checkpoint()
     trainer.run()
     return trainer.save_adapter()

@@ -3,8 +3,10 @@
 Prose alone rarely makes the next token depend on something hundreds of tokens back, so distillation on it
 teaches the memory little about exact recall. A retrieval document takes a training sequence's own text (or,
 for some documents, a few plain sentences repeated) as filler, hides 1-4 facts ("The access code for the north
-gate is 4821.") at random depths, and ends with the questions and their answers; it also says which positions
-read an answer, so that training can weigh them up (they are ~1 % of the tokens). A share of the documents can
+gate is 4821.", "The caretaker of the red door is Marta Holm.") at random depths, and ends with the questions
+and their answers; it also says which positions read an answer, so that training can weigh them up (they are
+~1 % of the tokens), and which tokens state a fact (what the exact-token cache's retaining heads learn to keep,
+train/retain.py). A share of the documents can
 take chat form: the filler and facts are a user's message through the model's chat template, each question a
 user turn and each answer the assistant's, the way users ask a served model about their own text. The teacher
 (full attention) answers them from the facts; the student can only do so through its memory once the facts are
@@ -15,6 +17,7 @@ eval/needles.py), so the evaluation stays held out. Everything is a function of 
 from __future__ import annotations
 
 import random
+from typing import NamedTuple
 
 import torch
 
@@ -30,6 +33,15 @@ FILLER_SENTENCES = ("The river runs past the mill.", "Birds sing in the tall tre
                     "Clouds drift over the hills.", "A ship waits in the harbor.", "The road bends to the left.",
                     "Snow covers the empty field.", "Lamps glow along the street.")
 REPEATED_FILLER_SHARE = 0.3  # share of documents whose filler is repeated plain sentences instead of prose
+
+
+# facts about a person: "{role}" of the subject is "{name}" (first and last name)
+ROLES = ("caretaker", "owner", "night guard", "chief cook", "treasurer", "gardener", "inspector", "bookkeeper")
+FIRST_NAMES = ("Marta", "Jonas", "Aiko", "Samuel", "Elena", "Viktor", "Nadia", "Hugo", "Leila", "Bruno", "Greta",
+               "Emeka", "Ines", "Pavel", "Sofia", "Tariq")
+LAST_NAMES = ("Ferreira", "Holm", "Sato", "Adeyemi", "Novak", "Quinn", "Rossi", "Weber", "Costa", "Ivanova",
+              "Larsen", "Mendes", "Petrov", "Kaya", "Dubois", "Hughes")
+PERSON_SHARE = 0.4  # share of facts about a person (the others state a number)
 
 
 # (statement, question) templates: a statement may state the number twice; the question ends where the answer
@@ -50,8 +62,21 @@ TEMPLATES = (
 )
 
 
+# the same for facts about a person; the question ends where the name starts
+PERSON_TEMPLATES = (
+    (" The {role} of the {subject} is {name}. ",
+     "Name the {role} of the {subject}. The {role} of the {subject} is"),
+    (" {name} works as the {role} for the {subject}. ",
+     "Which person works as the {role} for the {subject}? That is"),
+    (" If anything breaks at the {subject}, call {name}, our {role}. ",
+     "Whom do we call if anything breaks at the {subject}? We call"),
+    (" {Subject} - {role}: {name}. ",
+     "{Subject} - {role}:"),
+)
+
+
 # (user question, start of the assistant's answer) for chat-form documents; an empty start: the answer is the
-# number alone
+# number (name) alone
 CHAT_TURNS = (
     ("What is the {kind} for the {subject}?", "The {kind} for the {subject} is"),
     ("Which {kind} does the {subject} have?", "The {subject} has {kind}"),
@@ -59,17 +84,33 @@ CHAT_TURNS = (
     ("I forgot the {kind} for the {subject}. What was it?", "It was"),
     ("{Subject}, {kind}? Digits only.", ""),
 )
+PERSON_CHAT_TURNS = (
+    ("Name the {role} of the {subject}.", "The {role} of the {subject} is"),
+    ("I forgot which person works as the {role} for the {subject}.", "That is"),
+    ("{Subject}, {role}? Just the name.", ""),
+)
 
 
-def _fact(rng: random.Random, subject: str) -> tuple[str, str, str, dict]:
-    """(statement, question, answer, fields) for one random fact about `subject`; the answer ends the question's
-    line."""
-    kind = rng.choice(KINDS)
+class Fact(NamedTuple):
+    statement: str    # the sentence that states it, with its spaces
+    question: str     # a plain-text question line that the answer completes
+    answer: str       # the number or name
+    chat_turns: tuple  # the (user question, answer start) templates of its kind, formatted with `fields`
+    fields: dict
+
+
+def _fact(rng: random.Random, subject: str) -> Fact:
+    """One random fact about `subject`: a number of some kind, or (PERSON_SHARE) a person in some role."""
+    if rng.random() < PERSON_SHARE:
+        name = f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"
+        fields = dict(role=rng.choice(ROLES), subject=subject, Subject=subject.capitalize(), name=name)
+        statement, question = rng.choice(PERSON_TEMPLATES)
+        return Fact(statement.format(**fields), question.format(**fields), name, PERSON_CHAT_TURNS, fields)
     digits = rng.randint(3, 6)
     number = str(rng.randint(10 ** (digits - 1), 10 ** digits - 1))
+    fields = dict(kind=rng.choice(KINDS), subject=subject, Subject=subject.capitalize(), number=number)
     statement, question = rng.choice(TEMPLATES)
-    fields = dict(kind=kind, subject=subject, Subject=subject.capitalize(), number=number)
-    return statement.format(**fields), question.format(**fields), f" {number}", fields
+    return Fact(statement.format(**fields), question.format(**fields), number, CHAT_TURNS, fields)
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -93,32 +134,33 @@ def _chat_frame(tokenizer) -> tuple[list[int], list[int], list[int]]:
     return _encode(tokenizer, head), _encode(tokenizer, user_end), _encode(tokenizer, answer_end)
 
 
-def _raw_questions(tokenizer, facts) -> list[tuple[list[int], list[int], list[int]]]:
-    """(lead, answer, end) ids of each question in plain text: a line that the answer number completes."""
-    return [(_encode(tokenizer, "\n" + question), _encode(tokenizer, answer), _encode(tokenizer, ".\n"))
-            for _, question, answer, _ in facts]
+def _raw_questions(tokenizer, facts: list[Fact]) -> list[tuple[list[int], list[int], list[int]]]:
+    """(lead, answer, end) ids of each question in plain text: a line that the answer completes."""
+    return [(_encode(tokenizer, "\n" + fact.question), _encode(tokenizer, " " + fact.answer),
+             _encode(tokenizer, ".\n")) for fact in facts]
 
 
-def _chat_questions(tokenizer, rng: random.Random, facts) -> list[tuple[list[int], list[int], list[int]]]:
+def _chat_questions(tokenizer, rng: random.Random, facts: list[Fact]) -> list[tuple[list[int], list[int], list[int]]]:
     """(lead, answer, end) ids of each question as a turn of a chat: the first question closes the user's
     message that holds the document, each later one is a user message of its own, the assistant answers."""
     _, user_end, answer_end = _chat_frame(tokenizer)
     questions = []
-    for i, (_, _, _, fields) in enumerate(facts):
-        question, reply = (part.format(**fields) for part in rng.choice(CHAT_TURNS))
-        answer = f" {fields['number']}" if reply else fields["number"]
+    for i, fact in enumerate(facts):
+        question, reply = (part.format(**fact.fields) for part in rng.choice(fact.chat_turns))
+        answer = f" {fact.answer}" if reply else fact.answer
         lead = _encode(tokenizer, ("\n\n" if i == 0 else "") + question) + user_end + _encode(tokenizer, reply)
         questions.append((lead, _encode(tokenizer, answer), _encode(tokenizer, ".") + answer_end))
     return questions
 
 
 def retrieval_document(tokenizer, prose: list[int], rng: random.Random,
-                       chat: bool = False) -> tuple[list[int], list[int]]:
-    """A document of len(prose) tokens (filler with 1-4 facts at depths in [0, 0.9], the questions last) and
-    its reads: the positions whose next token belongs to an answer (where the model must recall a fact).
-    `chat`: the filler is a user's message through the chat template and the questions are turns of the chat."""
+                       chat: bool = False) -> tuple[list[int], list[int], list[int]]:
+    """A document of len(prose) tokens (filler with 1-4 facts at depths in [0, 0.9], the questions last), its
+    reads: the positions whose next token belongs to an answer (where the model must recall a fact), and its
+    statements: the positions of the tokens that state the facts. `chat`: the filler is a user's message
+    through the chat template and the questions are turns of the chat."""
     facts = [_fact(rng, subject) for subject in rng.sample(SUBJECTS, rng.randint(1, 4))]
-    statements = [_encode(tokenizer, statement) for statement, _, _, _ in facts]
+    statements = [_encode(tokenizer, fact.statement) for fact in facts]
     asked = rng.sample(facts, len(facts))
     questions = _chat_questions(tokenizer, rng, asked) if chat else _raw_questions(tokenizer, asked)
     head = _chat_frame(tokenizer)[0] if chat else []
@@ -128,9 +170,11 @@ def retrieval_document(tokenizer, prose: list[int], rng: random.Random,
         raise ValueError(f"sequences of {len(prose)} tokens are too short for retrieval documents")
     filler = _repeated_filler(tokenizer, rng, budget) if rng.random() < REPEATED_FILLER_SHARE else prose[:budget]
     cuts = sorted(int(rng.uniform(0.0, 0.9) * budget) for _ in statements)
-    document, last = list(head), 0
+    document, last, stated = list(head), 0, []
     for cut, statement in zip(cuts, statements):
-        document += filler[last:cut] + statement
+        document += filler[last:cut]
+        stated += range(len(document), len(document) + len(statement))
+        document += statement
         last = cut
     document += filler[last:]
     reads = []
@@ -138,21 +182,24 @@ def retrieval_document(tokenizer, prose: list[int], rng: random.Random,
         document += lead
         reads += range(len(document) - 1, len(document) + len(answer) - 1)
         document += answer + end
-    return document, reads
+    return document, reads, stated
 
 
 def with_retrieval(tokenizer, sequences: torch.Tensor, share: float, seed: int,
-                   chat_share: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                   chat_share: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A copy of `sequences` [N, T] in which a seeded `share` of the rows became retrieval documents built on
-    their own text (`chat_share` of them in chat form), and the mask [N, T] of their reads (False in the other
-    rows)."""
+    their own text (`chat_share` of them in chat form), and the masks [N, T] of their reads and of their
+    statements' tokens (False in the other rows)."""
     if not (0.0 <= share <= 1.0 and 0.0 <= chat_share <= 1.0):
         raise ValueError(f"retrieval shares must be in [0, 1], got {share} and {chat_share}")
     rng = random.Random(seed)
-    out, reads = sequences.clone(), torch.zeros(sequences.shape, dtype=torch.bool)
+    out = sequences.clone()
+    reads, stated = (torch.zeros(sequences.shape, dtype=torch.bool) for _ in range(2))
     for row in sorted(rng.sample(range(len(sequences)), round(share * len(sequences)))):
         chat = bool(chat_share) and rng.random() < chat_share
-        document, positions = retrieval_document(tokenizer, sequences[row].tolist(), rng, chat=chat)
+        document, read_positions, stated_positions = retrieval_document(tokenizer, sequences[row].tolist(), rng,
+                                                                        chat=chat)
         out[row] = torch.tensor(document)
-        reads[row, positions] = True
-    return out, reads
+        reads[row, read_positions] = True
+        stated[row, stated_positions] = True
+    return out, reads, stated

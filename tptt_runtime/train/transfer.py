@@ -43,7 +43,7 @@ class AttentionTransfer(LayerHook):
         with torch.enable_grad():
             q, k, v, hidden_states = (t.detach() for t in (q, k, v, hidden_states))
             memory, write_norms = layer.memory_branch(q, k, v, layer.new_state(q.shape[0], q.dtype, q.device), 0)
-            scores, cfg = layer.cache_scores(k, write_norms), layer.config
+            scores, cfg = layer.cache_scores(q, k, v, write_norms), layer.config
             cached = None if scores is None else exact_cache.held_over_time(
                 scores.detach(), window=cfg.window, sinks=cfg.sinks, size=cfg.cache_tokens, block=QUERY_BLOCK)
             o_full, o_far, lam = split_attention(q, k, v, layer, cached)  # [B, Hq, T, D] x2, [B, Hq, T]
