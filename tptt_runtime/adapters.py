@@ -50,8 +50,11 @@ def _is_memory_param(name: str) -> bool:
 
 
 def trainable_names(hf_model: nn.Module) -> list[str]:
-    """Parameters an adapter trains and stores: LoRA weights and the memory's own parameters."""
-    return [name for name, _ in hf_model.named_parameters() if "lora_" in name or _is_memory_param(name)]
+    """Parameters distillation trains (an adapter stores them all): LoRA weights and the memory's own parameters
+    but the retaining heads, which no gradient reaches (they rank tokens for a hard top-C; train/retain.py fits
+    them)."""
+    return [name for name, _ in hf_model.named_parameters()
+            if "lora_" in name or (_is_memory_param(name) and ".retaining_head." not in name)]
 
 
 def adapter_state_dict(hf_model: nn.Module) -> dict[str, torch.Tensor]:

@@ -119,11 +119,11 @@ class TpttConfig:
     @property
     def uses_memory(self) -> bool:
         """Whether the memory runs: it takes part in the mix (mu > 0 or learned), or scores the cache."""
-        return self.mag_gate == "learned" or self.mag_weight > 0.0 or self.scores_by_write
+        return self.mag_gate == "learned" or self.mag_weight > 0.0 or self.needs_write_norms
 
     @property
-    def scores_by_write(self) -> bool:
-        """Whether the exact-token cache ranks tokens by the memory's write norms (both scores start from them)."""
+    def needs_write_norms(self) -> bool:
+        """Whether the memory must give its write norms: the exact-token cache's scores start from them."""
         return self.cache_tokens > 0
 
     @property

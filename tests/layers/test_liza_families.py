@@ -163,7 +163,7 @@ def test_incremental_equals_full_for_each_option(options):
         torch.testing.assert_close(logits, full[position], atol=TOL, rtol=0)
 
 
-def random_scorers(model, seed=0):
+def random_retaining_heads(model, seed=0):
     """Give every layer's retaining head random weights (fresh ones are 0: they add nothing to the write score)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -183,7 +183,7 @@ def test_incremental_equals_full_with_an_exact_token_cache(tiny_pair, cache_toke
     model = TitansModel(converted, TpttConfig(window=5, sinks=2, mag_weight=0.5, chunk_size=4,
                                               cache_tokens=cache_tokens, cache_score=cache_score))
     if cache_score == "retain":
-        random_scorers(model)
+        random_retaining_heads(model)
     tokens = ids(37)
     full = model.forward_full(tokens)
     rows, state = incremental_logits(model, tokens, pieces)
@@ -205,7 +205,7 @@ def test_a_retaining_head_caches_the_tokens_it_scores_highest(pieces, mag_weight
     from tptt_runtime.layers.retaining import head_features
 
     config = TpttConfig(window=5, sinks=2, mag_weight=mag_weight, chunk_size=4, cache_tokens=4, cache_score="retain")
-    model = random_scorers(TitansModel(tiny_model("llama"), config))
+    model = random_retaining_heads(TitansModel(tiny_model("llama"), config))
     tokens = ids(37)
 
     class Scores(LayerHook):
@@ -262,7 +262,7 @@ def test_batched_decode_equals_one_at_a_time(cache_tokens, cache_score):
     model = TitansModel(tiny_model("qwen2"), TpttConfig(window=4, sinks=1, mag_weight=0.5, nonlinear_chunk=4,
                                                         cache_tokens=cache_tokens, cache_score=cache_score))
     if cache_score == "retain":
-        random_scorers(model)
+        random_retaining_heads(model)
     tokens = ids(30)
     states = [model.new_session() for _ in range(3)]
     for state, n in zip(states, (3, 9, 14)):

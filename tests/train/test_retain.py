@@ -106,7 +106,7 @@ def test_documents_are_retrieval_documents_with_their_statements(default_model):
 
 def test_stage_0_fits_the_heads_of_the_default_adapter_and_writes_them(tmp_path):
     """tptt-convert --init default --cache-score retain --retain-docs N --steps 0: the adapter that comes out
-    holds the default's weights unchanged and one fitted (non-zero) head per layer, and loads back."""
+    holds the default's other weights unchanged and one fitted (non-zero) head per layer, and loads back."""
     from safetensors.torch import load_file
 
     import tptt_runtime
@@ -119,8 +119,8 @@ def test_stage_0_fits_the_heads_of_the_default_adapter_and_writes_them(tmp_path)
     assert TpttConfig.load(out) == TpttConfig.load(DEFAULT_ADAPTER).replace(base_model="default",
                                                                             cache_score="retain")
     before, after = load_file(DEFAULT_ADAPTER / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
-    assert all(torch.equal(before[name], after[name]) for name in before)
     heads = {name for name in after if ".retaining_head." in name}
+    assert all(torch.equal(before[name], after[name]) for name in before if name not in heads)
     assert set(after) == set(before) | heads and len(heads) == 30 * 4
     assert all(after[name].abs().max() > 0 for name in heads if name.endswith(".w2"))
     model = tptt_runtime.load(str(out))

@@ -280,8 +280,8 @@ class LiZAttention(nn.Module):
         return write_norms
 
     def memory_branch(self, q, k, v, state, seen):
-        """The memory read [B, Hq, T, D] and each token's write norm [B, Hkv, T] (the exact-token cache's score
-        with cache_score "write"; None where no cache needs it); `seen` as in `_output` (a tensor means one
+        """The memory read [B, Hq, T, D] and each token's write norm [B, Hkv, T] (what the exact-token cache's
+        scores start from; None without a cache); `seen` as in `_output` (a tensor means one
         decode token)."""
         cfg = self.config
         pooled_k = self._pooled_gate_input(k, self.gate_input_k, state, "gate_k", seen)
@@ -298,7 +298,7 @@ class LiZAttention(nn.Module):
         store(state, "prev_k", k_mem[:, :, -1:])
         store(state, "prev_v", v[:, :, -1:])
         beta = beta.unsqueeze(-1).expand(*beta.shape, cfg.order)
-        scored = cfg.scores_by_write
+        scored = cfg.needs_write_norms
         if torch.is_tensor(seen):
             out, memory, *scores = delta_product.recurrent_step(
                 q_mem, k_virtual, v_virtual, beta, g, state["memory"], seen, cfg.nonlinear_chunk, scored)

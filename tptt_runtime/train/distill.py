@@ -2,7 +2,9 @@
 
 Stage 0 (`retain_docs` > 0, before the first step, optional): the exact-token cache's retaining heads alone
 are fitted to spot the tokens that state facts in that many fresh retrieval documents (train/retain.py);
-nothing else moves, and later steps leave them as they are (no gradient reaches a hard top-C selection).
+nothing else moves, and later steps leave them as they are (no gradient reaches a hard top-C selection), so
+LoRA learns with them in the loop. LoRA's steps move the features the heads read a little; to fit the heads
+to a finished adapter's own features, run stage 0 alone on it (`steps` 0, `init` that adapter).
 
 Stage 1 (the next `transfer_steps` steps, optional): attention transfer. Every LiZA layer compares its memory
 with full softmax attention over the same q, k, v (train/transfer.py): the memory read should
@@ -278,7 +280,7 @@ def convert(base: str, out: str | Path, tptt: TpttConfig, train: TrainConfig, re
     resumed = resume and trainer.load_checkpoint()
     if train.retain_docs and not resumed:  # a checkpoint holds the heads it fitted
         documents, stated = retain_documents(tokenizer, prose, train.retain_docs, train.seed + 1)
-        trainer.history.append(fit_retaining_heads(student, documents.to(device), stated, train.seed))
+        trainer.history.append(fit_retaining_heads(student, documents, stated, train.seed))
         trainer.save_checkpoint()
     trainer.run()
     return trainer.save_adapter()

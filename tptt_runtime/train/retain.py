@@ -26,12 +26,13 @@ from .retrieval import with_retrieval
 
 log = logging.getLogger(__name__)
 
-CHAT_SHARE = 0.5       # share of the fitting documents in chat form
+CHAT_SHARE = 0.5       # share of the fitting documents in chat form (0 for a tokenizer without a chat template)
 NEGATIVE_SHARE = 0.1   # share of the other tokens kept as examples (a statement is a few % of a document)
 ITERATIONS = 200       # full-batch Adam iterations per layer
 LR = 3e-3
 WEIGHT_DECAY = 1e-4
 VALIDATION_SHARE = 0.2  # the last documents, held out to report each layer's validation loss
+STD_FLOOR = 1e-2       # a feature's standard deviation counts as at least this share of its head's mean one
 
 
 def retain_documents(tokenizer, sequences: torch.Tensor, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,13 +42,15 @@ def retain_documents(tokenizer, sequences: torch.Tensor, count: int, seed: int) 
         raise ValueError(f"need 1 .. {len(sequences)} documents to fit the retaining heads, got {count}")
     generator = torch.Generator().manual_seed(seed)
     rows = torch.randperm(len(sequences), generator=generator)[:count]
-    documents, _, stated = with_retrieval(tokenizer, sequences[rows], 1.0, seed, chat_share=CHAT_SHARE)
+    chat_share = CHAT_SHARE if getattr(tokenizer, "chat_template", None) else 0.0
+    documents, _, stated = with_retrieval(tokenizer, sequences[rows], 1.0, seed, chat_share=chat_share)
     return documents, stated
 
 
 def fit_retaining_heads(model, documents: torch.Tensor, stated: torch.Tensor, seed: int = 0) -> dict:
     """Fit every layer's retaining head on `documents` [N, T] whose `stated` [N, T] tokens are the positives;
-    returns the mean training and validation losses (balanced BCE; chance is ln 2 = 0.69)."""
+    returns the mean training and validation losses (balanced BCE; chance is ln 2 = 0.69; no validation loss
+    with fewer than 5 documents)."""
     if not model.config.retains:
         raise ValueError('fitting retaining heads needs cache_score "retain" with cache_tokens > 0')
     if not stated.any():
@@ -56,9 +59,10 @@ def fit_retaining_heads(model, documents: torch.Tensor, stated: torch.Tensor, se
     split = _validation_start(labels, documents.shape[0])
     losses = [_fit_layer(layer, features[layer.layer_idx], labels, split, seed)
               for layer in tqdm(model.layers, desc="retaining heads", unit="layer")]
-    train_loss, validation_loss = (sum(column) / len(losses) for column in zip(*losses))
-    log.info("retaining heads: balanced BCE %.3f (training), %.3f (validation), chance 0.693", train_loss,
-             validation_loss)
+    train_loss = sum(training for training, _ in losses) / len(losses)
+    validation_loss = None if split == len(labels) else sum(held_out for _, held_out in losses) / len(losses)
+    log.info("retaining heads: balanced BCE %.3f (training), %s (validation), chance 0.693", train_loss,
+             "-" if validation_loss is None else f"{validation_loss:.3f}")
     return {"stage": "retain", "loss": train_loss, "validation_loss": validation_loss,
             "documents": documents.shape[0]}
 
@@ -92,22 +96,26 @@ def _collect(model, documents, stated, seed: int) -> tuple[dict[int, torch.Tenso
 
 
 def _validation_start(labels: torch.Tensor, documents: int) -> int:
-    """The example where validation starts: about the last VALIDATION_SHARE of the examples (all of them are
-    training examples when there are fewer than 5 documents)."""
+    """The example where validation starts: about the last VALIDATION_SHARE of the examples (none with fewer
+    than 5 documents: all of them train)."""
     return len(labels) if documents < 5 else int(len(labels) * (1 - VALIDATION_SHARE))
 
 
 def _fit_layer(layer: LiZAttention, x: torch.Tensor, y: torch.Tensor, split: int, seed: int) -> tuple[float, float]:
     """Fit one layer's head on features x [Hkv, n, F] and labels y [n] (the first `split` examples; the rest
-    validate), write it into the layer; returns its (training, validation) balanced BCE."""
+    validate), on the layer's device, and write it into the layer; returns its (training, validation) balanced
+    BCE (validation: the training loss again when nothing is held out)."""
+    device = layer.retaining_head.w1.device
+    x, y = x.to(device), y.to(device)
     heads, _, width = x.shape
-    mean, std = x[:, :split].mean(1, keepdim=True), x[:, :split].std(1, keepdim=True) + 1e-6
+    mean, std = x[:, :split].mean(1, keepdim=True), x[:, :split].std(1, keepdim=True)
+    std = std.clamp(min=STD_FLOOR * std.mean(-1, keepdim=True))  # a near-constant feature is not blown up
     x = (x - mean) / std
     generator = torch.Generator().manual_seed(seed * 1000 + layer.layer_idx)
-    w1 = (torch.randn(heads, width, HIDDEN, generator=generator) / width ** 0.5).requires_grad_()
-    b1 = torch.zeros(heads, HIDDEN, requires_grad=True)
-    w2 = (torch.randn(heads, HIDDEN, generator=generator) / HIDDEN ** 0.5).requires_grad_()
-    b2 = torch.zeros(heads, requires_grad=True)
+    w1 = (torch.randn(heads, width, HIDDEN, generator=generator) / width ** 0.5).to(device).requires_grad_()
+    b1 = torch.zeros(heads, HIDDEN, device=device, requires_grad=True)
+    w2 = (torch.randn(heads, HIDDEN, generator=generator) / HIDDEN ** 0.5).to(device).requires_grad_()
+    b2 = torch.zeros(heads, device=device, requires_grad=True)
     optimizer = torch.optim.Adam([w1, b1, w2, b2], lr=LR, weight_decay=WEIGHT_DECAY)
 
     def loss(part: slice) -> torch.Tensor:
