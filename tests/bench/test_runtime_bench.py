@@ -55,14 +55,14 @@ def test_out_of_memory_is_recorded_and_the_run_goes_on(monkeypatch, tmp_path):
 
 def test_the_bandwidth_floor_reads_every_weight_of_a_decode_step_once(result):
     """The floor's matrices: the base model's projections, MLPs and head (q/k/v fused in ours, counted once at
-    full size; the tied embedding once) plus the small matrices a LiZA layer adds; every decode figure has its
-    ratio to the floor."""
+    full size; the tied embedding once) plus the small matrices a LiZA layer adds (retaining heads included);
+    every decode figure has its ratio to the floor."""
     from torch import nn
 
     ours, baseline = bench.build_models("tiny", "cpu", torch.float32, None)
     linear = {m.weight.data_ptr(): m.weight for m in baseline.modules() if isinstance(m, nn.Linear)}
-    added = [p for name, p in ours.hf.named_parameters() if p.dim() == 2 and any(
-        part in name for part in ("mag_gate", "memory_map", "gate_input"))]
+    added = [p for name, p in ours.hf.named_parameters() if p.dim() >= 2 and any(
+        part in name for part in ("mag_gate", "memory_map", "gate_input", "retaining_head"))]
     expected = sum(w.numel() * 4 for w in [*linear.values(), *added])
     assert sum(w.numel() * w.element_size() for w in bench.weight_matrices(ours)) == expected
     data = result[0]

@@ -81,17 +81,19 @@ def _decode(step, batch: int, tokens: int) -> dict:
 
 
 def weight_matrices(model: TitansModel) -> list[torch.Tensor]:
-    """Every weight matrix one decode step reads, once each: 2-D parameters and buffers deduplicated by storage
-    (a fused q/k/v matrix and its views count once, at full size; tied embeddings once, as the output head);
-    the input embedding only when it is not the head (a step reads one row of it, not the matrix)."""
+    """Every weight matrix one decode step reads, once each: parameters and buffers of 2 or more dims (the
+    retaining heads' are one matrix per kv head: read as their rows) deduplicated by storage (a fused q/k/v
+    matrix and its views count once, at full size; tied embeddings once, as the output head); the input
+    embedding only when it is not the head (a step reads one row of it, not the matrix)."""
     head = model.hf.get_output_embeddings().weight
     embedding = model.hf.get_input_embeddings().weight
     largest: dict[int, torch.Tensor] = {}
     for tensor in [*model.hf.parameters(), *model.hf.buffers()]:
-        if tensor is None or tensor.dim() != 2:
+        if tensor is None or tensor.dim() < 2:
             continue
         if tensor is embedding and embedding.data_ptr() != head.data_ptr():
             continue
+        tensor = tensor.flatten(0, -2)
         key = tensor.untyped_storage().data_ptr()
         if key not in largest or tensor.numel() > largest[key].numel():
             largest[key] = tensor

@@ -38,8 +38,9 @@ class RetainingHead(nn.Module):
         self.b2 = nn.Parameter(torch.zeros(kv_heads, device=device))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        hidden = torch.relu(torch.einsum("bhtf,hfk->bhtk", features, self.w1) + self.b1[:, None])
-        return torch.einsum("bhtk,hk->bht", hidden, self.w2) + self.b2[:, None]
+        """In float32 whatever the weights' dtype (a model served in bfloat16 casts them too)."""
+        hidden = torch.relu(torch.einsum("bhtf,hfk->bhtk", features, self.w1.float()) + self.b1.float()[:, None])
+        return torch.einsum("bhtk,hk->bht", hidden, self.w2.float()) + self.b2.float()[:, None]
 
     def score(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, write_norms: torch.Tensor) -> torch.Tensor:
         """The cache score [B, Hkv, T] of new tokens: log of their write norms [B, Hkv, T] plus the logit."""
