@@ -31,9 +31,11 @@ class TpttConfig:
     # exact-token cache: per layer and kv head, the `cache_tokens` tokens that left the window with the highest
     # score, attended with the window in one softmax; 0 = none. cache_score write: the memory's write (write
     # strength x prediction error); retain: the log of that plus a retaining head's logit, a small MLP per kv
-    # head on the token's own q, k, v trained to spot the tokens of stated facts (docs/math.md 3b)
+    # head on the token's own q, k, v trained to spot the tokens of stated facts (docs/math.md 3b), its logit
+    # multiplied by retain_weight (1: as fitted; towards 0 the ranking comes back to the write's)
     cache_tokens: int = 0
     cache_score: str = "write"
+    retain_weight: float = 1.0
     # Memory as Gate: o = (1 - mu) * o_softmax + mu * o_linear (+ cross term if cross_gate), where mu is
     # constant: mag_weight everywhere; learned: sigmoid(W x_t + b) per head and token from the layer's input,
     # trained with the adapter and initialised at mag_weight (W = 0)
@@ -74,6 +76,8 @@ class TpttConfig:
             raise ValueError(f"cache_tokens must be >= 0, got {self.cache_tokens}")
         if self.cache_score not in CACHE_SCORES:
             raise ValueError(f"cache_score must be one of {CACHE_SCORES}, got {self.cache_score!r}")
+        if not 0.0 <= self.retain_weight < float("inf"):
+            raise ValueError(f"retain_weight must be a finite number >= 0, got {self.retain_weight}")
         if self.sinks < 0:
             raise ValueError(f"sinks must be >= 0, got {self.sinks}")
         if not 0.0 <= self.mag_weight <= 1.0:

@@ -56,6 +56,41 @@ def test_a_fresh_head_adds_nothing_to_the_write_score():
     torch.testing.assert_close(head.score(q, k, v, write), write.clamp(min=1e-8).log())
 
 
+def test_retain_weight_scales_the_heads_logit_and_zero_ranks_by_the_write_alone():
+    """score = log(write) + retain_weight * logit; a model with retain_weight 0 and fitted (nonzero) heads gives
+    the logits of the same model scoring by the write alone, whatever the heads say."""
+    head = RetainingHead(2, 15, torch.nn.Linear(1, 1))
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for parameter in head.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    q, k, v = (torch.randn(1, heads, 7, 3, generator=generator) for heads in (6, 2, 2))
+    write = torch.rand(1, 2, 7, generator=generator) + 0.1
+    logit = head(head_features(q, k, v))
+    torch.testing.assert_close(head.score(q, k, v, write, 0.25), write.log() + 0.25 * logit)
+
+    fitted = TitansModel(tiny_model("llama"), CONFIG)
+    with torch.no_grad():
+        for layer in fitted.layers:
+            for parameter in layer.retaining_head.parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    ids = random_documents(1, 40, seed=5)[0]
+    logits = {}
+    for name, config in (("weight 0", CONFIG.replace(retain_weight=0.0)), ("write", CONFIG.replace(cache_score="write")),
+                         ("weight 1", CONFIG)):
+        model = TitansModel(tiny_model("llama"), config)
+        model.hf.load_state_dict(fitted.hf.state_dict(), strict=False)  # the write model has no heads to load
+        logits[name] = model.forward_full(ids)
+    torch.testing.assert_close(logits["weight 0"], logits["write"])
+    assert not torch.allclose(logits["weight 1"], logits["write"])
+
+
+@pytest.mark.parametrize("weight", [-0.5, float("inf"), float("nan")])
+def test_retain_weight_must_be_finite_and_not_negative(weight):
+    with pytest.raises(ValueError, match="retain_weight"):
+        CONFIG.replace(retain_weight=weight)
+
+
 def test_the_fit_learns_the_marked_tokens_and_moves_nothing_else():
     """On random token ids whose multiples of 5 are the 'statements', every layer's fitted head (standardization
     folded into its weights) gives those tokens higher logits on documents it never saw, and the reported
@@ -105,8 +140,9 @@ def test_documents_are_retrieval_documents_with_their_statements(default_model):
 
 
 def test_stage_0_fits_the_heads_of_the_default_adapter_and_writes_them(tmp_path):
-    """tptt-convert --init default --cache-score retain --retain-docs N --steps 0: the adapter that comes out
-    holds the default's other weights unchanged and one fitted (non-zero) head per layer, and loads back."""
+    """tptt-convert --init default --cache-score retain --retain-weight W --retain-docs N --steps 0: the adapter
+    that comes out holds the default's other weights unchanged, one fitted (non-zero) head per layer and the
+    changed weight, and loads back."""
     from safetensors.torch import load_file
 
     import tptt_runtime
@@ -114,10 +150,10 @@ def test_stage_0_fits_the_heads_of_the_default_adapter_and_writes_them(tmp_path)
     from tptt_runtime.train.cli import main
 
     out = tmp_path / "retained"
-    main(["--init", "default", "--out", str(out), "--cache-score", "retain", "--retain-docs", "6", "--steps", "0",
-          "--seq-len", "512", "--device", "cpu"])
+    main(["--init", "default", "--out", str(out), "--cache-score", "retain", "--retain-weight", "0.5",
+          "--retain-docs", "6", "--steps", "0", "--seq-len", "512", "--device", "cpu"])
     assert TpttConfig.load(out) == TpttConfig.load(DEFAULT_ADAPTER).replace(base_model="default",
-                                                                            cache_score="retain")
+                                                                            cache_score="retain", retain_weight=0.5)
     before, after = load_file(DEFAULT_ADAPTER / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
     heads = {name for name in after if ".retaining_head." in name}
     assert all(torch.equal(before[name], after[name]) for name in before if name not in heads)

@@ -274,9 +274,9 @@ class LiZAttention(nn.Module):
     def cache_scores(self, q, k, v, write_norms: torch.Tensor | None) -> torch.Tensor | None:
         """Each new token's exact-token cache score [B, Hkv, T] (docs/math.md 3b), fixed when it is written: the
         memory's write norms, or with a retaining head their log plus its logit on the token's q, k, v (before
-        rotary); None without a cache."""
+        rotary) times retain_weight; None without a cache."""
         if self.retaining_head is not None:
-            return self.retaining_head.score(q, k, v, write_norms)
+            return self.retaining_head.score(q, k, v, write_norms, self.config.retain_weight)
         return write_norms
 
     def memory_branch(self, q, k, v, state, seen):

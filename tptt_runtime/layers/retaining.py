@@ -3,7 +3,7 @@
 Per kv head, a two-layer MLP reads one token's own projections, the queries of the head's group, its key and
 its value (all before rotary), and gives a logit: how likely the token belongs to a stated fact that a later
 question may need (the idea of Locret's retaining heads, arXiv 2410.01805). The cache's score is the log of the
-memory's write norm plus this logit. It is a function of the token alone, fixed when the token is written, so
+memory's write norm plus this logit times the config's retain_weight. It is a function of the token alone, fixed when the token is written, so
 the cache's selection stays independent of how a sequence is split. Zero weights (a fresh head) add nothing:
 the ranking is the write score's. Fitted by train/retain.py; serving only evaluates it.
 """
@@ -42,6 +42,8 @@ class RetainingHead(nn.Module):
         hidden = torch.relu(torch.einsum("bhtf,hfk->bhtk", features, self.w1.float()) + self.b1.float()[:, None])
         return torch.einsum("bhtk,hk->bht", hidden, self.w2.float()) + self.b2.float()[:, None]
 
-    def score(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, write_norms: torch.Tensor) -> torch.Tensor:
-        """The cache score [B, Hkv, T] of new tokens: log of their write norms [B, Hkv, T] plus the logit."""
-        return write_norms.clamp(min=WRITE_FLOOR).log() + self(head_features(q, k, v))
+    def score(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, write_norms: torch.Tensor,
+              weight: float = 1.0) -> torch.Tensor:
+        """The cache score [B, Hkv, T] of new tokens: log of their write norms [B, Hkv, T] plus `weight` times
+        the logit."""
+        return write_norms.clamp(min=WRITE_FLOOR).log() + weight * self(head_features(q, k, v))
