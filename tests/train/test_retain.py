@@ -76,8 +76,9 @@ def test_retain_weight_scales_the_heads_logit_and_zero_ranks_by_the_write_alone(
                 parameter.copy_(torch.randn(parameter.shape, generator=generator))
     ids = random_documents(1, 40, seed=5)[0]
     logits = {}
-    for name, config in (("weight 0", CONFIG.replace(retain_weight=0.0)), ("write", CONFIG.replace(cache_score="write")),
-                         ("weight 1", CONFIG)):
+    configs = {"weight 0": CONFIG.replace(retain_weight=0.0), "write": CONFIG.replace(cache_score="write"),
+               "weight 1": CONFIG}
+    for name, config in configs.items():
         model = TitansModel(tiny_model("llama"), config)
         model.hf.load_state_dict(fitted.hf.state_dict(), strict=False)  # the write model has no heads to load
         logits[name] = model.forward_full(ids)

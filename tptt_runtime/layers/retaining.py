@@ -3,9 +3,9 @@
 Per kv head, a two-layer MLP reads one token's own projections, the queries of the head's group, its key and
 its value (all before rotary), and gives a logit: how likely the token belongs to a stated fact that a later
 question may need (the idea of Locret's retaining heads, arXiv 2410.01805). The cache's score is the log of the
-memory's write norm plus this logit times the config's retain_weight. It is a function of the token alone, fixed when the token is written, so
-the cache's selection stays independent of how a sequence is split. Zero weights (a fresh head) add nothing:
-the ranking is the write score's. Fitted by train/retain.py; serving only evaluates it.
+memory's write norm plus this logit times the config's retain_weight. It is a function of the token alone, fixed
+when the token is written, so the cache's selection stays independent of how a sequence is split. Zero weights
+(a fresh head) add nothing: the ranking is the write score's. Fitted by train/retain.py; serving only evaluates it.
 """
 
 from __future__ import annotations
