@@ -48,6 +48,8 @@ HELP = {
                      "(default ~/.cache/tptt/compiled)",
     "cuda_graphs": "on a CUDA device, replay decode steps as CUDA graphs (one per batch-size bucket, recorded on "
                    "first use); --no-cuda-graphs runs them op by op",
+    "mixed_steps": "a step that prefills carries the decoding requests' rows in the same forward (one pass over "
+                   "the weights); --no-mixed-steps decodes them in a forward of their own",
     "log_level": "debug, info, warning, error",
     "log_prompts": "log prompt text (off by default: prompts never reach the logs)",
 }
@@ -81,6 +83,7 @@ class Settings:
     compile: bool = False
     compile_cache: str = ""
     cuda_graphs: bool = True
+    mixed_steps: bool = True
     log_level: str = "info"
     log_prompts: bool = False
 
@@ -115,7 +118,7 @@ class Settings:
             max_waiting=self.max_waiting, max_prompt_tokens=self.max_prompt_tokens, prefix_reuse=self.prefix_reuse,
             store_bytes=self.store_bytes, store_dir=self.store_dir or None,
             store_disk_bytes=self.store_disk_bytes or None, redis_url=self.redis_url or None,
-            cuda_graphs=self.cuda_graphs)
+            cuda_graphs=self.cuda_graphs, mixed_steps=self.mixed_steps)
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None, environ=os.environ) -> "Settings":

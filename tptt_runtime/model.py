@@ -5,7 +5,8 @@
     decode(states, ids)      one decode token for each of several sessions, in one batched forward
     forward_full(ids)        all logits of a sequence, no state: the reference semantics
     prefill_packed(pieces)   prompt pieces of several sessions, each from its own position and of its own
-                             length, packed into shared forwards (prefill, and the engine's prefill)
+                             length, packed into shared forwards (prefill, and the engine's prefill), with
+                             the decode rows of the same engine step among them (layers/liza.py DecodeRows)
     decode_rows              decode over per-layer tensors with a leading batch dim that the caller owns (the
                              serving engine's state pool, engine/state_pool.py), written in place
 
@@ -29,7 +30,7 @@ from torch import nn
 from .compiled import CompiledDecode, run_forward
 from .config import TpttConfig
 from .convert import inject_liza
-from .layers.liza import ForwardContext, PrefillPiece
+from .layers.liza import DecodeRows, ForwardContext, PrefillPiece
 from .state import SessionState, check_fingerprint
 
 PREFILL_CHUNK = 2048  # tokens per forward in prefill: bounds activation memory whatever the prompt length
@@ -138,14 +139,18 @@ class TitansModel:
         return logits if all_logits else logits[-1]
 
     @torch.no_grad()
-    def prefill_packed(self, pieces: list[PrefillPiece]) -> list[torch.Tensor]:
+    def prefill_packed(self, pieces: list[PrefillPiece | DecodeRows]) -> list[torch.Tensor]:
         """Pieces of different sessions, each from its own position and of its own length, packed one after
         another into forwards of up to PREFILL_CHUNK tokens ([1, T]: no padding). The projections, MLPs and head
         run once for every token of a forward; each attention layer reads and writes every piece's own sessions
-        (a piece's rows as one batch). Returns each piece's float32 logits [B, T or 1, vocab]: after every new
-        token with the piece's `all_logits`, else after its last."""
+        (a piece's rows as one batch). At most one piece may be DecodeRows (one token per session, each at its
+        own position, as `decode_rows` computes it): it goes whole into the first forward. Returns each
+        piece's float32 logits [B, T or 1, vocab]: after every new token with the piece's `all_logits`, else
+        after its last."""
         if any(piece.ids.shape[1] == 0 for piece in pieces):
             raise ValueError("a prefill piece without tokens")
+        if sum(isinstance(piece, DecodeRows) for piece in pieces) > 1:
+            raise ValueError("more than one set of decode rows in a packed prefill")
         parts: list[list[torch.Tensor]] = [[] for _ in pieces]
         for pack in _packs(pieces, PREFILL_CHUNK):
             for (index, _), logits in zip(pack, self._forward_packed([piece for _, piece in pack])):
@@ -230,16 +235,18 @@ class TitansModel:
             self.context.hook = None
 
 
-def _packs(pieces: list[PrefillPiece], size: int) -> list[list[tuple[int, PrefillPiece]]]:
-    """The pieces (with their index) in order, in packs of at most `size` tokens (or one piece's rows of one
-    token); a longer piece is cut along its tokens into consecutive pieces, which later packs continue."""
+def _packs(pieces: list[PrefillPiece | DecodeRows], size: int) -> list[list[tuple[int, PrefillPiece | DecodeRows]]]:
+    """The pieces (with their index) in packs of at most `size` tokens (or one piece's rows of one token), in
+    order after the decode rows, which the first pack carries whole; a longer piece is cut along its tokens into
+    consecutive pieces, which later packs continue."""
     packs, pack, tokens = [], [], 0
-    for index, piece in enumerate(pieces):
+    ordered = sorted(enumerate(pieces), key=lambda item: not isinstance(item[1], DecodeRows))
+    for index, piece in ordered:
         rows, length = piece.ids.shape
         step = max(1, size // rows)
         for offset in range(0, length, step):
-            cut = PrefillPiece(piece.layer_states, piece.start + offset, piece.ids[:, offset:offset + step],
-                               piece.all_logits)
+            cut = piece if isinstance(piece, DecodeRows) else PrefillPiece(
+                piece.layer_states, piece.start + offset, piece.ids[:, offset:offset + step], piece.all_logits)
             if pack and tokens + cut.ids.numel() > size:
                 packs.append(pack)
                 pack, tokens = [], 0

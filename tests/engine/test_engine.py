@@ -9,6 +9,7 @@ import torch
 from tptt_runtime.engine import EngineConfig, LLMEngine, Request, SamplingParams
 from tests.engine.arrivals import serve_staggered
 from tptt_runtime.engine.detokenizer import OutputProcessor
+from tptt_runtime.model import DecodeRows
 
 
 def chat_ids(model, *turns):
@@ -198,6 +199,31 @@ def test_simultaneous_prompts_of_different_lengths_prefill_in_one_forward_and_eq
                        [Request(f"t{i}", p, params) for i, p in enumerate(prompts)])
     assert packs == [[(1, 5), (1, 6), (1, 7), (1, 8)]]
     assert [tokens(together[f"t{i}"]) for i in range(4)] == alone
+
+
+@pytest.mark.parametrize("mixed_steps", [True, False])
+def test_a_prompt_joining_while_others_decode_rides_in_one_forward_with_their_rows(default_model, monkeypatch,
+                                                                                  mixed_steps):
+    """mixed_steps: the step that prefills a joining prompt carries the decoding requests' rows in the same
+    packed forward (no decode forward of its own); either way each request gets TitansModel's own greedy tokens."""
+    prompts = [default_model.tokenizer(t)["input_ids"] for t in
+               ("The sea is calm and blue today,", "My favourite fruit is the mango because",
+                "Counting slowly: one, two, three,")]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    requests = [Request(f"r{i}", p, params) for i, p in enumerate(prompts)]
+    engine = LLMEngine(default_model, EngineConfig(prefix_reuse=False, mixed_steps=mixed_steps))
+    forwards = []
+    prefill_packed, decode_rows = default_model.prefill_packed, default_model.decode_rows
+    monkeypatch.setattr(default_model, "prefill_packed", lambda pieces: forwards.append(
+        ["decode" if isinstance(p, DecodeRows) else "prefill" for p in pieces]) or prefill_packed(pieces))
+    monkeypatch.setattr(default_model, "decode_rows", lambda *args: forwards.append(["decode"]) or decode_rows(*args))
+    outputs = serve_staggered(engine, requests, first=2, join_step=3)
+    monkeypatch.undo()
+    for request, prompt in zip(requests, prompts):
+        assert tokens(outputs[request.request_id]) == reference_greedy(default_model, prompt, 6)
+    joining = [["prefill", "decode"]] if mixed_steps else [["prefill"], ["decode"]]
+    expected = [["prefill", "prefill"], ["decode"]] + joining
+    assert forwards[:len(expected)] == expected and all(f == ["decode"] for f in forwards[len(expected):]), forwards
 
 
 def test_a_finished_request_frees_its_slot_for_the_next_and_the_pool_never_grows(default_model):

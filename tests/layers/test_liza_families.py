@@ -9,7 +9,7 @@ import torch
 
 from tptt_runtime import TitansModel, TpttConfig
 from tptt_runtime import model as model_module
-from tptt_runtime.model import PrefillPiece
+from tptt_runtime.model import DecodeRows, PrefillPiece
 from tptt_runtime.layers.liza import LiZAttention
 from tptt_runtime.ops import memory_inputs
 from tptt_runtime.state import SessionState
@@ -95,6 +95,48 @@ def test_a_packed_prefill_of_sessions_at_different_positions_equals_forward_full
                         tensor.copy_(stacked[name][row:row + 1])
             states[s].num_tokens = n + m
             torch.testing.assert_close(model.step(states[s], int(streams[s][n + m])), full[n + m], atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("cache_tokens", [0, 3])
+def test_decode_rows_in_a_packed_prefill_equal_forward_full(tiny_pair, cache_tokens):
+    """An engine step that prefills and decodes at once: three sessions at their own positions (one still filling
+    its sinks, one past its window) take one decode token each as DecodeRows beside a prefill piece of a fourth
+    session, in one forward; every logit row and the next step of every session are forward_full's."""
+    converted, _ = tiny_pair
+    model = TitansModel(converted, TpttConfig(window=5, sinks=2, mag_weight=0.5, chunk_size=4,
+                                              cache_tokens=cache_tokens))
+    streams = [ids(30, seed) for seed in range(1, 5)]
+    seen = (1, 4, 13)  # tokens the decoding sessions have seen
+    states = [model.new_session() for _ in streams]
+    for state, stream, n in zip(states, streams, seen):
+        model.prefill(state, stream[:n])
+    batched = [{name: torch.cat([states[s].layers[i][name] for s in range(3)]) for name in layer}
+               for i, layer in enumerate(states[0].layers)]
+    rows = DecodeRows(batched, torch.tensor(seen), torch.stack([streams[s][n:n + 1] for s, n in enumerate(seen)]),
+                      filling_sinks=True)
+    prompt = PrefillPiece(states[3].layers, 0, streams[3][None, :9])
+    decoded, prefilled = model.prefill_packed([rows, prompt])
+    fulls = [model.forward_full(stream) for stream in streams]
+    torch.testing.assert_close(prefilled[0, -1], fulls[3][8], atol=TOL, rtol=0)
+    for row, n in enumerate(seen):
+        torch.testing.assert_close(decoded[row, -1], fulls[row][n], atol=TOL, rtol=0)
+        for mine, stacked in zip(states[row].layers, batched):
+            for name, tensor in mine.items():
+                tensor.copy_(stacked[name][row:row + 1])
+        states[row].num_tokens = n + 1
+    states[3].num_tokens = 9
+    for s, n in enumerate((*seen, 8)):
+        torch.testing.assert_close(model.step(states[s], int(streams[s][n + 1])), fulls[s][n + 1], atol=TOL, rtol=0)
+
+
+def test_a_packed_prefill_takes_one_set_of_decode_rows():
+    from tests.conftest import tiny_model
+
+    model = TitansModel(tiny_model("llama"), TpttConfig(window=4, sinks=1, mag_weight=0.5))
+    state = model.new_session()
+    rows = DecodeRows(state.layers, torch.tensor([0]), ids(1)[None])
+    with pytest.raises(ValueError, match="more than one set of decode rows"):
+        model.prefill_packed([rows, rows])
 
 
 def test_a_copy_made_during_a_forward_has_a_context_of_its_own_with_no_forward_in_flight():

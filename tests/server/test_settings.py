@@ -14,6 +14,8 @@ def test_defaults_env_and_flags():
     flagged = Settings.from_args(["--port", "9002", "--prefix-reuse", "--api-key", "c", "--api-key", "d"], environ=env)
     assert (flagged.port, flagged.prefix_reuse, flagged.api_key) == (9002, True, ["c", "d"])
     assert flagged.engine_config().store_dir == "/tmp/s"
+    assert Settings.from_args([], environ={}).engine_config().mixed_steps
+    assert not Settings.from_args(["--no-mixed-steps"], environ={}).engine_config().mixed_steps
 
 
 @pytest.mark.parametrize("env", [{"TPTT_PREFIX_REUSE": "maybe"}, {"TPTT_PORT": "0"}, {"TPTT_DTYPE": "int8"},

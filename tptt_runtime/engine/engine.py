@@ -8,9 +8,11 @@ Per step:
     schedule     admit waiting requests (resuming the longest stored snapshot of their prompt), pick decodes and
                  prefill chunks under the token budget
     run          the step's prefill chunks packed into one forward (or more, 2048 tokens each: several
-                 requests' new prompts prefill together, each from its own position); one batched decode forward
-                 for all decoding requests, over the front rows of the state pool (engine/state_pool.py: every
-                 running request's tensors live in one slot of it, written in place)
+                 requests' new prompts prefill together, each from its own position), the decoding requests'
+                 rows carried by the same forward (`mixed_steps`); a step without prompts decodes in one
+                 batched forward (compiled, or replayed as a CUDA graph, where the model has one). Decode rows
+                 are the front rows of the state pool (engine/state_pool.py: every running request's tensors
+                 live in one slot of it, written in place)
     postprocess  sample every request that has fresh logits in one batched draw on the device, apply the
                  token stop conditions (EOS, stop token ids, max_tokens), emit outputs;
                  store a snapshot after every prompt and at every finish (prefix reuse for the next turn)
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..cuda_graphs import GraphedDecode, RecordingFailed
-from ..model import PrefillPiece, TitansModel
+from ..model import DecodeRows, PrefillPiece, TitansModel
 from .request import FinishReason, Request, RequestOutput
 from .sampling import sample_batch, token_logprobs
 from .scheduler import ScheduledBatch, Scheduler
@@ -48,6 +50,7 @@ class EngineConfig:
     store_disk_bytes: int | None = None    # cap on unpinned snapshot files
     redis_url: str | None = None           # shared tier behind RAM and disk (several processes, one set of sessions)
     cuda_graphs: bool = True               # a CUDA model's decode steps replayed as CUDA graphs (cuda_graphs.py)
+    mixed_steps: bool = True               # a step's decode rows ride in its prefill forward (else a forward apart)
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "max_prompt_tokens"):
@@ -181,10 +184,11 @@ class LLMEngine:
     # ------------------------------------------------------------------------------------------- run
     def _run(self, batch: ScheduledBatch) -> list[RequestOutput]:
         """Model forwards of one step; a request whose forward fails is finished with an error output."""
-        failed = []
-        if batch.prefills:
-            failed += self._prefill(batch.prefills)
         if batch.decodes:
+            self._move_to_front(batch.decodes)  # before the prefill pieces take views of their slots
+        mixed = batch.decodes if batch.prefills and self.config.mixed_steps else []
+        failed = self._prefill(batch.prefills, mixed) if batch.prefills else []
+        if batch.decodes and not mixed:
             try:
                 self._decode(batch.decodes)
             except Exception as error:  # noqa: BLE001
@@ -192,18 +196,23 @@ class LLMEngine:
                 failed += [self._fail(r, error) for r in batch.decodes]
         return failed
 
-    def _prefill(self, prefills: list[tuple[Request, int]]) -> list[RequestOutput]:
+    def _prefill(self, prefills: list[tuple[Request, int]], decodes: list[Request]) -> list[RequestOutput]:
         """The step's prompt chunks packed into one forward (TitansModel.prefill_packed) that writes each request's
-        slot in place; requests at the same position taking as many tokens from consecutive slots go as one
-        batched piece (`prefill_runs`). Returns the error outputs: every request's if the forward fails (their
-        slots are partly written), else those whose bookkeeping failed."""
+        slot in place, with the `decodes`' rows (pool rows 0 .. B-1) as one more piece; requests at the same
+        position taking as many tokens from consecutive slots go as one batched piece (`prefill_runs`). Returns
+        the error outputs: every request's if the forward fails (their slots are partly written), else those
+        whose bookkeeping failed."""
         runs = prefill_runs(prefills)
         pieces = [self._piece(run) for run in runs]
         try:
-            logits = self.model.prefill_packed(pieces)  # per run [B, T or 1, vocab]
+            logits = self.model.prefill_packed(pieces + ([self._decode_piece(decodes)] if decodes else []))
         except Exception as error:  # noqa: BLE001 - reported to those requests' clients, the engine goes on
-            log.exception("prefill failed for %s", ", ".join(r.request_id for r, _ in prefills))
-            return [self._fail(request, error) for request, _ in prefills]
+            in_forward = [request for request, _ in prefills] + decodes
+            log.exception("the step's forward failed for %s", ", ".join(r.request_id for r in in_forward))
+            return [self._fail(request, error) for request in in_forward]
+        if decodes:
+            for request, row in zip(decodes, logits.pop()[:, -1]):  # the decode piece's [B, 1, vocab]
+                request.pending_logits = row
         failed = []
         for run, piece, rows in zip(runs, pieces, logits):
             for (request, num_tokens), request_logits in zip(run, rows):
@@ -230,9 +239,15 @@ class LLMEngine:
             request.pending_logits = logits[-1]
             self._snapshot(request, request.prompt_ids, logits[-1])
 
+    def _decode_piece(self, requests: list[Request]) -> DecodeRows:
+        """The decoding requests (in pool rows 0 .. B-1) as the decode rows of a packed prefill."""
+        positions = [r.num_tokens - 1 for r in requests]
+        ids = torch.tensor([[r.output_ids[-1]] for r in requests], device=self.model.device)
+        return DecodeRows(self.pool.rows(0, len(requests)), torch.tensor(positions, device=self.model.device), ids,
+                          min(positions) < self.model.config.sinks)
+
     def _decode(self, requests: list[Request]) -> None:
-        """One token for every decoding request, over pool rows 0 .. B-1 (moved there first if needed)."""
-        self._move_to_front(requests)
+        """One token for every decoding request, over pool rows 0 .. B-1 (moved there by `_run`)."""
         ids = torch.tensor([r.output_ids[-1] for r in requests], device=self.model.device)
         logits = self._decode_logits(ids, [r.num_tokens - 1 for r in requests])
         for request, row in zip(requests, logits):  # sampled on the device (`_postprocess`)

@@ -51,6 +51,18 @@ class PrefillPiece:
 
 
 @dataclass
+class DecodeRows:
+    """One new token for each of B sessions, each at its own position: the decode rows of an engine step that
+    also prefills, carried by the same packed forward as its PrefillPieces (placed along its tokens like a
+    piece of B rows of one token)."""
+    layer_states: list[dict[str, torch.Tensor]]  # the sessions' per-layer tensors [B, ...], written in place
+    positions: torch.Tensor                      # [B] tokens each session has seen, on the model's device
+    ids: torch.Tensor                            # [B, 1] the new token ids
+    filling_sinks: bool = False                  # a row's new token is one of the first `sinks` (host-side)
+    all_logits = False                           # as a PrefillPiece without all_logits: one logit row per session
+
+
+@dataclass
 class ForwardContext:
     """What every LiZA layer needs to know about the forward in flight (set by TitansModel around one call)."""
 
@@ -60,9 +72,10 @@ class ForwardContext:
     positions: torch.Tensor | None = None
     # decode: whether a row's new token is one of the first `sinks` tokens (known on the host)
     filling_sinks: bool = False
-    # prefill: the pieces of several sessions, one after another along the tokens of a [1, N] forward;
-    # None (and no positions) = a stateless forward from token 0 (forward_full, training)
-    pieces: list[PrefillPiece] | None = None
+    # prefill: the pieces of several sessions, one after another along the tokens of a [1, N] forward,
+    # decode rows among them (at most one DecodeRows); None (and no positions) = a stateless forward from
+    # token 0 (forward_full, training)
+    pieces: list[PrefillPiece | DecodeRows] | None = None
     # what the first layer computed from positions alone, for the others (see `shared`)
     memo: dict = field(default_factory=dict)
     # research hook (training's attention transfer, evaluation's recall probes): see LayerHook; None to serve
@@ -173,8 +186,7 @@ class LiZAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         ctx = self.context
         if ctx.positions is not None:
-            plan = ctx.shared(("decode", self.layer_type, hidden_states.dtype), lambda: self._decode_plan(
-                ctx, hidden_states))
+            plan = self._shared_decode_plan(ctx.positions, ctx.filling_sinks, hidden_states)
             return self.decode_step(hidden_states, ctx.layer_states[self.layer_idx], plan), None
         q, k, v = self._project(hidden_states)  # q: [B, Hq, T, D]; k, v: [B, Hkv, T, D], before rotary
         if ctx.pieces is not None:
@@ -199,10 +211,10 @@ class LiZAttention(nn.Module):
             return out
         return self._output(hidden_states, softmax_out, read, start)
 
-    def packed_prefill(self, hidden_states, q, k, v, pieces: list[PrefillPiece]) -> torch.Tensor:
+    def packed_prefill(self, hidden_states, q, k, v, pieces: list[PrefillPiece | DecodeRows]) -> torch.Tensor:
         """Pieces of several sessions in one [1, T, hidden] forward (ForwardContext.pieces): the projections
         were computed for all tokens at once; each piece reads and writes its own sessions from its own start,
-        its rows as one batch."""
+        its rows as one batch (decode rows: one token each, as a decode step does)."""
         outputs, first = [], 0
         for piece in pieces:
             shape = piece.ids.shape  # [B, T]
@@ -210,24 +222,38 @@ class LiZAttention(nn.Module):
             x = hidden_states[:, part].reshape(*shape, -1)
             heads = (t[:, :, part].transpose(1, 2).reshape(*shape, -1, self.head_dim).transpose(1, 2)
                      for t in (q, k, v))
-            out = self.prefill_piece(x, *heads, piece.layer_states[self.layer_idx], piece.start)
+            state = piece.layer_states[self.layer_idx]
+            if isinstance(piece, DecodeRows):
+                plan = self._shared_decode_plan(piece.positions, piece.filling_sinks, x)
+                out = self.decode_projected(x, *heads, state, plan)
+            else:
+                out = self.prefill_piece(x, *heads, state, piece.start)
             outputs.append(out.reshape(1, -1, out.shape[-1]))
             first = part.stop
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     def decode_step(self, hidden_states: torch.Tensor, state, plan: window_ops.DecodePlan) -> torch.Tensor:
         """One new token per row: [B, 1, hidden] -> [B, 1, hidden]; `state` updated in place."""
-        q, k, v = self._project(hidden_states)
+        return self.decode_projected(hidden_states, *self._project(hidden_states), state, plan)
+
+    def decode_projected(self, hidden_states, q, k, v, state, plan: window_ops.DecodePlan) -> torch.Tensor:
+        """decode_step after the projections: q [B, Hq, 1, D], k, v [B, Hkv, 1, D], before rotary."""
         read, write_norm = (self.memory_branch(q, k, v, state, plan.positions) if self.config.uses_memory
                             else (None, None))
         softmax_out = window_ops.decode(q, k, v, state, plan, scaling=self.scaling, softcap=self.softcap,
                                         score=self.cache_scores(q, k, v, write_norm))
         return self._output(hidden_states, softmax_out, read, plan.positions)
 
-    def _decode_plan(self, ctx: ForwardContext, like: torch.Tensor) -> window_ops.DecodePlan:
+    def _shared_decode_plan(self, positions: torch.Tensor, filling_sinks: bool, like: torch.Tensor):
+        """The decode rows' position geometry, computed by the first layer of the forward for all (one set of
+        decode rows per forward)."""
+        return self.context.shared(("decode", self.layer_type, like.dtype), lambda: self._decode_plan(
+            positions, filling_sinks, like))
+
+    def _decode_plan(self, positions, filling_sinks: bool, like: torch.Tensor) -> window_ops.DecodePlan:
         cos, sin = self._rotary_tables(like)
-        return window_ops.decode_plan(ctx.positions, window=self.config.window, sinks=self.config.sinks, cos=cos,
-                                      sin=sin, filling_sinks=ctx.filling_sinks, cached=self.config.cache_tokens > 0)
+        return window_ops.decode_plan(positions, window=self.config.window, sinks=self.config.sinks, cos=cos,
+                                      sin=sin, filling_sinks=filling_sinks, cached=self.config.cache_tokens > 0)
 
     def _output(self, hidden_states, softmax_out, read, seen) -> torch.Tensor:
         """o_proj of the softmax branch mixed with the memory read, or alone when the memory does not take
