@@ -226,6 +226,24 @@ def test_a_prompt_joining_while_others_decode_rides_in_one_forward_with_their_ro
     assert forwards[:len(expected)] == expected and all(f == ["decode"] for f in forwards[len(expected):]), forwards
 
 
+def test_a_failed_move_of_slots_fails_that_steps_requests_and_the_engine_goes_on(default_model, monkeypatch):
+    """When the decoding set changes, its slots move to the front of the pool; a move that fails (out of memory)
+    fails the step's requests with an error output instead of escaping the step, and frees their slots."""
+    engine = LLMEngine(default_model, EngineConfig(prefix_reuse=False))
+    prompts = [default_model.tokenizer(t)["input_ids"] for t in ("The sea is", "My favourite fruit is the")]
+    requests = [Request(f"r{i}", p, SamplingParams(temperature=0, max_tokens=2 + 4 * i, ignore_eos=True))
+                for i, p in enumerate(prompts)]
+
+    def swap(a, b):
+        raise torch.OutOfMemoryError("no memory to swap")
+
+    monkeypatch.setattr(engine.pool, "swap", swap)  # r0 finishes after 2 tokens; r1 must then move to row 0
+    outputs = run_all(engine, requests)
+    assert tokens(outputs["r0"]) == reference_greedy(default_model, prompts[0], 2)
+    assert outputs["r1"][-1].finish_reason == "error" and "no memory to swap" in outputs["r1"][-1].error
+    assert engine.pool.num_free == engine.pool.num_slots and not engine.has_work()
+
+
 def test_a_finished_request_frees_its_slot_for_the_next_and_the_pool_never_grows(default_model):
     engine = LLMEngine(default_model, EngineConfig(max_num_seqs=2, prefix_reuse=False))
     before = [t.untyped_storage().data_ptr() for layer in engine.pool.layers for t in layer.values()]

@@ -185,7 +185,11 @@ class LLMEngine:
     def _run(self, batch: ScheduledBatch) -> list[RequestOutput]:
         """Model forwards of one step; a request whose forward fails is finished with an error output."""
         if batch.decodes:
-            self._move_to_front(batch.decodes)  # before the prefill pieces take views of their slots
+            try:
+                self._move_to_front(batch.decodes)  # before the prefill pieces take views of their slots
+            except Exception as error:  # noqa: BLE001 - slots may be half swapped: every request of the step fails
+                log.exception("moving the decoding requests' slots failed")
+                return [self._fail(r, error) for r in batch.decodes + [r for r, _ in batch.prefills]]
         mixed = batch.decodes if batch.prefills and self.config.mixed_steps else []
         failed = self._prefill(batch.prefills, mixed) if batch.prefills else []
         if batch.decodes and not mixed:
