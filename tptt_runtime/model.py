@@ -143,10 +143,10 @@ class TitansModel:
         """Pieces of different sessions, each from its own position and of its own length, packed one after
         another into forwards of up to PREFILL_CHUNK tokens ([1, T]: no padding). The projections, MLPs and head
         run once for every token of a forward; each attention layer reads and writes every piece's own sessions
-        (a piece's rows as one batch). At most one piece may be DecodeRows (one token per session, each at its
-        own position, as `decode_rows` computes it): it goes whole into the first forward. Returns each
-        piece's float32 logits [B, T or 1, vocab]: after every new token with the piece's `all_logits`, else
-        after its last."""
+        (a piece's rows as one batch). At most one piece may be DecodeRows (`decode_piece`: one token per
+        session, each at its own position, as `decode_rows` computes it; never cut). Returns each piece's
+        float32 logits [B, T or 1, vocab]: after every new token with the piece's `all_logits`, else after its
+        last."""
         if any(piece.ids.shape[1] == 0 for piece in pieces):
             raise ValueError("a prefill piece without tokens")
         if sum(isinstance(piece, DecodeRows) for piece in pieces) > 1:
@@ -203,11 +203,20 @@ class TitansModel:
     def decode_rows(self, layer_states, token_ids: torch.Tensor, positions: list[int]) -> torch.Tensor:
         """One token per row of per-layer tensors [B, ...] (updated in place): token_ids [B] (on the model's
         device), positions: how many tokens each row has seen. Returns float32 logits [B, vocab]."""
-        filling_sinks = min(positions) < self.config.sinks
+        filling_sinks = self._filling_sinks(positions)
         ids, positions = token_ids.reshape(-1, 1), torch.tensor(positions, device=self.device)
         if filling_sinks:
             return self._forward(ids, layer_states, positions=positions, filling_sinks=True)[:, -1].float()
         return self.decode_logits(layer_states, ids, positions)
+
+    def decode_piece(self, layer_states, token_ids: torch.Tensor, positions: list[int]) -> DecodeRows:
+        """`decode_rows`' step as the decode rows of a packed prefill (`prefill_packed`), the same arguments."""
+        return DecodeRows(layer_states, torch.tensor(positions, device=self.device), token_ids.reshape(-1, 1),
+                          self._filling_sinks(positions))
+
+    def _filling_sinks(self, positions: list[int]) -> bool:
+        """Whether a row's new token is one of the first `sinks` (the decode step writes the sinks then)."""
+        return min(positions) < self.config.sinks
 
     @torch.no_grad()
     def decode_logits(self, layer_states, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -236,12 +245,11 @@ class TitansModel:
 
 
 def _packs(pieces: list[PrefillPiece | DecodeRows], size: int) -> list[list[tuple[int, PrefillPiece | DecodeRows]]]:
-    """The pieces (with their index) in packs of at most `size` tokens (or one piece's rows of one token), in
-    order after the decode rows, which the first pack carries whole; a longer piece is cut along its tokens into
-    consecutive pieces, which later packs continue."""
+    """The pieces (with their index) in order, in packs of at most `size` tokens (or one piece's rows of one
+    token); a longer piece is cut along its tokens into consecutive pieces, which later packs continue (decode
+    rows, one token each, are never cut)."""
     packs, pack, tokens = [], [], 0
-    ordered = sorted(enumerate(pieces), key=lambda item: not isinstance(item[1], DecodeRows))
-    for index, piece in ordered:
+    for index, piece in enumerate(pieces):
         rows, length = piece.ids.shape
         step = max(1, size // rows)
         for offset in range(0, length, step):

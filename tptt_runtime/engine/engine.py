@@ -245,15 +245,16 @@ class LLMEngine:
 
     def _decode_piece(self, requests: list[Request]) -> DecodeRows:
         """The decoding requests (in pool rows 0 .. B-1) as the decode rows of a packed prefill."""
-        positions = [r.num_tokens - 1 for r in requests]
-        ids = torch.tensor([[r.output_ids[-1]] for r in requests], device=self.model.device)
-        return DecodeRows(self.pool.rows(0, len(requests)), torch.tensor(positions, device=self.model.device), ids,
-                          min(positions) < self.model.config.sinks)
+        return self.model.decode_piece(self.pool.rows(0, len(requests)), *self._decode_inputs(requests))
+
+    def _decode_inputs(self, requests: list[Request]) -> tuple[torch.Tensor, list[int]]:
+        """Each decoding request's last sampled token (ids [B] on the model's device) and the tokens it has seen."""
+        return (torch.tensor([r.output_ids[-1] for r in requests], device=self.model.device),
+                [r.num_tokens - 1 for r in requests])
 
     def _decode(self, requests: list[Request]) -> None:
         """One token for every decoding request, over pool rows 0 .. B-1 (moved there by `_run`)."""
-        ids = torch.tensor([r.output_ids[-1] for r in requests], device=self.model.device)
-        logits = self._decode_logits(ids, [r.num_tokens - 1 for r in requests])
+        logits = self._decode_logits(*self._decode_inputs(requests))
         for request, row in zip(requests, logits):  # sampled on the device (`_postprocess`)
             request.pending_logits = row
 
