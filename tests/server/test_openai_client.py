@@ -2,9 +2,11 @@
 logprobs, multi-turn state reuse (through the metrics), disconnects and concurrent clients."""
 
 import concurrent.futures as futures
+import threading
 import time
 
 import httpx
+import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -154,6 +156,50 @@ def test_sixteen_concurrent_streams_equal_served_alone(client):
         together = list(pool.map(stream, range(16)))
     assert together == alone
     assert len(set(alone)) > 8
+
+
+def test_sixteen_greedy_streams_joining_mid_decode_and_some_aborted_each_equal_the_model_alone(start_server,
+                                                                                               default_model):
+    """The engine's 16-request invariant through HTTP: 16 greedy completion streams with different prompt lengths
+    on 12 slots, eight first and eight more once those decode; every fourth is dropped by its client after two
+    chunks. Each stream that finishes has exactly TitansModel's own greedy text and token count."""
+    words = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen".split()
+    prompts = [default_model.tokenizer(" ".join(words[:3 + i]) + " and")["input_ids"] for i in range(16)]
+    max_tokens = [6 + i % 5 for i in range(16)]
+    decoding = [threading.Event() for _ in range(8)]
+
+    def stream(i, client):
+        if i >= 8:
+            assert all(event.wait(60) for event in decoding)
+        aborted = i % 4 == 0
+        chunks = client.completions.create(
+            model=MODEL, prompt=prompts[i], temperature=0, max_tokens=500 if aborted else max_tokens[i],
+            stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": aborted})
+        text, usage = [], None
+        for chunk in chunks:
+            text += [c.text for c in chunk.choices]
+            usage = chunk.usage or usage
+            if i < 8:
+                decoding[i].set()
+            if aborted and len(text) == 2:
+                chunks.close()
+                return None
+        return "".join(text), usage.completion_tokens
+
+    with start_server(max_num_seqs=12) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        with futures.ThreadPoolExecutor(16) as pool:
+            served = list(pool.map(lambda i: stream(i, client), range(16)))
+        deadline = time.monotonic() + 20
+        while metric(url, "tptt_num_requests_running") != 0:
+            assert time.monotonic() < deadline, "an aborted request still runs"
+            time.sleep(0.1)
+        assert metric(url, "tptt_request_success_total", {"finished_reason": "abort"}) == 4
+    for i in range(16):
+        if i % 4 == 0:
+            continue
+        expected = greedy_reference(default_model, prompts[i], max_tokens[i])
+        assert served[i] == (default_model.tokenizer.decode(expected, skip_special_tokens=True), len(expected)), i
 
 
 def test_metrics_parse_and_carry_every_name(base_url):
