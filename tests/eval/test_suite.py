@@ -183,3 +183,57 @@ def test_run_measures_only_the_models_asked_for(monkeypatch, tmp_path):
     monkeypatch.setattr(run_module, "load_models", lambda adapter: (converted, named))
     results = suite.run("default", [450], 2, ["passkey"], ["raw"], 8, 1, tmp_path, ["converted"])
     assert results["models"] == ["converted"] and {r["model"] for r in results["trials_run"]} == {"converted"}
+
+
+@pytest.mark.parametrize("only_a, only_b, p", [
+    (0, 0, 1.0),
+    (3, 3, 1.0),                                    # P(X <= 3) = 42 / 64 for n = 6: doubled past 1
+    (0, 5, 2 / 32),                                 # the most uneven split of 5: both tails of Binomial(5, 1/2)
+    (8, 1, 2 * (1 + 9) / 2 ** 9),                   # P(X <= 1) = (C(9,0) + C(9,1)) / 2^9, doubled
+    (6, 4, 2 * (1 + 10 + 45 + 120 + 210) / 2 ** 10),
+])
+def test_sign_test_against_binomial_tails_by_hand(only_a, only_b, p):
+    assert suite.sign_test(only_a, only_b) == pytest.approx(p)
+    assert suite.sign_test(only_b, only_a) == pytest.approx(p)
+
+
+def with_misses(run, context, count):
+    """`run` with its first `count` trials at `context` scored as misses, summarized again."""
+    records = [dict(r) for r in run["trials_run"]]
+    for record in [r for r in records if r["context"] == context][:count]:
+        record["hit"] = False
+    return {**run, "adapter": "other", **suite.summarize(records), "trials_run": records}
+
+
+def test_comparing_two_runs_counts_the_prompts_only_one_side_found():
+    a = oracle_run([450, 600], trials=3, models=(Echo(),), tasks=["passkey", "docqa"])
+    b = with_misses(a, 450, 4)  # passkey's 3 and docqa's first
+    comparison = suite.compare(a, b)
+    assert comparison["a"] == "default" and comparison["b"] == "other"
+    assert comparison["pooled"]["echo"]["450"] == {"trials": 6, "hits_a": 6, "hits_b": 2, "only_a": 4,
+                                                   "only_b": 0, "p": 2 / 16}
+    assert comparison["cells"]["echo"]["450"]["docqa / raw"]["only_a"] == 1
+    assert comparison["pooled"]["echo"]["600"]["p"] == 1.0 and comparison["pooled"]["echo"]["600"]["only_b"] == 0
+    reverse = suite.compare(b, a)["pooled"]["echo"]["450"]
+    assert (reverse["only_a"], reverse["only_b"], reverse["p"]) == (0, 4, 2 / 16)
+
+
+@pytest.mark.parametrize("other, message", [
+    (dict(contexts=[450], seed=2), "differ in seed"),  # other keys and depths: not the same prompts
+    (dict(contexts=[600]), "share no trial"),
+])
+def test_comparing_refuses_runs_not_asked_the_same_prompts(other, message):
+    with pytest.raises(ValueError, match=message):
+        suite.compare(oracle_run([450]), oracle_run(**other))
+
+
+def test_cli_compares_suite_files(tmp_path, capsys):
+    a = oracle_run([450], models=(Echo(),))
+    for name, run in (("a", a), ("b", with_misses(a, 450, 2))):
+        suite.write(tmp_path / name, run)
+    main(["--suite-compare", str(tmp_path / "a" / "suite.json"), str(tmp_path / "b" / "suite.json"), "--out",
+          str(tmp_path / "compared")])
+    compared = json.loads((tmp_path / "compared" / "suite_compare.json").read_text())
+    assert compared["pooled"]["echo"]["450"]["only_a"] == 2
+    assert "2 / 0 (2 / 0) p 0.50" in capsys.readouterr().out
+    assert (tmp_path / "compared" / "suite_compare.png").stat().st_size > 1000

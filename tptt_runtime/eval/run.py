@@ -199,6 +199,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--suite-merge", type=Path, nargs="+", metavar="SUITE_JSON",
                    help="instead: join suite.json files of runs of the same suite (same adapter, trials, seed, "
                         "new tokens) at different contexts, tasks, formats or models into <out>/suite.{json,png}")
+    p.add_argument("--suite-compare", type=Path, nargs=2, metavar=("A_JSON", "B_JSON"),
+                   help="instead: two suite.json files of the same prompts (two adapters, say) prompt by prompt: "
+                        "hits, those only one side found, an exact sign test; <out>/suite_compare.{json,png}")
     p.add_argument("--ruler", action="store_true",
                    help="instead: RULER's needle tasks (lm-evaluation-harness) at --suite-contexts, --trials "
                         "samples each, the adapter through the server (eval/ruler.py)")
@@ -217,6 +220,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.suite_merge:
         suite.write(args.out, suite.merge([json.loads(path.read_text()) for path in args.suite_merge]))
+        return
+    if args.suite_compare:
+        suite.write_comparison(args.out, suite.compare(*[json.loads(path.read_text()) for path in args.suite_compare]))
         return
     if args.suite:
         suite.run(args.adapter, args.suite_contexts, args.trials or suite.TRIALS, args.tasks, args.formats,

@@ -9,7 +9,10 @@ Reported per model, task, format and context: hits / trials, accuracy and its 95
 the same pooled over tasks and formats. A model with a `max_len` (the base model: full attention only up to
 its trained positions) skips the contexts beyond it. Table on stdout, <out>/suite.json (every trial, with its
 continuation) and <out>/suite.png. `tptt-eval --suite-merge a/suite.json b/suite.json` joins runs of the same
-suite made at different lengths (one length can take hours on a CPU) into one such result.
+suite made at different lengths (one length can take hours on a CPU) into one such result. `tptt-eval
+--suite-compare a/suite.json b/suite.json` sets two runs on the same prompts (two adapters, say) side by side,
+prompt by prompt: what each found that the other missed, and an exact sign test on those
+(<out>/suite_compare.{json,png}).
 
 Boundaries: prompts come from needles.py, models from the wrappers of eval/run.py (`greedy(ids, n)`, `name`,
 `max_len`); this module only schedules, scores and reports.
@@ -140,6 +143,98 @@ def merge(runs: list[dict]) -> dict:
     return {**{key: runs[0][key] for key in SAME_IN_EVERY_RUN}, "models": _union(runs, "models"),
             "contexts": sorted(_union(runs, "contexts")), "tasks": _union(runs, "tasks"),
             "formats": _union(runs, "formats"), **summarize(records), "trials_run": records}
+
+
+# what makes two runs ask the same prompts, whatever their adapters
+SAME_PROMPTS = ("trials", "new_tokens", "seed", "prose_documents")
+
+
+def sign_test(only_a: int, only_b: int) -> float:
+    """Exact two-sided p-value of the sign test on the pairs where exactly one side hit (McNemar's exact test):
+    how likely a split at least this uneven is if either side is as likely to win each such pair."""
+    n = only_a + only_b
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def compare(a: dict, b: dict) -> dict:
+    """Run `b` against run `a` trial by trial, on the prompts both asked (same model name, task, format, context,
+    depth, source and answer). Two runs on the same prompts tell more than their intervals: pairs that both
+    find or both miss say nothing about which is better, so the test weighs only the prompts one of them found.
+    {"a": adapter, "b": adapter, "cells": {model: {context: {"task / format": pair}}},
+    "pooled": {model: {context: pair}}}, each pair {trials, hits_a, hits_b, only_a, only_b, p}.
+    Raises ValueError when the runs were asked different prompts or share no trial."""
+    for key in SAME_PROMPTS:
+        if json.dumps(a.get(key)) != json.dumps(b.get(key)):
+            raise ValueError(f"the runs differ in {key}: {a.get(key)!r} against {b.get(key)!r}; "
+                             "only runs of the same suite compare")
+    hits_b = {_prompt(r): r["hit"] for r in b["trials_run"]}
+    cells: dict = {}
+    pooled: dict = {}
+    for r in a["trials_run"]:
+        if _prompt(r) not in hits_b:
+            continue
+        pair = (r["hit"], hits_b[_prompt(r)])
+        by_context = cells.setdefault(r["model"], {}).setdefault(str(r["context"]), {})
+        by_context.setdefault(f"{r['task']} / {r['format']}", []).append(pair)
+        pooled.setdefault(r["model"], {}).setdefault(str(r["context"]), []).append(pair)
+    if not pooled:
+        raise ValueError("the runs share no trial (model, task, format, context and prompt)")
+    return {"a": a["adapter"], "b": b["adapter"], "cells": _pairs(cells), "pooled": _pairs(pooled)}
+
+
+def _prompt(record: dict) -> tuple:
+    return tuple(record[key] for key in ("model", "task", "format", "context", "depth", "source", "answer"))
+
+
+def _pairs(tree):
+    """`tree` with each list of (hit in a, hit in b) replaced by its counts and sign test."""
+    if isinstance(tree, dict):
+        return {key: _pairs(value) for key, value in tree.items()}
+    only_a, only_b = sum(x and not y for x, y in tree), sum(y and not x for x, y in tree)
+    return {"trials": len(tree), "hits_a": sum(x for x, _ in tree), "hits_b": sum(y for _, y in tree),
+            "only_a": only_a, "only_b": only_b, "p": sign_test(only_a, only_b)}
+
+
+def write_comparison(out_dir: Path, comparison: dict) -> None:
+    report.write(out_dir, "suite_compare", comparison, comparison_figure(comparison), comparison_table(comparison))
+
+
+def comparison_table(comparison: dict) -> str:
+    lines = [f"a = {comparison['a']}, b = {comparison['b']}, the same prompts: hits a / b, "
+             "(found only by a / only by b), exact sign test p"]
+    for model, by_context in comparison["pooled"].items():
+        contexts = list(by_context)
+        lines.append(f"{model:<16}" + "".join(f"{c:>28}" for c in contexts))
+        rows = [("all tasks", by_context)] + [
+            (name, {c: comparison["cells"][model][c].get(name) for c in contexts})
+            for name in dict.fromkeys(n for c in contexts for n in comparison["cells"][model][c])]
+        for name, row in rows:
+            lines.append(f"  {name:<14}" + "".join(f"{_pair_text(row.get(c)):>28}" for c in contexts))
+    return "\n".join(lines)
+
+
+def _pair_text(pair: dict | None) -> str:
+    if pair is None:
+        return "-"
+    return f"{pair['hits_a']} / {pair['hits_b']} ({pair['only_a']} / {pair['only_b']}) p {pair['p']:.2f}"
+
+
+def comparison_figure(comparison: dict):
+    """Per model and context, the prompts only a found (left) and only b found (right), per cell."""
+    panels = [(model, c) for model, by_context in comparison["cells"].items() for c in by_context]
+    fig, axes = report.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
+    for axis, (model, context) in zip(axes[0], panels):
+        cells = comparison["cells"][model][context]
+        names = list(cells)
+        axis.barh(names, [-cells[n]["only_a"] for n in names], color="C0", label=f"only a ({comparison['a']})")
+        axis.barh(names, [cells[n]["only_b"] for n in names], color="C1", label=f"only b ({comparison['b']})")
+        axis.axvline(0, color="black", linewidth=0.8)
+        pooled = comparison["pooled"][model][context]
+        axis.set_title(f"{model}, {context} tokens: {pooled['only_a']} / {pooled['only_b']}, p {pooled['p']:.2f}")
+        axis.set_xlabel("prompts found by one side only")
+        axis.legend(fontsize=7)
+    return fig
 
 
 def _union(runs: list[dict], key: str) -> list:
