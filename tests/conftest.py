@@ -37,6 +37,16 @@ def tiny_model(family: str, seed: int = 0):
     return hf.AutoModelForCausalLM.from_config(FAMILIES[family]()).eval()
 
 
+COUNTING = ("one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+            "seventeen eighteen nineteen twenty").split()
+
+
+def counting_prompts(tokenizer, count: int) -> list[list[int]]:
+    """`count` prompts, each one word longer than the one before: "one two three and", "one two three four and"..."""
+    assert count <= len(COUNTING) - 2, "add words to COUNTING"
+    return [tokenizer(" ".join(COUNTING[:3 + i]) + " and")["input_ids"] for i in range(count)]
+
+
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request):
     return request.param

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tptt_runtime.engine import EngineConfig, LLMEngine, Request, SamplingParams
+from tests.conftest import counting_prompts
 from tests.engine.arrivals import serve_staggered
 from tptt_runtime.engine.detokenizer import OutputProcessor
 from tptt_runtime.model import DecodeRows
@@ -259,8 +260,7 @@ def test_sixteen_requests_joining_mid_decode_and_some_aborted_each_equal_the_mod
     """16 greedy requests with different prompt lengths on 8 slots: half arrive while others decode, every
     fourth is aborted mid-way; each one that finishes has exactly TitansModel's own greedy tokens (slots are
     reused and swapped to the front as the decoding set changes)."""
-    words = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen".split()
-    prompts = [default_model.tokenizer(" ".join(words[:3 + i]) + " and")["input_ids"] for i in range(16)]
+    prompts = counting_prompts(default_model.tokenizer, 16)
     requests = [Request(f"r{i}", p, SamplingParams(temperature=0, max_tokens=4 + i % 5, ignore_eos=True))
                 for i, p in enumerate(prompts)]
     engine = LLMEngine(default_model, EngineConfig(max_num_seqs=8, max_num_batched_tokens=24, prefix_reuse=False))

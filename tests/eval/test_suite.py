@@ -219,12 +219,19 @@ def test_comparing_two_runs_counts_the_prompts_only_one_side_found():
 
 
 @pytest.mark.parametrize("other, message", [
-    (dict(contexts=[450], seed=2), "differ in seed"),  # other keys and depths: not the same prompts
+    (dict(contexts=[450], seed=2), "differ in seed"),     # other keys: not the same prompts
+    (dict(contexts=[450], trials=3), "differ in trials"),  # other depths
     (dict(contexts=[600]), "share no trial"),
 ])
 def test_comparing_refuses_runs_not_asked_the_same_prompts(other, message):
     with pytest.raises(ValueError, match=message):
         suite.compare(oracle_run([450]), oracle_run(**other))
+
+
+def test_comparing_refuses_a_run_that_holds_a_trial_twice():
+    a = oracle_run([450])
+    with pytest.raises(ValueError, match="twice"):
+        suite.compare(a, {**a, "trials_run": a["trials_run"] * 2})
 
 
 def test_cli_compares_suite_files(tmp_path, capsys):

@@ -10,6 +10,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import counting_prompts
 from tests.server.conftest import MODEL
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -161,42 +162,45 @@ def test_sixteen_concurrent_streams_equal_served_alone(client):
 def test_sixteen_greedy_streams_joining_mid_decode_and_some_aborted_each_equal_the_model_alone(start_server,
                                                                                                default_model):
     """The engine's 16-request invariant through HTTP: 16 greedy completion streams with different prompt lengths
-    on 12 slots, eight first and eight more once those decode; every fourth is dropped by its client after two
-    chunks. Each stream that finishes has exactly TitansModel's own greedy text and token count."""
-    words = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen".split()
-    prompts = [default_model.tokenizer(" ".join(words[:3 + i]) + " and")["input_ids"] for i in range(16)]
+    on 12 slots; eight start at once, eight more once those decode, and two of the first eight are still decoding
+    when the last of the second wave has joined; every fourth stream is dropped by its client. Each stream that
+    finishes has exactly TitansModel's own greedy text and token count."""
+    prompts = counting_prompts(default_model.tokenizer, 16)
     max_tokens = [6 + i % 5 for i in range(16)]
-    decoding = [threading.Event() for _ in range(8)]
+    first_chunk = [threading.Event() for _ in range(16)]
 
     def stream(i, client):
         if i >= 8:
-            assert all(event.wait(60) for event in decoding)
-        aborted = i % 4 == 0
+            assert all(event.wait(30) for event in first_chunk[:8]), "the first wave did not start"
+        dropped = i % 4 == 0
         chunks = client.completions.create(
-            model=MODEL, prompt=prompts[i], temperature=0, max_tokens=500 if aborted else max_tokens[i],
-            stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": aborted})
+            model=MODEL, prompt=prompts[i], temperature=0, max_tokens=2000 if dropped else max_tokens[i],
+            stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": dropped})
         text, usage = [], None
         for chunk in chunks:
             text += [c.text for c in chunk.choices]
             usage = chunk.usage or usage
-            if i < 8:
-                decoding[i].set()
-            if aborted and len(text) == 2:
+            first_chunk[i].set()
+            if dropped and len(text) >= 2 and (i >= 8 or all(e.is_set() for e in first_chunk[8:])):
                 chunks.close()
                 return None
         return "".join(text), usage.completion_tokens
 
-    with start_server(max_num_seqs=12) as (url, _):
+    def poll(url, name, labels, value):
+        deadline = time.monotonic() + 20
+        while metric(url, name, labels) != value:
+            assert time.monotonic() < deadline, f"{name} {labels} is {metric(url, name, labels)}, not {value}"
+            time.sleep(0.1)
+
+    with start_server(max_num_seqs=12, prefix_reuse=False) as (url, _):
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
         with futures.ThreadPoolExecutor(16) as pool:
             served = list(pool.map(lambda i: stream(i, client), range(16)))
-        deadline = time.monotonic() + 20
-        while metric(url, "tptt_num_requests_running") != 0:
-            assert time.monotonic() < deadline, "an aborted request still runs"
-            time.sleep(0.1)
-        assert metric(url, "tptt_request_success_total", {"finished_reason": "abort"}) == 4
+        poll(url, "tptt_request_success_total", {"finished_reason": "abort"}, 4)
+        poll(url, "tptt_num_requests_running", None, 0)
     for i in range(16):
         if i % 4 == 0:
+            assert served[i] is None
             continue
         expected = greedy_reference(default_model, prompts[i], max_tokens[i])
         assert served[i] == (default_model.tokenizer.decode(expected, skip_special_tokens=True), len(expected)), i

@@ -20,6 +20,7 @@ Boundaries: prompts come from needles.py, models from the wrappers of eval/run.p
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -117,8 +118,17 @@ def settings(models, contexts, trials, tasks, formats, new_tokens, seed) -> dict
             "prose_documents": [path for path, _ in needles.held_out_documents()]}
 
 
-# what makes two runs ask the same prompts (at a context both ran) and score them the same way
-SAME_IN_EVERY_RUN = ("adapter", "window", "sinks", "trials", "new_tokens", "seed", "prose_documents")
+# what makes two runs ask the same prompts (at a context both ran) and score them the same way, whatever the adapter
+SAME_PROMPTS = ("trials", "new_tokens", "seed", "prose_documents")
+# ... and what makes them runs of one suite, to be joined into one table
+SAME_IN_EVERY_RUN = ("adapter", "window", "sinks") + SAME_PROMPTS
+
+
+def _require_same(runs: list[dict], keys, what: str) -> None:
+    for key in keys:
+        values = {json.dumps(run.get(key)) for run in runs}
+        if len(values) > 1:
+            raise ValueError(f"the runs differ in {key}: {sorted(values)}; only runs of the same suite {what}")
 
 
 def merge(runs: list[dict]) -> dict:
@@ -128,10 +138,7 @@ def merge(runs: list[dict]) -> dict:
     ValueError when the settings differ or two runs measured the same cell (model, task, format, context)."""
     if not runs:
         raise ValueError("nothing to merge")
-    for key in SAME_IN_EVERY_RUN:
-        values = {json.dumps(run.get(key)) for run in runs}
-        if len(values) > 1:
-            raise ValueError(f"the runs differ in {key}: {sorted(values)}; only runs of the same suite merge")
+    _require_same(runs, SAME_IN_EVERY_RUN, "merge")
     records, measured = [], set()
     for run in runs:
         cells = {(r["model"], r["task"], r["format"], r["context"]) for r in run["trials_run"]}
@@ -143,10 +150,6 @@ def merge(runs: list[dict]) -> dict:
     return {**{key: runs[0][key] for key in SAME_IN_EVERY_RUN}, "models": _union(runs, "models"),
             "contexts": sorted(_union(runs, "contexts")), "tasks": _union(runs, "tasks"),
             "formats": _union(runs, "formats"), **summarize(records), "trials_run": records}
-
-
-# what makes two runs ask the same prompts, whatever their adapters
-SAME_PROMPTS = ("trials", "new_tokens", "seed", "prose_documents")
 
 
 def sign_test(only_a: int, only_b: int) -> float:
@@ -164,11 +167,10 @@ def compare(a: dict, b: dict) -> dict:
     {"a": adapter, "b": adapter, "cells": {model: {context: {"task / format": pair}}},
     "pooled": {model: {context: pair}}}, each pair {trials, hits_a, hits_b, only_a, only_b, p}.
     Raises ValueError when the runs were asked different prompts or share no trial."""
-    for key in SAME_PROMPTS:
-        if json.dumps(a.get(key)) != json.dumps(b.get(key)):
-            raise ValueError(f"the runs differ in {key}: {a.get(key)!r} against {b.get(key)!r}; "
-                             "only runs of the same suite compare")
+    _require_same([a, b], SAME_PROMPTS, "compare")
     hits_b = {_prompt(r): r["hit"] for r in b["trials_run"]}
+    if len(hits_b) != len(b["trials_run"]) or len({_prompt(r) for r in a["trials_run"]}) != len(a["trials_run"]):
+        raise ValueError("a run holds the same trial twice (model, task, format, context and prompt)")
     cells: dict = {}
     pooled: dict = {}
     for r in a["trials_run"]:
@@ -184,7 +186,8 @@ def compare(a: dict, b: dict) -> dict:
 
 
 def _prompt(record: dict) -> tuple:
-    return tuple(record[key] for key in ("model", "task", "format", "context", "depth", "source", "answer"))
+    return tuple(record[key] for key in ("model", "task", "format", "context", "prompt_tokens", "depth", "source",
+                                         "answer"))
 
 
 def _pairs(tree):
@@ -204,7 +207,7 @@ def comparison_table(comparison: dict) -> str:
     lines = [f"a = {comparison['a']}, b = {comparison['b']}, the same prompts: hits a / b, "
              "(found only by a / only by b), exact sign test p"]
     for model, by_context in comparison["pooled"].items():
-        contexts = list(by_context)
+        contexts = sorted(by_context, key=int)
         lines.append(f"{model:<16}" + "".join(f"{c:>28}" for c in contexts))
         rows = [("all tasks", by_context)] + [
             (name, {c: comparison["cells"][model][c].get(name) for c in contexts})
@@ -221,11 +224,16 @@ def _pair_text(pair: dict | None) -> str:
 
 
 def comparison_figure(comparison: dict):
-    """Per model and context, the prompts only a found (left) and only b found (right), per cell."""
-    panels = [(model, c) for model, by_context in comparison["cells"].items() for c in by_context]
-    fig, axes = report.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
-    for axis, (model, context) in zip(axes[0], panels):
-        cells = comparison["cells"][model][context]
+    """A row per model, a column per context: the prompts only a found (left) and only b found (right), per cell."""
+    models = list(comparison["cells"])
+    contexts = sorted({c for by_context in comparison["cells"].values() for c in by_context}, key=int)
+    fig, axes = report.subplots(len(models), len(contexts), figsize=(4.5 * len(contexts), 4 * len(models)),
+                                squeeze=False)
+    for (row, model), (column, context) in itertools.product(enumerate(models), enumerate(contexts)):
+        axis, cells = axes[row][column], comparison["cells"][model].get(context)
+        if cells is None:
+            axis.set_axis_off()
+            continue
         names = list(cells)
         axis.barh(names, [-cells[n]["only_a"] for n in names], color="C0", label=f"only a ({comparison['a']})")
         axis.barh(names, [cells[n]["only_b"] for n in names], color="C1", label=f"only b ({comparison['b']})")
