@@ -50,6 +50,8 @@ class Mute:
 
 @pytest.mark.parametrize("hits, trials, low, high", [
     (0, 20, 0.0, Z * Z / (20 + Z * Z)),  # the upper bound at 0 successes has this closed form
+    (0, 3, 0.0, Z * Z / (3 + Z * Z)),    # the lower bound exactly 0 (centre - half rounds to 5.6e-17 here)
+    (3, 3, 3 / (3 + Z * Z), 1.0),
     (20, 20, 20 / (20 + Z * Z), 1.0),
     (10, 20, 0.2992980, 0.7007020),
     (1, 20, 0.0088814, 0.2361312),
@@ -57,6 +59,7 @@ class Mute:
 def test_wilson_against_known_values(hits, trials, low, high):
     lo, hi = suite.wilson(hits, trials)
     assert lo == pytest.approx(low, abs=1e-6) and hi == pytest.approx(high, abs=1e-6)
+    assert (lo == 0.0) == (hits == 0) and (hi == 1.0) == (hits == trials)  # exactly, not up to rounding
 
 
 @pytest.mark.parametrize("hits, trials", [(3, 20), (7, 11), (1, 3), (49, 50)])
@@ -226,6 +229,23 @@ def test_comparing_two_runs_counts_the_prompts_only_one_side_found():
 def test_comparing_refuses_runs_not_asked_the_same_prompts(other, message):
     with pytest.raises(ValueError, match=message):
         suite.compare(oracle_run([450]), oracle_run(**other))
+
+
+def test_comparing_two_models_sets_them_side_by_side_on_the_same_prompts(tmp_path, capsys):
+    """The echo model of one run (every answer found) against the mute model of another (none found)."""
+    a, b = oracle_run([450], trials=3, models=(Echo(),)), oracle_run([450], trials=3, models=(Mute(),))
+    pooled = suite.compare(a, b, models=("echo", "mute"))["pooled"]
+    assert pooled == {"echo against mute": {"450": {"trials": 3, "hits_a": 3, "hits_b": 0, "only_a": 3,
+                                                    "only_b": 0, "p": 2 / 8}}}
+    with pytest.raises(ValueError, match="share no trial"):  # by default, each model against its namesake only
+        suite.compare(a, b)
+    for name, run in (("a", a), ("b", b)):
+        suite.write(tmp_path / name, run)
+    main(["--suite-compare", str(tmp_path / "a" / "suite.json"), str(tmp_path / "b" / "suite.json"),
+          "--compare-models", "echo", "mute", "--out", str(tmp_path / "compared")])
+    assert "echo against mute" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="has no trials of model 'base'; it has \\['mute'\\]"):
+        suite.compare(a, b, models=("echo", "base"))
 
 
 def test_comparing_refuses_a_run_that_holds_a_trial_twice():

@@ -202,6 +202,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--suite-compare", type=Path, nargs=2, metavar=("A_JSON", "B_JSON"),
                    help="instead: two suite.json files of the same prompts (two adapters, say) prompt by prompt: "
                         "hits, those only one side found, an exact sign test; <out>/suite_compare.{json,png}")
+    p.add_argument("--compare-models", nargs=2, metavar=("A_MODEL", "B_MODEL"),
+                   help="with --suite-compare: this model of A against that model of B (default: each model "
+                        "against its namesake), e.g. converted base")
     p.add_argument("--ruler", action="store_true",
                    help="instead: RULER's needle tasks (lm-evaluation-harness) at --suite-contexts, --trials "
                         "samples each, the adapter through the server (eval/ruler.py)")
@@ -222,7 +225,8 @@ def main(argv: list[str] | None = None) -> None:
         suite.write(args.out, suite.merge([json.loads(path.read_text()) for path in args.suite_merge]))
         return
     if args.suite_compare:
-        suite.write_comparison(args.out, suite.compare(*[json.loads(path.read_text()) for path in args.suite_compare]))
+        runs = [json.loads(path.read_text()) for path in args.suite_compare]
+        suite.write_comparison(args.out, suite.compare(*runs, models=args.compare_models))
         return
     if args.suite:
         suite.run(args.adapter, args.suite_contexts, args.trials or suite.TRIALS, args.tasks, args.formats,

@@ -44,7 +44,8 @@ def wilson(hits: int, trials: int, z: float = Z95) -> tuple[float, float]:
     p, z2 = hits / trials, z * z
     centre = (p + z2 / (2 * trials)) / (1 + z2 / trials)
     half = z * math.sqrt(p * (1 - p) / trials + z2 / (4 * trials * trials)) / (1 + z2 / trials)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # at 0 or all hits a bound is exactly 0 or 1, which centre -/+ half only reaches up to rounding
+    return (0.0 if hits == 0 else centre - half), (1.0 if hits == trials else centre + half)
 
 
 def context_tokens(text: str) -> int:
@@ -160,34 +161,45 @@ def sign_test(only_a: int, only_b: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def compare(a: dict, b: dict) -> dict:
+def compare(a: dict, b: dict, models: tuple[str, str] | None = None) -> dict:
     """Run `b` against run `a` trial by trial, on the prompts both asked (same model name, task, format, context,
-    depth, source and answer). Two runs on the same prompts tell more than their intervals: pairs that both
-    find or both miss say nothing about which is better, so the test weighs only the prompts one of them found.
+    prompt length, depth, source and answer). Two runs on the same prompts tell more than their intervals: pairs
+    that both find or both miss say nothing about which is better, so the test weighs only the prompts one of them
+    found. `models` (a model of a, a model of b) sets those two side by side instead of each model with its
+    namesake: the converted model against the base model's run on the same prompts, say.
     {"a": adapter, "b": adapter, "cells": {model: {context: {"task / format": pair}}},
     "pooled": {model: {context: pair}}}, each pair {trials, hits_a, hits_b, only_a, only_b, p}.
     Raises ValueError when the runs were asked different prompts or share no trial."""
     _require_same([a, b], SAME_PROMPTS, "compare")
-    hits_b = {_prompt(r): r["hit"] for r in b["trials_run"]}
-    if len(hits_b) != len(b["trials_run"]) or len({_prompt(r) for r in a["trials_run"]}) != len(a["trials_run"]):
-        raise ValueError("a run holds the same trial twice (model, task, format, context and prompt)")
+    label = models and f"{models[0]} against {models[1]}"
+    trials_a, trials_b = (_trials(run, name, label) for run, name in zip((a, b), models or (None, None)))
     cells: dict = {}
     pooled: dict = {}
-    for r in a["trials_run"]:
-        if _prompt(r) not in hits_b:
+    for key, r in trials_a.items():
+        if key not in trials_b:
             continue
-        pair = (r["hit"], hits_b[_prompt(r)])
-        by_context = cells.setdefault(r["model"], {}).setdefault(str(r["context"]), {})
+        pair, model = (r["hit"], trials_b[key]["hit"]), key[0]
+        by_context = cells.setdefault(model, {}).setdefault(str(r["context"]), {})
         by_context.setdefault(f"{r['task']} / {r['format']}", []).append(pair)
-        pooled.setdefault(r["model"], {}).setdefault(str(r["context"]), []).append(pair)
+        pooled.setdefault(model, {}).setdefault(str(r["context"]), []).append(pair)
     if not pooled:
         raise ValueError("the runs share no trial (model, task, format, context and prompt)")
     return {"a": a["adapter"], "b": b["adapter"], "cells": _pairs(cells), "pooled": _pairs(pooled)}
 
 
-def _prompt(record: dict) -> tuple:
-    return tuple(record[key] for key in ("model", "task", "format", "context", "prompt_tokens", "depth", "source",
-                                         "answer"))
+def _trials(run: dict, model: str | None, label: str | None) -> dict:
+    """{(model, prompt...): record} of a run's trials; with `model`, only that model's, named `label`."""
+    records = [r for r in run["trials_run"] if model in (None, r["model"])]
+    if not records:
+        raise ValueError(f"the run of {run['adapter']} has no trials of model {model!r}; it has "
+                         f"{sorted({r['model'] for r in run['trials_run']})}")
+    trials = {(label or r["model"],) + tuple(r[key] for key in PROMPT_KEYS): r for r in records}
+    if len(trials) != len(records):
+        raise ValueError("a run holds the same trial twice (model, task, format, context and prompt)")
+    return trials
+
+
+PROMPT_KEYS = ("task", "format", "context", "prompt_tokens", "depth", "source", "answer")
 
 
 def _pairs(tree):
