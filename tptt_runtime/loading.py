@@ -71,6 +71,10 @@ def dequantized_gguf(path: Path) -> Path:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         staging.rename(target)
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+        log.info("another process cached %s first; using its copy", path.name)
     finally:  # on failure, or when another process renamed its copy first
         shutil.rmtree(staging, ignore_errors=True)
     return target

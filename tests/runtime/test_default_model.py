@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import tptt_runtime as tr
+from tptt_runtime import loading
 from tptt_runtime.eval.run import Base, Converted
 from tptt_runtime.loading import base_directory, load_base_model
 
@@ -22,6 +23,24 @@ def test_memory_off_and_wide_window_is_the_base_model(default_model):
     with torch.inference_mode():
         expected = base(input_ids=ids[None]).logits[0]
     torch.testing.assert_close(wide.forward_full(ids), expected, atol=2e-3, rtol=0)
+
+
+def test_a_process_that_caches_the_dequantized_gguf_second_uses_the_first_ones_copy(tmp_path, monkeypatch):
+    """Two processes dequantizing the default GGUF at once (two replicas starting on a fresh host): the one whose
+    rename comes second finds the other's copy in place, uses it, and leaves no staging directory behind."""
+    monkeypatch.setenv("TPTT_CACHE_DIR", str(tmp_path))
+    target = loading.dequantized_gguf(loading.default_gguf())
+    finished_elsewhere = target.rename(tmp_path / "finished elsewhere")
+    load_tokenizer = loading.AutoTokenizer.from_pretrained
+
+    def tokenizer_while_the_other_process_renames(*args, **kwargs):
+        finished_elsewhere.rename(target)
+        return load_tokenizer(*args, **kwargs)
+
+    monkeypatch.setattr(loading.AutoTokenizer, "from_pretrained", tokenizer_while_the_other_process_renames)
+    assert loading.dequantized_gguf(loading.default_gguf()) == target
+    assert [p.name for p in target.parent.iterdir()] == [target.name]
+    assert (target / "config.json").exists()
 
 
 def test_incremental_equals_full_with_memory_on():

@@ -123,6 +123,8 @@ def settings(models, contexts, trials, tasks, formats, new_tokens, seed) -> dict
 SAME_PROMPTS = ("trials", "new_tokens", "seed", "prose_documents")
 # ... and what makes them runs of one suite, to be joined into one table
 SAME_IN_EVERY_RUN = ("adapter", "window", "sinks") + SAME_PROMPTS
+# what tells one trial's prompt from another's within a run, beside the model
+PROMPT_KEYS = ("task", "format", "context", "prompt_tokens", "depth", "source", "answer")
 
 
 def _require_same(runs: list[dict], keys, what: str) -> None:
@@ -197,9 +199,6 @@ def _trials(run: dict, model: str | None, label: str | None) -> dict:
     if len(trials) != len(records):
         raise ValueError("a run holds the same trial twice (model, task, format, context and prompt)")
     return trials
-
-
-PROMPT_KEYS = ("task", "format", "context", "prompt_tokens", "depth", "source", "answer")
 
 
 def _pairs(tree):
