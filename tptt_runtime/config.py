@@ -32,10 +32,13 @@ class TpttConfig:
     # score, attended with the window in one softmax; 0 = none. cache_score write: the memory's write (write
     # strength x prediction error); retain: the log of that plus a retaining head's logit, a small MLP per kv
     # head on the token's own q, k, v trained to spot the tokens of stated facts (docs/math.md 3b), its logit
-    # multiplied by retain_weight (1: as fitted; towards 0 the ranking comes back to the write's)
+    # multiplied by retain_weight (1: as fitted; towards 0 the ranking comes back to the write's).
+    # cache_pool r > 0: a token is offered to the cache with the best score within r tokens on either side
+    # (a max pool), so the tokens of one statement enter the cache together
     cache_tokens: int = 0
     cache_score: str = "write"
     retain_weight: float = 1.0
+    cache_pool: int = 0
     # Memory as Gate: o = (1 - mu) * o_softmax + mu * o_linear (+ cross term if cross_gate), where mu is
     # constant: mag_weight everywhere; learned: sigmoid(W x_t + b) per head and token from the layer's input,
     # trained with the adapter and initialised at mag_weight (W = 0)
@@ -74,6 +77,8 @@ class TpttConfig:
             raise ValueError(f"window must be >= 1, got {self.window}")
         if self.cache_tokens < 0:
             raise ValueError(f"cache_tokens must be >= 0, got {self.cache_tokens}")
+        if not 0 <= self.cache_pool < self.window:
+            raise ValueError(f"cache_pool must be >= 0 and below window ({self.window}), got {self.cache_pool}")
         if self.cache_score not in CACHE_SCORES:
             raise ValueError(f"cache_score must be one of {CACHE_SCORES}, got {self.cache_score!r}")
         if not 0.0 <= self.retain_weight < float("inf"):

@@ -109,11 +109,11 @@ def load_base_model(source: str | Path = "default") -> nn.Module:
 
 def load(source: str | Path = "default", *, base: str | Path | None = None, window: int | None = None,
          sinks: int | None = None, mag_weight: float | None = None, cache_tokens: int | None = None,
-         retain_weight: float | None = None,
+         retain_weight: float | None = None, cache_pool: int | None = None,
          device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> TitansModel:
-    """Load a converted model. Keyword overrides (window, sinks, mag_weight, cache_tokens, retain_weight) change
-    the adapter's config; mag_weight sets a constant memory weight, in place of the adapter's learned gates if it
-    has them."""
+    """Load a converted model. Keyword overrides (window, sinks, mag_weight, cache_tokens, retain_weight,
+    cache_pool) change the adapter's config; mag_weight sets a constant memory weight, in place of the adapter's
+    learned gates if it has them."""
     adapter_dir, upstream = None, False
     config = TpttConfig(base_model=str(source))
     if str(source) == "default":
@@ -130,7 +130,7 @@ def load(source: str | Path = "default", *, base: str | Path | None = None, wind
     if not base:
         raise ValueError(f"adapter {source} names no base model: pass base=PATH")
     config = config.replace(window=window, sinks=sinks, mag_weight=mag_weight, cache_tokens=cache_tokens,
-                            retain_weight=retain_weight,
+                            retain_weight=retain_weight, cache_pool=cache_pool,
                             mag_gate=None if mag_weight is None else "constant")
 
     base_dir = base_directory(base)

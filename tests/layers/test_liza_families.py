@@ -215,15 +215,16 @@ def random_retaining_heads(model, seed=0):
     return model
 
 
-@pytest.mark.parametrize("cache_score", ["write", "retain"])
+@pytest.mark.parametrize("cache_score,cache_pool", [("write", 0), ("retain", 0), ("retain", 2)])
 @pytest.mark.parametrize("cache_tokens", [1, 4, 64])
 @pytest.mark.parametrize("pieces", [(1,), (7, 1, 13), (30,)])
-def test_incremental_equals_full_with_an_exact_token_cache(tiny_pair, cache_tokens, pieces, cache_score):
+def test_incremental_equals_full_with_an_exact_token_cache(tiny_pair, cache_tokens, pieces, cache_score, cache_pool):
     """The cache (64: more slots than tokens ever evicted), ranked by the memory's writes alone or with a
-    retaining head, keeps every split exact on every family."""
+    retaining head, its score max-pooled or not, keeps every split exact on every family."""
     converted, _ = tiny_pair
     model = TitansModel(converted, TpttConfig(window=5, sinks=2, mag_weight=0.5, chunk_size=4,
-                                              cache_tokens=cache_tokens, cache_score=cache_score))
+                                              cache_tokens=cache_tokens, cache_score=cache_score,
+                                              cache_pool=cache_pool))
     if cache_score == "retain":
         random_retaining_heads(model)
     tokens = ids(37)
@@ -235,18 +236,20 @@ def test_incremental_equals_full_with_an_exact_token_cache(tiny_pair, cache_toke
     assert (held >= 0).sum(-1).eq(min(cache_tokens, 37 - 5 - 2)).all()  # filled as far as evictions allow
 
 
-@pytest.mark.parametrize("mag_weight", [0.5, 0.0])
+@pytest.mark.parametrize("mag_weight,cache_pool", [(0.5, 0), (0.0, 0), (0.5, 2)])
 @pytest.mark.parametrize("pieces", [(37,), (7, 1, 13), (1,)])
-def test_a_retaining_head_caches_the_tokens_it_scores_highest(pieces, mag_weight):
+def test_a_retaining_head_caches_the_tokens_it_scores_highest(pieces, mag_weight, cache_pool):
     """cache_score "retain": after any split, each layer and kv head holds the `cache_tokens` evicted tokens
     with the highest log write norm + retaining head logit (the later one on a tie), computed here from the
     layer's own q, k, v and a memory run over the whole sequence at once, with or without the memory in the
-    mix."""
+    mix; with cache_pool r, the highest of those scores within r tokens either side (sinks left out)."""
     from tests.conftest import tiny_model
+    from tests.ops.test_exact_cache import pooled_by_hand
     from tptt_runtime.layers.liza import LayerHook
     from tptt_runtime.layers.retaining import head_features
 
-    config = TpttConfig(window=5, sinks=2, mag_weight=mag_weight, chunk_size=4, cache_tokens=4, cache_score="retain")
+    config = TpttConfig(window=5, sinks=2, mag_weight=mag_weight, chunk_size=4, cache_tokens=4, cache_score="retain",
+                        cache_pool=cache_pool)
     model = random_retaining_heads(TitansModel(tiny_model("llama"), config))
     tokens = ids(37)
 
@@ -256,7 +259,7 @@ def test_a_retaining_head_caches_the_tokens_it_scores_highest(pieces, mag_weight
         def prefill(self, layer, hidden_states, q, k, v):
             _, write_norms = layer.memory_branch(q, k, v, layer.new_state(1, q.dtype, q.device), 0)
             logit = layer.retaining_head(head_features(q, k, v))
-            self.scores[layer.layer_idx] = write_norms.clamp(min=1e-8).log() + logit
+            self.scores[layer.layer_idx] = pooled_by_hand(write_norms.clamp(min=1e-8).log() + logit, cache_pool, 2)
 
     with model.hooked(Scores()), torch.no_grad():
         model.forward_full(tokens)
@@ -297,12 +300,14 @@ def test_memory_changes_the_output():
     assert (off - on).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("cache_tokens,cache_score", [(0, "write"), (2, "write"), (2, "retain")])
-def test_batched_decode_equals_one_at_a_time(cache_tokens, cache_score):
+@pytest.mark.parametrize("cache_tokens,cache_score,cache_pool", [(0, "write", 0), (2, "write", 0), (2, "retain", 0),
+                                                                 (2, "retain", 2)])
+def test_batched_decode_equals_one_at_a_time(cache_tokens, cache_score, cache_pool):
     from tests.conftest import tiny_model
 
     model = TitansModel(tiny_model("qwen2"), TpttConfig(window=4, sinks=1, mag_weight=0.5, nonlinear_chunk=4,
-                                                        cache_tokens=cache_tokens, cache_score=cache_score))
+                                                        cache_tokens=cache_tokens, cache_score=cache_score,
+                                                        cache_pool=cache_pool))
     if cache_score == "retain":
         random_retaining_heads(model)
     tokens = ids(30)

@@ -17,6 +17,14 @@ def random_scores(batch=2, kv_heads=2, seq_len=40, seed=0, ties=False):
     return torch.rand(batch, kv_heads, seq_len, generator=gen)
 
 
+def pooled_by_hand(scores, pool, sinks):
+    """Each token's best score within `pool` positions on either side, tokens below `sinks` left out."""
+    out = scores.clone()
+    for t in range(sinks, scores.shape[-1]):
+        out[..., t] = scores[..., max(sinks, t - pool):t + pool + 1].amax(-1)
+    return out
+
+
 def best_evicted(scores, t, window, sinks, size):
     """Positions held for a query at t, per (row, kv head): the reference top-`size` by (score, position)."""
     held = {}
@@ -52,38 +60,42 @@ def reference(q, k, v, scores, window, sinks, size, scaling):
     return out
 
 
-def new_cache(batch, window, sinks, size):
+def new_cache(batch, window, sinks, size, pool=0):
     cache = wa.new_cache(batch, 2, 8, window=window, sinks=sinks, dtype=torch.float32, device="cpu")
-    return cache | exact_cache.new_tensors(batch, 2, 8, window=window, size=size, dtype=torch.float32, device="cpu")
+    return cache | exact_cache.new_tensors(batch, 2, 8, window=window, size=size, dtype=torch.float32, device="cpu",
+                                           pool=pool)
 
 
-def decode(q, k, v, cache, positions, score, *, window, sinks, scaling, cos, sin):
+def decode(q, k, v, cache, positions, score, *, window, sinks, scaling, cos, sin, pool=0):
     plan = wa.decode_plan(positions, window=window, sinks=sinks, cos=cos, sin=sin,
-                          filling_sinks=bool((positions < sinks).any()), cached=True)
+                          filling_sinks=bool((positions < sinks).any()), cached=True, pool=pool)
     return wa.decode(q, k, v, cache, plan, scaling=scaling, score=score)
 
 
-@pytest.mark.parametrize("window,sinks,size", [(4, 2, 3), (3, 0, 1), (5, 1, 100), (2, 3, 6)])
+@pytest.mark.parametrize("window,sinks,size,pool", [(4, 2, 3, 0), (3, 0, 1, 0), (5, 1, 100, 0), (2, 3, 6, 0),
+                                                    (4, 2, 3, 2), (3, 0, 1, 1), (5, 1, 2, 4)])
 @pytest.mark.parametrize("block", [1, 5, 256])
 @pytest.mark.parametrize("ties", [False, True])
-def test_prefill_matches_reference(window, sinks, size, block, ties):
+def test_prefill_matches_reference(window, sinks, size, pool, block, ties):
     q, k, v = random_qkv(seq_len=29)
     scores = random_scores(seq_len=29, ties=ties)
     cos, sin = rotary_table(sinks + window + block + 1, 8)
-    cache = new_cache(2, window, sinks, size)
+    cache = new_cache(2, window, sinks, size, pool)
     out = wa.prefill(q, k, v, cache, 0, window=window, sinks=sinks, scaling=0.3, cos=cos, sin=sin, block=block,
-                     scores=scores)
-    torch.testing.assert_close(out, reference(q, k, v, scores, window, sinks, size, 0.3), atol=1e-5, rtol=1e-5)
+                     scores=scores, pool=pool)
+    expected = reference(q, k, v, pooled_by_hand(scores, pool, sinks), window, sinks, size, 0.3)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("window,sinks,size", [(4, 2, 3), (3, 0, 2), (5, 1, 100)])
+@pytest.mark.parametrize("window,sinks,size,pool", [(4, 2, 3, 0), (3, 0, 2, 0), (5, 1, 100, 0), (4, 2, 3, 1),
+                                                    (5, 1, 2, 3), (3, 0, 2, 2)])
 @pytest.mark.parametrize("pieces", [(3, 1, 9, 2), (), (17,)])
-def test_prefill_pieces_then_decode_match_whole(window, sinks, size, pieces):
+def test_prefill_pieces_then_decode_match_whole(window, sinks, size, pool, pieces):
     q, k, v = random_qkv(seq_len=31)
     scores = random_scores(seq_len=31, ties=True)
     cos, sin = rotary_table(sinks + window + 256, 8)
-    cache = new_cache(2, window, sinks, size)
-    kw = dict(window=window, sinks=sinks, scaling=0.3, cos=cos, sin=sin)
+    cache = new_cache(2, window, sinks, size, pool)
+    kw = dict(window=window, sinks=sinks, scaling=0.3, cos=cos, sin=sin, pool=pool)
     outs, start = [], 0
     for n in pieces:
         piece = slice(start, start + n)
@@ -94,18 +106,20 @@ def test_prefill_pieces_then_decode_match_whole(window, sinks, size, pieces):
         step = slice(t, t + 1)
         outs.append(decode(q[:, :, step], k[:, :, step], v[:, :, step], cache, torch.full((2,), t),
                            scores[:, :, step], **kw))
-    torch.testing.assert_close(torch.cat(outs, 2), reference(q, k, v, scores, window, sinks, size, 0.3),
-                               atol=1e-5, rtol=1e-5)
+    expected = reference(q, k, v, pooled_by_hand(scores, pool, sinks), window, sinks, size, 0.3)
+    torch.testing.assert_close(torch.cat(outs, 2), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("pieces", [(40,), (1,) * 40, (7, 20, 13), (2, 1, 30, 1, 1, 5)])
-def test_the_held_tokens_are_the_best_scored_whatever_the_split(pieces):
+@pytest.mark.parametrize("pool", [0, 1, 3])
+def test_the_held_tokens_are_the_best_scored_whatever_the_split(pieces, pool):
+    """With a pool, the best by pooled score, and each slot holds the token's own key and value."""
     window, sinks, size = 4, 2, 5
     q, k, v = random_qkv(seq_len=40)
-    scores = random_scores(seq_len=40, ties=True)
+    scores = random_scores(seq_len=40, ties=pool == 0)
     cos, sin = rotary_table(sinks + window + 256, 8)
-    cache = new_cache(2, window, sinks, size)
-    kw = dict(window=window, sinks=sinks, scaling=0.3, cos=cos, sin=sin)
+    cache = new_cache(2, window, sinks, size, pool)
+    kw = dict(window=window, sinks=sinks, scaling=0.3, cos=cos, sin=sin, pool=pool)
     start = 0
     for n in pieces:
         piece = slice(start, start + n)
@@ -115,14 +129,15 @@ def test_the_held_tokens_are_the_best_scored_whatever_the_split(pieces):
         else:
             wa.prefill(q[:, :, piece], k[:, :, piece], v[:, :, piece], cache, start, scores=scores[:, :, piece], **kw)
         start += n
-    expected = best_evicted(scores, 39, window, sinks, size)
+    offered = pooled_by_hand(scores, pool, sinks)
+    expected = best_evicted(offered, 39, window, sinks, size)
     for (b, h), positions in expected.items():
         held = sorted(cache["cache_pos"][b, h].tolist())
         assert held == positions
         for slot, p in enumerate(cache["cache_pos"][b, h].tolist()):  # each slot holds that token's own k, v, score
             assert torch.equal(cache["cache_k"][b, h, slot], k[b, h, p])
             assert torch.equal(cache["cache_v"][b, h, slot], v[b, h, p])
-            assert cache["cache_score"][b, h, slot] == scores[b, h, p]
+            assert cache["cache_score"][b, h, slot] == offered[b, h, p]
 
 
 def test_an_empty_cache_fills_before_it_replaces_and_keeps_its_size():
@@ -173,6 +188,13 @@ def test_visible_and_keep_best_agree_with_sorting():
     _, _, best_score, best_pos = exact_cache.keep_best(torch.zeros(1, 1, 12, 2), torch.zeros(1, 1, 12, 2), score, pos,
                                                        size=5)
     assert best_pos[0, 0].tolist() == [pos[0, 0, i].item() for i in ranked[:5]]
+
+
+@pytest.mark.parametrize("pool", [0, 2])
+def test_pool_sequence_is_the_best_score_within_pool_tokens(pool):
+    scores = random_scores(seq_len=30)
+    pooled = exact_cache.pool_sequence(scores, pool=pool, sinks=3)
+    torch.testing.assert_close(pooled[..., 3:], pooled_by_hand(scores, pool, 3)[..., 3:], atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("block", [1, 3, 64])

@@ -23,9 +23,9 @@ def ids(n, seed):
     return torch.randint(3, 97, (n,), generator=torch.Generator().manual_seed(seed))
 
 
-def config(cache_tokens=3):
+def config(cache_tokens=3, cache_pool=0):
     return TpttConfig(window=4, sinks=2, mag_gate="learned", mag_weight=0.3, feature_map="learned",
-                      nonlinear_chunk=4, cache_tokens=cache_tokens)
+                      nonlinear_chunk=4, cache_tokens=cache_tokens, cache_pool=cache_pool)
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +33,10 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("compiled")
 
 
-@pytest.mark.parametrize("cache_tokens", [0, 3])
-def test_compiled_decode_equals_forward_full(cache_tokens, cache_dir):
+@pytest.mark.parametrize("cache_tokens,cache_pool", [(0, 0), (3, 0), (3, 2)])
+def test_compiled_decode_equals_forward_full(cache_tokens, cache_pool, cache_dir):
     torch._dynamo.reset()
-    model = TitansModel(tiny_model("llama"), config(cache_tokens))
+    model = TitansModel(tiny_model("llama"), config(cache_tokens, cache_pool))
     model.compile(cache_dir)
     streams = [ids(16, seed=s) for s in range(3)]
     full = [model.forward_full(t) for t in streams]

@@ -88,9 +88,12 @@ def test_garbage_and_future_versions_are_clear_errors(model):
             SessionState.from_bytes(blob.replace(current, f'"format_version":"{version}"'.encode()))
 
 
-def test_a_cached_state_round_trips_and_never_grows():
-    cached = TitansModel(tiny_model("llama"), TpttConfig(window=4, sinks=1, mag_weight=0.5, cache_tokens=3))
+@pytest.mark.parametrize("cache_pool", [0, 2])
+def test_a_cached_state_round_trips_and_never_grows(cache_pool):
+    cached = TitansModel(tiny_model("llama"), TpttConfig(window=4, sinks=1, mag_weight=0.5, cache_tokens=3,
+                                                         cache_pool=cache_pool))
     state = cached.new_session()
+    assert ("win_left" in state.layers[0]) == (cache_pool > 0)
     empty = state.nbytes
     cached.prefill(state, tokens(40))
     assert state.nbytes == empty and (state.layers[0]["cache_pos"] >= 0).all()

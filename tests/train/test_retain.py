@@ -92,6 +92,14 @@ def test_retain_weight_must_be_finite_and_not_negative(weight):
         CONFIG.replace(retain_weight=weight)
 
 
+@pytest.mark.parametrize("pool", [-1, "window"])
+def test_cache_pool_must_be_below_the_window(pool):
+    """A pooled score is final before its token leaves the window only while the pool is narrower than it."""
+    with pytest.raises(ValueError, match="cache_pool"):
+        CONFIG.replace(cache_pool=CONFIG.window if pool == "window" else pool)
+    assert CONFIG.replace(cache_pool=CONFIG.window - 1).cache_pool == CONFIG.window - 1
+
+
 def test_the_fit_learns_the_marked_tokens_and_moves_nothing_else():
     """On random token ids whose multiples of 5 are the 'statements', every layer's fitted head (standardization
     folded into its weights) gives those tokens higher logits on documents it never saw, and the reported
@@ -141,9 +149,9 @@ def test_documents_are_retrieval_documents_with_their_statements(default_model):
 
 
 def test_stage_0_fits_the_heads_of_the_default_adapter_and_writes_them(tmp_path):
-    """tptt-convert --init default --cache-score retain --retain-weight W --retain-docs N --steps 0: the adapter
-    that comes out holds the default's other weights unchanged, one fitted (non-zero) head per layer and the
-    changed weight, and loads back."""
+    """tptt-convert --init default --cache-score retain --retain-weight W --cache-pool R --retain-docs N
+    --steps 0: the adapter that comes out holds the default's other weights unchanged, one fitted (non-zero)
+    head per layer and the changed weight and pool, and loads back."""
     from safetensors.torch import load_file
 
     import tptt_runtime
@@ -152,9 +160,9 @@ def test_stage_0_fits_the_heads_of_the_default_adapter_and_writes_them(tmp_path)
 
     out = tmp_path / "retained"
     main(["--init", "default", "--out", str(out), "--cache-score", "retain", "--retain-weight", "0.5",
-          "--retain-docs", "6", "--steps", "0", "--seq-len", "512", "--device", "cpu"])
-    assert TpttConfig.load(out) == TpttConfig.load(DEFAULT_ADAPTER).replace(base_model="default",
-                                                                            cache_score="retain", retain_weight=0.5)
+          "--cache-pool", "3", "--retain-docs", "6", "--steps", "0", "--seq-len", "512", "--device", "cpu"])
+    assert TpttConfig.load(out) == TpttConfig.load(DEFAULT_ADAPTER).replace(
+        base_model="default", cache_score="retain", retain_weight=0.5, cache_pool=3)
     before, after = load_file(DEFAULT_ADAPTER / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
     heads = {name for name in after if ".retaining_head." in name}
     assert all(torch.equal(before[name], after[name]) for name in before if name not in heads)

@@ -173,7 +173,7 @@ class LiZAttention(nn.Module):
                                      device=device)
         if cfg.cache_tokens:
             state |= exact_cache.new_tensors(batch, heads, dim, window=cfg.window, size=cfg.cache_tokens,
-                                             dtype=dtype, device=device)
+                                             dtype=dtype, device=device, pool=cfg.cache_pool)
         f32 = dict(dtype=torch.float32, device=device)
         state["memory"] = torch.zeros(batch, heads, dim, dim, **f32)
         state["prev_k"] = torch.zeros(batch, heads, 1, dim, **f32)  # last token's feature-mapped key
@@ -206,7 +206,7 @@ class LiZAttention(nn.Module):
         softmax_out = window_ops.prefill(q, k, v, state, start, window=self.config.window,
                                          sinks=self.config.sinks, scaling=self.scaling, cos=cos, sin=sin,
                                          softcap=self.softcap, block=QUERY_BLOCK,
-                                         scores=self.cache_scores(q, k, v, write_norms))
+                                         scores=self.cache_scores(q, k, v, write_norms), pool=self.config.cache_pool)
         if hook is not None and (out := hook.mix(self, hidden_states, softmax_out, read, start)) is not None:
             return out
         return self._output(hidden_states, softmax_out, read, start)
@@ -253,7 +253,8 @@ class LiZAttention(nn.Module):
     def _decode_plan(self, positions, filling_sinks: bool, like: torch.Tensor) -> window_ops.DecodePlan:
         cos, sin = self._rotary_tables(like)
         return window_ops.decode_plan(positions, window=self.config.window, sinks=self.config.sinks, cos=cos,
-                                      sin=sin, filling_sinks=filling_sinks, cached=self.config.cache_tokens > 0)
+                                      sin=sin, filling_sinks=filling_sinks, cached=self.config.cache_tokens > 0,
+                                      pool=self.config.cache_pool)
 
     def _output(self, hidden_states, softmax_out, read, seen) -> torch.Tensor:
         """o_proj of the softmax branch mixed with the memory read, or alone when the memory does not take

@@ -6,11 +6,18 @@ a later position breaking ties (`beats`). The score is fixed when the token is w
 section 3b: the memory's write strength times its prediction error), so the set a query at position t sees
 is the top `size` of the tokens evicted before it, whatever split of the sequence into forwards led there.
 
+With a pool radius r > 0, a token is offered with its pooled score instead: the best score of the tokens
+within r of it (positions >= sinks), so a statement's tokens around a high-scoring one enter together. It is
+still fixed before the token leaves the window (r < window): the best score over itself and the r tokens
+before it (`left_max`) is kept when a token is written, and the pooled score of t is the larger of t's and
+t + r's (`pool_sequence`).
+
 Tensors of one layer (in the same dict as the window ring of ops/window_attention.py):
     cache_k, cache_v: [B, Hkv, size, D]  keys (before rotary) and values of the held tokens, in no order
-    cache_score:      [B, Hkv, size]     float32 score of each held token, -inf in an empty slot
+    cache_score:      [B, Hkv, size]     float32 score each held token was offered with, -inf in an empty slot
     cache_pos:        [B, Hkv, size]     int64 absolute position of each held token, -1 in an empty slot
     win_score:        [B, Hkv, window]   float32 score of the token in each window ring slot
+    win_left:         [B, Hkv, window]   (pool r > 0) float32 best score over that token and the r before it
 """
 
 from __future__ import annotations
@@ -21,14 +28,35 @@ EMPTY_POSITION = -1
 HELD = ("cache_k", "cache_v", "cache_score", "cache_pos")  # the held tokens' tensors, in the order functions take
 
 
-def new_tensors(batch, kv_heads, head_dim, *, window, size, dtype, device) -> dict[str, torch.Tensor]:
+def new_tensors(batch, kv_heads, head_dim, *, window, size, dtype, device, pool: int = 0) -> dict[str, torch.Tensor]:
     """An empty cache of `size` slots per kv head and the ring's scores."""
     held = (batch, kv_heads, size)
-    return {"cache_k": torch.zeros(*held, head_dim, dtype=dtype, device=device),
-            "cache_v": torch.zeros(*held, head_dim, dtype=dtype, device=device),
-            "cache_score": torch.full(held, -torch.inf, dtype=torch.float32, device=device),
-            "cache_pos": torch.full(held, EMPTY_POSITION, dtype=torch.long, device=device),
-            "win_score": torch.zeros(batch, kv_heads, window, dtype=torch.float32, device=device)}
+    tensors = {"cache_k": torch.zeros(*held, head_dim, dtype=dtype, device=device),
+               "cache_v": torch.zeros(*held, head_dim, dtype=dtype, device=device),
+               "cache_score": torch.full(held, -torch.inf, dtype=torch.float32, device=device),
+               "cache_pos": torch.full(held, EMPTY_POSITION, dtype=torch.long, device=device),
+               "win_score": torch.zeros(batch, kv_heads, window, dtype=torch.float32, device=device)}
+    if pool:
+        tensors["win_left"] = torch.zeros(batch, kv_heads, window, dtype=torch.float32, device=device)
+    return tensors
+
+
+def left_max(before: torch.Tensor, score: torch.Tensor, pool: int) -> torch.Tensor:
+    """[B, Hkv, T]: each new token's best score over itself and the `pool` tokens before it. score: the new
+    tokens' [B, Hkv, T]; before: the `pool` scores that precede them [B, Hkv, pool], -inf for no token."""
+    return torch.cat([before, score], dim=-1).unfold(-1, pool + 1, 1).amax(-1)
+
+
+def pool_sequence(score: torch.Tensor, *, pool: int, sinks: int) -> torch.Tensor:
+    """[B, Hkv, T]: the score each token of a sequence from its first token is offered to the cache with, the
+    best of score[max(sinks, t - pool) .. t + pool] (`score` itself when pool is 0). Final for every token
+    at least `pool` before the end, which includes every token evicted within the sequence."""
+    if not pool:
+        return score
+    none = score.new_full((*score.shape[:-1], pool), -torch.inf)
+    left = left_max(none, score.clone().index_fill_(-1, torch.arange(min(sinks, score.shape[-1]),
+                                                                     device=score.device), -torch.inf), pool)
+    return torch.maximum(left, torch.cat([left[..., pool:], none], dim=-1)[..., :score.shape[-1]])
 
 
 def beats(score_a, pos_a, score_b, pos_b) -> torch.Tensor:

@@ -184,13 +184,15 @@ def new_cache(batch, kv_heads, head_dim, *, window, sinks, dtype, device) -> dic
             for part in ("sink", "win") for kind in ("k", "v")}
 
 
-def prefill(q, k, v, cache, start: int, *, window, sinks, scaling, cos, sin, softcap=None, block=256, scores=None):
+def prefill(q, k, v, cache, start: int, *, window, sinks, scaling, cos, sin, softcap=None, block=256, scores=None,
+            pool: int = 0):
     """Attend a chunk of T new tokens at positions start .. start+T-1 (same start for every row), then store
     them in `cache` (updated in place). q: [B, Hq, T, D]; k, v: [B, Hkv, T, D]. Queries go in blocks of
     `block`, so memory is O(block * (window + block + cache size)) whatever T is. With an exact-token cache in
-    `cache`, `scores` [B, Hkv, T] are the new tokens' cache scores (ops/exact_cache.py): each block's queries
-    see the held tokens and those evicted since, each query exactly the best it would hold at its position,
-    and the cache then keeps the best of them for the next block."""
+    `cache`, `scores` [B, Hkv, T] are the new tokens' cache scores (ops/exact_cache.py, offered max-pooled over
+    `pool` tokens either side): each block's queries see the held tokens and those evicted since, each query
+    exactly the best it would hold at its position, and the cache then keeps the best of them for the next
+    block."""
     batch, _, seq_len, _ = q.shape
     positions = torch.arange(start, start + seq_len, device=q.device)
     new_sinks = max(0, min(sinks - start, seq_len))
@@ -202,7 +204,9 @@ def prefill(q, k, v, cache, start: int, *, window, sinks, scaling, cos, sin, sof
     ring_pos = ring_positions(end - seq_len, sinks, window)
     cached = "cache_k" in cache
     held = tuple(cache[name] for name in exact_cache.HELD) if cached else None
-    scores = scores.detach() if cached else None  # a selection, not differentiable
+    if cached:  # a selection, not differentiable
+        scores = scores.detach()
+        offered, left = _offered_scores(cache, scores, start, window=window, sinks=sinks, pool=pool)
     out = torch.empty_like(q)
     for a in range(0, seq_len, block):
         b = min(seq_len, a + block)
@@ -214,7 +218,7 @@ def prefill(q, k, v, cache, start: int, *, window, sinks, scaling, cos, sin, sof
             win_pos = torch.cat([ring_pos, win_pos], dim=1)
         seen_cache = None
         if cached:
-            candidates = _candidates(held, cache, k, v, scores, start, start + a, start + b, window=window,
+            candidates = _candidates(held, cache, k, v, offered, start, start + a, start + b, window=window,
                                      sinks=sinks)
             seen = exact_cache.visible(candidates[2], candidates[3], positions[a:b], window=window,
                                        size=held[0].shape[2])
@@ -232,30 +236,50 @@ def prefill(q, k, v, cache, start: int, *, window, sinks, scaling, cos, sin, sof
     cache["win_v"][:, :, slots] = v[:, :, keep - start]
     if cached:
         cache["win_score"][:, :, slots] = scores[:, :, keep - start]
+        if pool:
+            cache["win_left"][:, :, slots] = left[:, :, keep - start]
         for name, value in zip(exact_cache.HELD, held):
             if value is not cache[name]:
                 store(cache, name, value)
     return out
 
 
-def _candidates(held, cache, k, v, scores, start: int, first: int, last: int, *, window: int, sinks: int):
+def _offered_scores(cache, scores, start: int, *, window: int, sinks: int, pool: int):
+    """The score each token at positions start - window .. start + T - 1 is (or will be) offered to the exact-
+    token cache with [B, Hkv, window + T] (final for those evicted within this chunk; meaningless below
+    `sinks`), and with `pool`, the new tokens' left maxima [B, Hkv, T] (exact_cache.left_max) for the ring."""
+    before = torch.arange(start - window, start, device=scores.device)
+    slots = torch.remainder(before - sinks, window)
+    if not pool:
+        return torch.cat([cache["win_score"][:, :, slots], scores], dim=-1), None
+    raw_before = cache["win_score"][:, :, slots[window - pool:]].masked_fill(before[window - pool:] < sinks, -torch.inf)
+    new = torch.arange(start, start + scores.shape[-1], device=scores.device)
+    left = exact_cache.left_max(raw_before, scores.masked_fill(new < sinks, -torch.inf), pool)
+    lefts = torch.cat([cache["win_left"][:, :, slots], left], dim=-1)
+    ahead = torch.cat([lefts[..., pool:], lefts.new_full((*lefts.shape[:-1], pool), -torch.inf)], dim=-1)
+    return torch.maximum(lefts, ahead), left
+
+
+def _candidates(held, cache, k, v, offered, start: int, first: int, last: int, *, window: int, sinks: int):
     """The held tokens (k, v, score, pos, each [B, Hkv, M, ...]) followed by those that queries first ..
-    last - 1 evict: positions max(sinks, first - window) .. last - 1 - window, read from the ring where they
-    precede this chunk (`start`), else from the chunk's own k, v, scores."""
+    last - 1 evict: positions max(sinks, first - window) .. last - 1 - window, their keys and values read from
+    the ring where they precede this chunk (`start`), else from the chunk's own k, v; their scores from
+    `offered` (`_offered_scores`)."""
     lo, hi = max(sinks, first - window), last - window
-    parts = [held]
-    if lo < min(hi, start):
-        from_ring = torch.arange(lo, min(hi, start), device=k.device)
-        slots = torch.remainder(from_ring - sinks, window)
-        parts.append((cache["win_k"][:, :, slots], cache["win_v"][:, :, slots], cache["win_score"][:, :, slots],
-                      from_ring.expand(*held[3].shape[:2], -1)))
-    if max(lo, start) < hi:
-        here = slice(max(lo, start) - start, hi - start)
-        from_chunk = torch.arange(max(lo, start), hi, device=k.device)
-        parts.append((k[:, :, here], v[:, :, here], scores[:, :, here], from_chunk.expand(*held[3].shape[:2], -1)))
-    if len(parts) == 1:
+    if lo >= hi:
         return held
-    return tuple(torch.cat(tensors, dim=2) for tensors in zip(*parts))
+    positions = torch.arange(lo, hi, device=k.device)
+    parts = [held[:2]]
+    if lo < start:
+        slots = torch.remainder(torch.arange(lo, min(hi, start), device=k.device) - sinks, window)
+        parts.append((cache["win_k"][:, :, slots], cache["win_v"][:, :, slots]))
+    if hi > start:
+        here = slice(max(lo, start) - start, hi - start)
+        parts.append((k[:, :, here], v[:, :, here]))
+    keys, values = (torch.cat(tensors, dim=2) for tensors in zip(*parts))
+    score = torch.cat([held[2], offered[:, :, positions - start + window]], dim=-1)
+    pos = torch.cat([held[3], positions.expand(*held[3].shape[:2], -1)], dim=-1)
+    return keys, values, score, pos
 
 
 @dataclass
@@ -269,20 +293,35 @@ class DecodePlan:
     layout: Layout
     evicted: torch.Tensor          # [B] position of the token each row's new token pushes out of the window
     evicting: torch.Tensor         # [B] whether that is a real token (>= sinks), offered to the exact-token cache
+    pool: PoolPlan | None = None   # with a pooled cache score
 
 
-def decode_plan(positions, *, window, sinks, cos, sin, filling_sinks: bool, cached: bool = False) -> DecodePlan:
+@dataclass
+class PoolPlan:
+    """Ring slots a decode step reads for the exact-token cache's pooled score (ops/exact_cache.py)."""
+    ahead_slot: torch.Tensor     # [B] slot of the token `pool` after the evicted one
+    before_slots: torch.Tensor   # [B, pool] slots of the `pool` tokens before the new one
+    before_real: torch.Tensor    # [B, 1, pool] whether each of those is a token >= sinks
+
+
+def decode_plan(positions, *, window, sinks, cos, sin, filling_sinks: bool, cached: bool = False,
+                pool: int = 0) -> DecodePlan:
     """`positions` [B]: the absolute position of each row's new token. `filling_sinks`: whether any of them is
     below `sinks`, known on the host (no device sync; the sink slots are written only then). `cached`: the
-    layers have an exact-token cache."""
+    layers have an exact-token cache, its score max-pooled over `pool` tokens either side."""
     count = positions + 1
     in_sinks = (positions < sinks)[:, None, None] if filling_sinks else None
     lay = layout(positions[:, None], sink_positions(count, sinks), ring_positions(count, sinks, window),
                  window=window, sinks=sinks, cos=cos, sin=sin, cached=cached)
     evicted = positions - window
+    pooling = None
+    if cached and pool:
+        before = positions[:, None] - torch.arange(1, pool + 1, device=positions.device)
+        pooling = PoolPlan(torch.remainder(evicted + pool - sinks, window), torch.remainder(before - sinks, window),
+                           (before >= sinks)[:, None])
     return DecodePlan(positions, torch.arange(positions.shape[0], device=positions.device),
                       torch.remainder(positions - sinks, window), positions.clamp(max=max(sinks - 1, 0)), in_sinks,
-                      lay, evicted, evicted >= sinks)
+                      lay, evicted, evicted >= sinks, pooling)
 
 
 def decode(q, k, v, cache, plan: DecodePlan, *, scaling, softcap=None, score=None):
@@ -299,10 +338,17 @@ def decode(q, k, v, cache, plan: DecodePlan, *, scaling, softcap=None, score=Non
         cache["sink_v"][rows, :, slot] = torch.where(plan.in_sinks, value, cache["sink_v"][rows, :, slot])
     held = None
     if "cache_k" in cache:
-        slot = plan.ring_slot
-        exact_cache.insert(cache, cache["win_k"][rows, :, slot], cache["win_v"][rows, :, slot],
-                           cache["win_score"][rows, :, slot], plan.evicted, plan.evicting)
+        slot, pooling = plan.ring_slot, plan.pool
+        offered = cache["win_score"][rows, :, slot]  # [B, Hkv]: the evicted token's
+        if pooling is not None:
+            offered = torch.maximum(cache["win_left"][rows, :, slot], cache["win_left"][rows, :, pooling.ahead_slot])
+        exact_cache.insert(cache, cache["win_k"][rows, :, slot], cache["win_v"][rows, :, slot], offered,
+                           plan.evicted, plan.evicting)
         cache["win_score"][rows, :, slot] = score[:, :, 0]
+        if pooling is not None:
+            before = cache["win_score"][rows[:, None], :, pooling.before_slots].transpose(1, 2)  # [B, Hkv, pool]
+            cache["win_left"][rows, :, slot] = exact_cache.left_max(
+                before.masked_fill(~pooling.before_real, -torch.inf), score, before.shape[-1])[:, :, 0]
         held = (cache["cache_k"], cache["cache_v"], (cache["cache_pos"] >= 0).unsqueeze(2))
     cache["win_k"][rows, :, plan.ring_slot] = key
     cache["win_v"][rows, :, plan.ring_slot] = value

@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="what the retaining heads' logit is multiplied by in the cache score (default 1: as "
                         "fitted; smaller ranks closer to the write alone); with --init, a change to that "
                         "adapter's config")
+    p.add_argument("--cache-pool", type=int,
+                   help="offer each token to the exact-token cache with the best score within this many tokens on "
+                        "either side (default 0: its own); with --init, a change to that adapter's config")
     p.add_argument("--retain-docs", type=int, default=0,
                    help="stage 0: fit the retaining heads alone on this many retrieval documents before training "
                         "(with --steps 0: fit them and write the adapter, nothing else trained)")
@@ -82,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
                         "they are ~1 %% of the tokens)")
     p.add_argument("--init", help='start from this adapter ("default" or a directory): its config replaces the '
                                   "model flags above (but the changes --read-scale, --gate-input, --alpha-gate, "
-                                  "--decay, --cache-tokens, --cache-score, --retain-weight) and its weights the "
+                                  "--decay, --cache-tokens, --cache-score, --retain-weight, --cache-pool) and its weights the "
                                   "fresh LoRA, gates and feature maps")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
                       decay=1.0 if args.decay is None else args.decay, cache_tokens=args.cache_tokens or 0,
                       cache_score=args.cache_score or "write",
                       retain_weight=1.0 if args.retain_weight is None else args.retain_weight,
-                      mag_weight=args.mag_weight if args.mag_gate == "learned" else 0.0)
+                      cache_pool=args.cache_pool or 0, mag_weight=args.mag_weight if args.mag_gate == "learned" else 0.0)
     train = TrainConfig(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
                         gate_lr=args.gate_lr, transfer_steps=args.transfer_steps, retain_docs=args.retain_docs,
                         ce_weight=args.ce_weight, checkpoint_every=args.checkpoint_every, seed=args.seed,
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
                             ("read_scale", args.read_scale), ("gate_input", args.gate_input),
                             ("alpha_gate", args.alpha_gate), ("decay", args.decay),
                             ("cache_tokens", args.cache_tokens), ("cache_score", args.cache_score),
-                            ("retain_weight", args.retain_weight))
+                            ("retain_weight", args.retain_weight), ("cache_pool", args.cache_pool))
                             if value is not None},
                         recall_weight=args.recall_weight, recompute=args.recompute)
     out = convert(args.base, args.out, tptt, train, resume=args.resume, device=args.device)

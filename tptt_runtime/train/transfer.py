@@ -45,7 +45,8 @@ class AttentionTransfer(LayerHook):
             memory, write_norms = layer.memory_branch(q, k, v, layer.new_state(q.shape[0], q.dtype, q.device), 0)
             scores, cfg = layer.cache_scores(q, k, v, write_norms), layer.config
             cached = None if scores is None else exact_cache.held_over_time(
-                scores.detach(), window=cfg.window, sinks=cfg.sinks, size=cfg.cache_tokens, block=QUERY_BLOCK)
+                exact_cache.pool_sequence(scores.detach(), pool=cfg.cache_pool, sinks=cfg.sinks), window=cfg.window,
+                sinks=cfg.sinks, size=cfg.cache_tokens, block=QUERY_BLOCK)
             o_full, o_far, lam = split_attention(q, k, v, layer, cached)  # [B, Hq, T, D] x2, [B, Hq, T]
             scaled = layer.read_scale is not None
             error = read_error(layer.sized_read(memory, o_far) if scaled else memory, o_far, scaled)
