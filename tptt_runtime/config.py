@@ -77,7 +77,7 @@ class TpttConfig:
             raise ValueError(f"window must be >= 1, got {self.window}")
         if self.cache_tokens < 0:
             raise ValueError(f"cache_tokens must be >= 0, got {self.cache_tokens}")
-        if not 0 <= self.cache_pool < self.window:
+        if not isinstance(self.cache_pool, int) or not 0 <= self.cache_pool < self.window:
             raise ValueError(f"cache_pool must be >= 0 and below window ({self.window}), got {self.cache_pool}")
         if self.cache_score not in CACHE_SCORES:
             raise ValueError(f"cache_score must be one of {CACHE_SCORES}, got {self.cache_score!r}")

@@ -92,7 +92,7 @@ def test_retain_weight_must_be_finite_and_not_negative(weight):
         CONFIG.replace(retain_weight=weight)
 
 
-@pytest.mark.parametrize("pool", [-1, "window"])
+@pytest.mark.parametrize("pool", [-1, "window", 2.0])
 def test_cache_pool_must_be_below_the_window(pool):
     """A pooled score is final before its token leaves the window only while the pool is narrower than it."""
     with pytest.raises(ValueError, match="cache_pool"):

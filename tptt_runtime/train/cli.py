@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
                       decay=1.0 if args.decay is None else args.decay, cache_tokens=args.cache_tokens or 0,
                       cache_score=args.cache_score or "write",
                       retain_weight=1.0 if args.retain_weight is None else args.retain_weight,
-                      cache_pool=args.cache_pool or 0, mag_weight=args.mag_weight if args.mag_gate == "learned" else 0.0)
+                      cache_pool=0 if args.init else args.cache_pool or 0,  # with --init: an init change
+                      mag_weight=args.mag_weight if args.mag_gate == "learned" else 0.0)
     train = TrainConfig(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
                         gate_lr=args.gate_lr, transfer_steps=args.transfer_steps, retain_docs=args.retain_docs,
                         ce_weight=args.ce_weight, checkpoint_every=args.checkpoint_every, seed=args.seed,
