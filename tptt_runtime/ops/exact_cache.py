@@ -47,6 +47,13 @@ def left_max(before: torch.Tensor, score: torch.Tensor, pool: int) -> torch.Tens
     return torch.cat([before, score], dim=-1).unfold(-1, pool + 1, 1).amax(-1)
 
 
+def with_ahead(left: torch.Tensor, pool: int) -> torch.Tensor:
+    """[B, Hkv, T]: the pooled score of each token from the left maxima `left` [B, Hkv, T] of consecutive
+    positions, the larger of its own and the one `pool` later (-inf past the end: not final there)."""
+    none = left.new_full((*left.shape[:-1], pool), -torch.inf)
+    return torch.maximum(left, torch.cat([left[..., pool:], none], dim=-1)[..., :left.shape[-1]])
+
+
 def pool_sequence(score: torch.Tensor, *, pool: int, sinks: int) -> torch.Tensor:
     """[B, Hkv, T]: the score each token of a sequence from its first token is offered to the cache with, the
     best of score[max(sinks, t - pool) .. t + pool] (`score` itself when pool is 0). Final for every token
@@ -56,7 +63,7 @@ def pool_sequence(score: torch.Tensor, *, pool: int, sinks: int) -> torch.Tensor
     none = score.new_full((*score.shape[:-1], pool), -torch.inf)
     left = left_max(none, score.clone().index_fill_(-1, torch.arange(min(sinks, score.shape[-1]),
                                                                      device=score.device), -torch.inf), pool)
-    return torch.maximum(left, torch.cat([left[..., pool:], none], dim=-1)[..., :score.shape[-1]])
+    return with_ahead(left, pool)
 
 
 def beats(score_a, pos_a, score_b, pos_b) -> torch.Tensor:

@@ -255,9 +255,7 @@ def _offered_scores(cache, scores, start: int, *, window: int, sinks: int, pool:
     raw_before = cache["win_score"][:, :, slots[window - pool:]].masked_fill(before[window - pool:] < sinks, -torch.inf)
     new = torch.arange(start, start + scores.shape[-1], device=scores.device)
     left = exact_cache.left_max(raw_before, scores.masked_fill(new < sinks, -torch.inf), pool)
-    lefts = torch.cat([cache["win_left"][:, :, slots], left], dim=-1)
-    ahead = torch.cat([lefts[..., pool:], lefts.new_full((*lefts.shape[:-1], pool), -torch.inf)], dim=-1)
-    return torch.maximum(lefts, ahead), left
+    return exact_cache.with_ahead(torch.cat([cache["win_left"][:, :, slots], left], dim=-1), pool), left
 
 
 def _candidates(held, cache, k, v, offered, start: int, first: int, last: int, *, window: int, sinks: int):
@@ -339,9 +337,8 @@ def decode(q, k, v, cache, plan: DecodePlan, *, scaling, softcap=None, score=Non
     held = None
     if "cache_k" in cache:
         slot, pooling = plan.ring_slot, plan.pool
-        offered = cache["win_score"][rows, :, slot]  # [B, Hkv]: the evicted token's
-        if pooling is not None:
-            offered = torch.maximum(cache["win_left"][rows, :, slot], cache["win_left"][rows, :, pooling.ahead_slot])
+        offered = (cache["win_score"][rows, :, slot] if pooling is None  # [B, Hkv]: the evicted token's
+                   else torch.maximum(cache["win_left"][rows, :, slot], cache["win_left"][rows, :, pooling.ahead_slot]))
         exact_cache.insert(cache, cache["win_k"][rows, :, slot], cache["win_v"][rows, :, slot], offered,
                            plan.evicted, plan.evicting)
         cache["win_score"][rows, :, slot] = score[:, :, 0]

@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> None:
                         "they are ~1 %% of the tokens)")
     p.add_argument("--init", help='start from this adapter ("default" or a directory): its config replaces the '
                                   "model flags above (but the changes --read-scale, --gate-input, --alpha-gate, "
-                                  "--decay, --cache-tokens, --cache-score, --retain-weight, --cache-pool) and its weights the "
-                                  "fresh LoRA, gates and feature maps")
+                                  "--decay, --cache-tokens, --cache-score, --retain-weight, --cache-pool) and its "
+                                  "weights the fresh LoRA, gates and feature maps")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
