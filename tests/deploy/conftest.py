@@ -2,7 +2,8 @@
 Prometheus (Debian's package, installed here when missing) scraping that server with docker/prometheus.yml.
 
 Prometheus runs on a free loopback port with its TSDB in a temporary directory. The server and Prometheus live
-for this package only: left running, Prometheus' 1 s scrapes slowed every later test ~1.7x on 2 cores.
+for this package only: left running to the end (Prometheus scraping the in-process server every second), they
+slowed every later test ~1.7x on 2 cores.
 Tests that need it skip, saying why, only where the binary can neither be found nor installed.
 """
 
