@@ -88,6 +88,18 @@ def test_scoring_with_oracle_models():
     assert {r["prompt_tokens"] for r in records} <= set(range(448, 453)) | set(range(598, 603))
 
 
+def test_a_multikey_miss_that_gives_another_key_is_recorded_as_such():
+    records = suite.evaluate([Echo(), Mute()], CharTokenizer(), [450], trials=3, tasks=["multikey", "passkey"],
+                             formats=["raw"], new_tokens=8, seed=1)
+    by = {(r["model"], r["task"]): r for r in records}
+    echo = by["echo", "multikey"]  # the whole prompt: the asked key and the three others
+    assert len(echo["others"]) == needles.MULTIKEY_KEYS - 1 and echo["answer"] not in echo["others"]
+    assert not echo["hit"] and echo["names_another"]
+    assert not by["mute", "multikey"]["names_another"]
+    assert by["echo", "passkey"]["hit"] and by["echo", "passkey"]["others"] == []
+    assert not by["echo", "passkey"]["names_another"]
+
+
 @pytest.fixture(scope="module")
 def tiny_models():
     config = TpttConfig(window=16, sinks=2, mag_weight=0.5)

@@ -349,7 +349,13 @@ def probes(tokenizer, task: str, fmt: str, context: int, trials: int, seed: int 
 def found(continuation: str, answer: str, others: tuple[str, ...] = ()) -> bool:
     """Whether `answer` is in `continuation` and none of `others` (the document's other keys) is: a number as a
     whole run of digits (spaces and commas between digits ignored), a name case- and spacing-insensitively."""
-    return _contains(continuation, answer) and not any(_contains(continuation, other) for other in others)
+    return _contains(continuation, answer) and not names_another(continuation, others)
+
+
+def names_another(continuation: str, others: tuple[str, ...]) -> bool:
+    """Whether `continuation` gives one of `others` (the document's other keys): a multi-key miss that found a key,
+    the wrong one."""
+    return any(_contains(continuation, other) for other in others)
 
 
 def _contains(text: str, answer: str) -> bool:

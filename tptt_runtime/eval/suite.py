@@ -64,7 +64,8 @@ def trial(model, probe: needles.Probe, context: int, tokenizer, new_tokens: int)
     output = tokenizer.decode(model.greedy(probe.ids, new_tokens), skip_special_tokens=True)
     return {"model": model.name, "task": probe.task, "format": probe.format, "context": context,
             "prompt_tokens": len(probe.ids), "source": probe.source, "depth": probe.depth, "answer": probe.answer,
-            "output": output, "hit": needles.found(output, probe.answer, probe.others)}
+            "others": list(probe.others), "output": output, "hit": needles.found(output, probe.answer, probe.others),
+            "names_another": needles.names_another(output, probe.others)}
 
 
 def evaluate(models, tokenizer, contexts, trials: int, tasks=needles.TASKS, formats=needles.FORMATS,
