@@ -353,8 +353,8 @@ def found(continuation: str, answer: str, others: tuple[str, ...] = ()) -> bool:
 
 
 def names_another(continuation: str, others: tuple[str, ...]) -> bool:
-    """Whether `continuation` gives one of `others` (the document's other keys): a multi-key miss that found a key,
-    the wrong one."""
+    """Whether `continuation` gives one of `others` (the document's other keys): a multi-key miss that found a
+    wrong key, with or without the asked one."""
     return any(_contains(continuation, other) for other in others)
 
 
