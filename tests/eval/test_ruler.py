@@ -54,3 +54,27 @@ def test_generation_ends_at_a_stop_id_as_the_server_does(tokenizer):
     lm = ruler.GreedyLM(Talker(tokenizer), tokenizer, stop_ids=[tokenizer.eos_token_id])
     assert lm._continue("question", {"max_gen_toks": 8, "until": []}) == " 42"
     assert lm._continue("question", {"max_gen_toks": 8, "until": ["2"]}) == " 4"
+
+
+def test_a_run_of_some_models_measures_those_alone(tokenizer, default_model, monkeypatch, tmp_path):
+    """`--suite-models base window-only`: both in process, no server started for the converted model, the
+    result names the models it measured (so `--suite-merge` can join it with a run of the others)."""
+    from tptt_runtime.bench import serving
+    from tptt_runtime.eval import run as eval_run
+
+    base, window_only, converted = Oracle(tokenizer), Guess(tokenizer), Oracle(tokenizer)
+    for model, name in ((base, "base"), (window_only, "window-only"), (converted, "converted")):
+        model.name, model.max_len = name, None
+    monkeypatch.setattr(eval_run, "load_models", lambda adapter: (default_model, [base, window_only, converted]))
+
+    def no_server(*args, **kwargs):
+        raise AssertionError("a server was started for a run without the converted model")
+
+    monkeypatch.setattr(serving, "served", no_server)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    results = ruler.run("default", [512], 2, ["niah_single_1"], 16, tmp_path, models=["window-only", "base"])
+    assert results["models"] == ["base", "window-only"]
+    hits = {name: [r["hit"] for r in results["trials_run"] if r["model"] == name] for name in ("base", "window-only")}
+    assert hits == {"base": [True, True], "window-only": [False, False]}
+    assert {r["model"] for r in results["trials_run"]} == {"base", "window-only"}
+    assert (tmp_path / "ruler.json").exists()

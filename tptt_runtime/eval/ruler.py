@@ -90,8 +90,9 @@ def served_lm(url: str, model_name: str, context: int, new_tokens: int):
                                max_length=context + new_tokens + 64)
 
 
-def run(adapter: str, contexts, trials: int, tasks, new_tokens: int, out_dir: Path) -> dict:
-    """Base and window-only in process, the adapter through a server it starts; writes <out>/ruler.{json,png}."""
+def run(adapter: str, contexts, trials: int, tasks, new_tokens: int, out_dir: Path, models=suite.MODELS) -> dict:
+    """Those of `models` asked for: base and window-only in process, the adapter ("converted") through a server
+    it starts; writes <out>/ruler.{json,png}. Runs of some models each join with `tptt-eval --suite-merge`."""
     import httpx
 
     from ..bench.serving import served
@@ -101,22 +102,23 @@ def run(adapter: str, contexts, trials: int, tasks, new_tokens: int, out_dir: Pa
 
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("OPENAI_API_KEY", "unused")
-    converted, models = load_models(adapter)
-    base, window_only = models[0], models[1]
+    converted, loaded = load_models(adapter)
+    in_process = [model for model in loaded if model.name in models and model.name != "converted"]
     tokenizer, tokenizer_dir = converted.tokenizer, str(base_directory(converted.config.base_model or "default"))
     records, stop_ids = [], eos_token_ids(converted)
     for context in contexts:
-        for model in suite.runs_at([base, window_only], context):
+        for model in suite.runs_at(in_process, context):
             lm = GreedyLM(model, tokenizer, stop_ids)
             records += evaluate(lm, model.name, tokenizer_dir, tasks, context, trials, new_tokens)
-    with served("--model", adapter, "--dtype", "float32") as server:
-        served_name = httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]
-        for context in contexts:
-            lm = served_lm(server.url, served_name, context, new_tokens)
-            records += evaluate(lm, "converted", tokenizer_dir, tasks, context, trials, new_tokens)
+    if "converted" in models:
+        with served("--model", adapter, "--dtype", "float32") as server:
+            served_name = httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]
+            for context in contexts:
+                lm = served_lm(server.url, served_name, context, new_tokens)
+                records += evaluate(lm, "converted", tokenizer_dir, tasks, context, trials, new_tokens)
     results = {"adapter": adapter, "window": converted.config.window, "sinks": converted.config.sinks,
-               "models": ["base", "window-only", "converted"], "contexts": list(contexts), "trials": trials,
-               "tasks": list(tasks), "formats": ["raw"], "new_tokens": new_tokens, "seed": 0,
+               "models": [name for name in suite.MODELS if name in models], "contexts": list(contexts),
+               "trials": trials, "tasks": list(tasks), "formats": ["raw"], "new_tokens": new_tokens, "seed": 0,
                "not_offline": NOT_OFFLINE, **suite.summarize(records), "trials_run": records}
     report.write(out_dir, "ruler", results, suite.figure(results), suite.table(results))
     return results

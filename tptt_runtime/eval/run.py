@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--formats", nargs="+", choices=needles.FORMATS, default=list(needles.FORMATS),
                    help="suite prompt formats: raw text with an answer lead-in, or a chat-template user message")
     p.add_argument("--suite-models", nargs="+", choices=suite.MODELS, default=list(suite.MODELS),
-                   help="suite models to run (a long context for one of them; --suite-merge joins the runs)")
+                   help="suite / RULER models to run (a long context for one of them; --suite-merge joins the runs)")
     p.add_argument("--suite-merge", type=Path, nargs="+", metavar="SUITE_JSON",
                    help="instead: join suite.json files of runs of the same suite (same adapter, trials, seed, "
                         "new tokens) at different contexts, tasks, formats or models into <out>/suite.{json,png}")
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         from . import ruler
 
         ruler.run(args.adapter, args.suite_contexts, args.trials or ruler.TRIALS, args.ruler_tasks,
-                  args.new_tokens or ruler.NEW_TOKENS, args.out)
+                  args.new_tokens or ruler.NEW_TOKENS, args.out, args.suite_models)
         return
     if args.suite_merge:
         suite.write(args.out, suite.merge([json.loads(path.read_text()) for path in args.suite_merge]))
