@@ -8,8 +8,8 @@ import re
 import pytest
 import torch
 
-from tptt_runtime.train.retrieval import (CHAT_TURNS, FIRST_NAMES, LAST_NAMES, PERSON_CHAT_TURNS, PERSON_TEMPLATES,
-                                          SUBJECTS, TEMPLATES, retrieval_document, with_retrieval)
+from tptt_runtime.train.retrieval import (CHAT_TURNS, FIRST_NAMES, KINDS, LAST_NAMES, PERSON_CHAT_TURNS,
+                                          PERSON_TEMPLATES, SUBJECTS, TEMPLATES, retrieval_document, with_retrieval)
 
 
 def is_answer(text: str) -> bool:
@@ -149,6 +149,34 @@ def test_with_retrieval_rebuilds_the_asked_share_of_rows(tokenizer, prose):
     chats, _, _ = with_retrieval(tokenizer, sequences, 0.6, seed=0, chat_share=0.5)
     in_chat_form = [tokenizer.decode(row[:3].tolist()).startswith("<|im_start|>") for row in chats]
     assert 0 < sum(in_chat_form) < 6
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_same_kind_documents_tell_their_numbers_apart_by_subject_alone(tokenizer, prose, seed):
+    document, reads, stated = retrieval_document(tokenizer, prose, random.Random(seed), same_kind=True)
+    assert len(document) == len(prose)
+    body, questions = split(tokenizer, document, reads)
+    assert 3 <= len(questions) <= 4 and all(number.isdigit() for _, number in questions)
+    subjects = [next(s for s in SUBJECTS if s in line.lower()) for line, _ in questions]
+    kinds = {kind for line, _ in questions for kind in KINDS if kind in line}  # no kind is part of another
+    assert len(set(subjects)) == len(questions) and len(kinds) == 1
+    for subject, (_, number) in zip(subjects, questions):
+        assert re.search(rf"{subject}[^\n]{{0,60}}?{number}|{number}[^\n]{{0,60}}?{subject}", body, re.IGNORECASE)
+    assert all(str(number) in tokenizer.decode([document[i] for i in stated]) for _, number in questions)
+
+
+def test_with_retrieval_makes_the_asked_share_same_kind(tokenizer, prose):
+    sequences = torch.tensor([prose] * 12)
+    plain, plain_reads, _ = with_retrieval(tokenizer, sequences, 1.0, seed=3)
+    same, same_reads, _ = with_retrieval(tokenizer, sequences, 1.0, seed=3, same_kind_share=0.0)
+    assert torch.equal(plain, same) and torch.equal(plain_reads, same_reads)  # share 0: the documents as before
+    mixed, reads, _ = with_retrieval(tokenizer, sequences, 1.0, seed=3, same_kind_share=0.5)
+    questions = [split(tokenizer, row.tolist(), torch.nonzero(r).flatten().tolist())[1] for row, r in zip(mixed, reads)]
+    one_kind = [len(q) >= 3 and len({k for line, _ in q for k in KINDS if k in line}) == 1
+                and all(a.isdigit() for _, a in q) for q in questions]
+    assert 0 < sum(one_kind) < len(questions)
+    with pytest.raises(ValueError):
+        with_retrieval(tokenizer, sequences, 1.0, seed=0, same_kind_share=2.0)
 
 
 def test_sequences_too_short_for_the_facts_are_refused(tokenizer, prose):

@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--chat-retrieval", type=float, default=0.0,
                    help="share of the retrieval documents in chat form (the facts in a user message through the "
                         "chat template, each question a user turn, each answer the assistant's)")
+    p.add_argument("--same-kind-retrieval", type=float, default=0.0,
+                   help="share of the retrieval documents whose facts are 3-4 numbers of one kind about different "
+                        "subjects (only the subject tells them apart, as in multi-key retrieval)")
     p.add_argument("--recall-weight", type=float, default=0.0,
                    help="extra weight of the positions that read a retrieval document's answers (both stages; "
                         "they are ~1 %% of the tokens)")
@@ -104,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
                         gate_lr=args.gate_lr, transfer_steps=args.transfer_steps, retain_docs=args.retain_docs,
                         ce_weight=args.ce_weight, checkpoint_every=args.checkpoint_every, seed=args.seed,
                         schedule=MagSchedule(args.schedule, target=args.mag_weight), text=tuple(args.text),
-                        retrieval=args.retrieval, chat_retrieval=args.chat_retrieval, init=args.init,
+                        retrieval=args.retrieval, chat_retrieval=args.chat_retrieval,
+                        same_kind_retrieval=args.same_kind_retrieval, init=args.init,
                         init_changes={name: value for name, value in (
                             ("read_scale", args.read_scale), ("gate_input", args.gate_input),
                             ("alpha_gate", args.alpha_gate), ("decay", args.decay),

@@ -70,6 +70,7 @@ class TrainConfig:
     max_corpus_tokens: int | None = 4_000_000
     retrieval: float = 0.0                # share of sequences rebuilt as retrieval documents
     chat_retrieval: float = 0.0           # share of those documents in chat form
+    same_kind_retrieval: float = 0.0      # share of those documents whose 3-4 facts are numbers of one kind
     init: str | None = None               # adapter directory to start from (its config and weights)
     init_changes: dict = field(default_factory=dict)  # TpttConfig fields changed from init's (read_scale,
                                           # gate_input, alpha_gate, decay): parameters the change adds start fresh
@@ -271,9 +272,11 @@ def convert(base: str, out: str | Path, tptt: TpttConfig, train: TrainConfig, re
     prose = data.sequences(tokenizer, train.seq_len, patterns=train.text, max_tokens=train.max_corpus_tokens)
     sequences, reads = prose, None
     if train.retrieval:
-        sequences, reads, _ = with_retrieval(tokenizer, prose, train.retrieval, train.seed, train.chat_retrieval)
-    log.info("%d training sequences of %d tokens (%.0f %% retrieval documents, %.0f %% of them chats)",
-             len(sequences), train.seq_len, 100 * train.retrieval, 100 * train.chat_retrieval)
+        sequences, reads, _ = with_retrieval(tokenizer, prose, train.retrieval, train.seed, train.chat_retrieval,
+                                             train.same_kind_retrieval)
+    log.info("%d training sequences of %d tokens (%.0f %% retrieval documents, %.0f %% of them chats, %.0f %% "
+             "of one kind)", len(sequences), train.seq_len, 100 * train.retrieval, 100 * train.chat_retrieval,
+             100 * train.same_kind_retrieval)
     trainer = Trainer(teacher, student, train, sequences, out, reads)
     if init is not None:
         load_adapter_weights(student.hf, init, missing_ok=bool(train.init_changes))

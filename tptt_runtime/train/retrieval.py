@@ -4,7 +4,9 @@ Prose alone rarely makes the next token depend on something hundreds of tokens b
 teaches the memory little about exact recall. A retrieval document takes a training sequence's own text (or,
 for some documents, a few plain sentences repeated) as filler, hides 1-4 facts ("The access code for the north
 gate is 4821.", "The caretaker of the red door is Marta Holm.") at random depths, and ends with the questions
-and their answers; it also says which positions read an answer, so that training can weigh them up (they are
+and their answers. A share of the documents can hold 3-4 numbers of one kind instead ("The PIN for the red door
+is 4821." ... "The PIN for the west tower is 7310."): only the subject tells the facts apart, so answering takes
+binding each number to its subject, not only recalling a number; it also says which positions read an answer, so that training can weigh them up (they are
 ~1 % of the tokens), and which tokens state a fact (what the exact-token cache's retaining heads learn to keep,
 train/retain.py). A share of the documents can
 take chat form: the filler and facts are a user's message through the model's chat template, each question a
@@ -99,16 +101,20 @@ class Fact(NamedTuple):
     fields: dict
 
 
-def _fact(rng: random.Random, subject: str) -> Fact:
-    """One random fact about `subject`: a number of some kind, or (PERSON_SHARE) a person in some role."""
-    if rng.random() < PERSON_SHARE:
+SAME_KIND_FACTS = (3, 4)  # how many facts a same-kind document holds
+
+
+def _fact(rng: random.Random, subject: str, kind: str | None = None) -> Fact:
+    """One random fact about `subject`: a number of some kind, or (PERSON_SHARE) a person in some role; a number
+    of `kind` when it is given."""
+    if kind is None and rng.random() < PERSON_SHARE:
         name = f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"
         fields = dict(role=rng.choice(ROLES), subject=subject, Subject=subject.capitalize(), name=name)
         statement, question = rng.choice(PERSON_TEMPLATES)
         return Fact(statement.format(**fields), question.format(**fields), name, PERSON_CHAT_TURNS, fields)
     digits = rng.randint(3, 6)
     number = str(rng.randint(10 ** (digits - 1), 10 ** digits - 1))
-    fields = dict(kind=rng.choice(KINDS), subject=subject, Subject=subject.capitalize(), number=number)
+    fields = dict(kind=kind or rng.choice(KINDS), subject=subject, Subject=subject.capitalize(), number=number)
     statement, question = rng.choice(TEMPLATES)
     return Fact(statement.format(**fields), question.format(**fields), number, CHAT_TURNS, fields)
 
@@ -153,13 +159,22 @@ def _chat_questions(tokenizer, rng: random.Random, facts: list[Fact]) -> list[tu
     return questions
 
 
-def retrieval_document(tokenizer, prose: list[int], rng: random.Random,
-                       chat: bool = False) -> tuple[list[int], list[int], list[int]]:
+def _facts(rng: random.Random, same_kind: bool) -> list[Fact]:
+    """1-4 random facts about distinct subjects, or (`same_kind`) 3-4 numbers of one kind."""
+    if same_kind:
+        kind = rng.choice(KINDS)
+        return [_fact(rng, subject, kind) for subject in rng.sample(SUBJECTS, rng.randint(*SAME_KIND_FACTS))]
+    return [_fact(rng, subject) for subject in rng.sample(SUBJECTS, rng.randint(1, 4))]
+
+
+def retrieval_document(tokenizer, prose: list[int], rng: random.Random, chat: bool = False,
+                       same_kind: bool = False) -> tuple[list[int], list[int], list[int]]:
     """A document of len(prose) tokens (filler with 1-4 facts at depths in [0, 0.9], the questions last), its
     reads: the positions whose next token belongs to an answer (where the model must recall a fact), and its
     statements: the positions of the tokens that state the facts. `chat`: the filler is a user's message
-    through the chat template and the questions are turns of the chat."""
-    facts = [_fact(rng, subject) for subject in rng.sample(SUBJECTS, rng.randint(1, 4))]
+    through the chat template and the questions are turns of the chat. `same_kind`: the facts are 3-4 numbers
+    of one kind about different subjects."""
+    facts = _facts(rng, same_kind)
     statements = [_encode(tokenizer, fact.statement) for fact in facts]
     asked = rng.sample(facts, len(facts))
     questions = _chat_questions(tokenizer, rng, asked) if chat else _raw_questions(tokenizer, asked)
@@ -185,20 +200,22 @@ def retrieval_document(tokenizer, prose: list[int], rng: random.Random,
     return document, reads, stated
 
 
-def with_retrieval(tokenizer, sequences: torch.Tensor, share: float, seed: int,
-                   chat_share: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def with_retrieval(tokenizer, sequences: torch.Tensor, share: float, seed: int, chat_share: float = 0.0,
+                   same_kind_share: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A copy of `sequences` [N, T] in which a seeded `share` of the rows became retrieval documents built on
-    their own text (`chat_share` of them in chat form), and the masks [N, T] of their reads and of their
-    statements' tokens (False in the other rows)."""
-    if not (0.0 <= share <= 1.0 and 0.0 <= chat_share <= 1.0):
-        raise ValueError(f"retrieval shares must be in [0, 1], got {share} and {chat_share}")
+    their own text (`chat_share` of them in chat form, `same_kind_share` of them 3-4 numbers of one kind), and
+    the masks [N, T] of their reads and of their statements' tokens (False in the other rows). With both shares
+    0 the documents are those of earlier versions for the same seed."""
+    if not all(0.0 <= value <= 1.0 for value in (share, chat_share, same_kind_share)):
+        raise ValueError(f"retrieval shares must be in [0, 1], got {share}, {chat_share} and {same_kind_share}")
     rng = random.Random(seed)
     out = sequences.clone()
     reads, stated = (torch.zeros(sequences.shape, dtype=torch.bool) for _ in range(2))
     for row in sorted(rng.sample(range(len(sequences)), round(share * len(sequences)))):
         chat = bool(chat_share) and rng.random() < chat_share
+        same_kind = bool(same_kind_share) and rng.random() < same_kind_share
         document, read_positions, stated_positions = retrieval_document(tokenizer, sequences[row].tolist(), rng,
-                                                                        chat=chat)
+                                                                        chat=chat, same_kind=same_kind)
         out[row] = torch.tensor(document)
         reads[row, read_positions] = True
         stated[row, stated_positions] = True
