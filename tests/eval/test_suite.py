@@ -187,6 +187,16 @@ def test_cli_merges_suite_files(tmp_path):
     assert (tmp_path / "merged" / "suite.png").stat().st_size > 1000
 
 
+def test_runs_without_prose_documents_merge(tmp_path):
+    """A RULER run (eval/ruler.py) has no held-out prose documents; its runs join as the suite's do."""
+    runs = [{key: value for key, value in oracle_run([context]).items() if key != "prose_documents"}
+            for context in (450, 600)]
+    merged = suite.merge(runs)
+    assert merged["contexts"] == [450, 600] and "prose_documents" not in merged
+    with pytest.raises(ValueError, match="differ in prose_documents"):
+        suite.merge([oracle_run([450]), runs[1]])
+
+
 def test_run_measures_only_the_models_asked_for(monkeypatch, tmp_path):
     """`--suite-models converted`: the others are loaded (one loader) but never run."""
     from types import SimpleNamespace

@@ -151,7 +151,7 @@ def merge(runs: list[dict]) -> dict:
                              f"{sorted(cells & measured)}")
         measured |= cells
         records += run["trials_run"]
-    return {**{key: runs[0][key] for key in SAME_IN_EVERY_RUN}, "models": _union(runs, "models"),
+    return {**{key: runs[0][key] for key in SAME_IN_EVERY_RUN if key in runs[0]}, "models": _union(runs, "models"),
             "contexts": sorted(_union(runs, "contexts")), "tasks": _union(runs, "tasks"),
             "formats": _union(runs, "formats"), **summarize(records), "trials_run": records}
 
