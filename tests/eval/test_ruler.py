@@ -74,7 +74,8 @@ def test_a_run_of_some_models_measures_those_alone(tokenizer, default_model, mon
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
     results = ruler.run("default", [512], 2, ["niah_single_1"], 16, tmp_path, models=["window-only", "base"])
     assert results["models"] == ["base", "window-only"]
-    hits = {name: [r["hit"] for r in results["trials_run"] if r["model"] == name] for name in ("base", "window-only")}
+    hits = {name: [r["hit"] for r in results["trials_run"] if r["model"] == name]
+            for name in ("base", "window-only")}
     assert hits == {"base": [True, True], "window-only": [False, False]}
     assert {r["model"] for r in results["trials_run"]} == {"base", "window-only"}
     assert (tmp_path / "ruler.json").exists()

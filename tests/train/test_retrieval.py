@@ -171,7 +171,8 @@ def test_with_retrieval_makes_the_asked_share_same_kind(tokenizer, prose):
     same, same_reads, _ = with_retrieval(tokenizer, sequences, 1.0, seed=3, same_kind_share=0.0)
     assert torch.equal(plain, same) and torch.equal(plain_reads, same_reads)  # share 0: the documents as before
     mixed, reads, _ = with_retrieval(tokenizer, sequences, 1.0, seed=3, same_kind_share=0.5)
-    questions = [split(tokenizer, row.tolist(), torch.nonzero(r).flatten().tolist())[1] for row, r in zip(mixed, reads)]
+    questions = [split(tokenizer, row.tolist(), torch.nonzero(row_reads).flatten().tolist())[1]
+                 for row, row_reads in zip(mixed, reads)]
     one_kind = [len(q) >= 3 and len({k for line, _ in q for k in KINDS if k in line}) == 1
                 and all(a.isdigit() for _, a in q) for q in questions]
     assert 0 < sum(one_kind) < len(questions)
