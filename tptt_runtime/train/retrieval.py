@@ -204,8 +204,8 @@ def with_retrieval(tokenizer, sequences: torch.Tensor, share: float, seed: int, 
                    same_kind_share: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A copy of `sequences` [N, T] in which a seeded `share` of the rows became retrieval documents built on
     their own text (`chat_share` of them in chat form, `same_kind_share` of them 3-4 numbers of one kind), and
-    the masks [N, T] of their reads and of their statements' tokens (False in the other rows). With both shares
-    0 the documents are those of earlier versions for the same seed."""
+    the masks [N, T] of their reads and of their statements' tokens (False in the other rows). With
+    `same_kind_share` 0 the documents are those of earlier versions for the same seed."""
     if not all(0.0 <= value <= 1.0 for value in (share, chat_share, same_kind_share)):
         raise ValueError(f"retrieval shares must be in [0, 1], got {share}, {chat_share} and {same_kind_share}")
     rng = random.Random(seed)
