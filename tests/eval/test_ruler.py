@@ -65,7 +65,13 @@ def test_a_run_of_some_models_measures_those_alone(tokenizer, default_model, mon
     base, window_only, converted = Oracle(tokenizer), Guess(tokenizer), Oracle(tokenizer)
     for model, name in ((base, "base"), (window_only, "window-only"), (converted, "converted")):
         model.name, model.max_len = name, None
-    monkeypatch.setattr(eval_run, "load_models", lambda adapter: (default_model, [base, window_only, converted]))
+    asked = []
+
+    def load_models(adapter, names):
+        asked.append(list(names))
+        return default_model, [model for model in (base, window_only, converted) if model.name in names]
+
+    monkeypatch.setattr(eval_run, "load_models", load_models)
 
     def no_server(*args, **kwargs):
         raise AssertionError("a server was started for a run without the converted model")
@@ -73,7 +79,7 @@ def test_a_run_of_some_models_measures_those_alone(tokenizer, default_model, mon
     monkeypatch.setattr(serving, "served", no_server)
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
     results = ruler.run("default", [512], 2, ["niah_single_1"], 16, tmp_path, models=["window-only", "base"])
-    assert results["models"] == ["base", "window-only"]
+    assert asked == [["window-only", "base"]] and results["models"] == ["base", "window-only"]
     hits = {name: [r["hit"] for r in results["trials_run"] if r["model"] == name]
             for name in ("base", "window-only")}
     assert hits == {"base": [True, True], "window-only": [False, False]}

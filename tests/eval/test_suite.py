@@ -197,17 +197,69 @@ def test_runs_without_prose_documents_merge(tmp_path):
         suite.merge([oracle_run([450]), runs[1]])
 
 
+def test_merged_ruler_runs_keep_what_does_not_run_offline(tmp_path):
+    """RULER's runs carry `not_offline`: merged, they keep it and are written as ruler.{json,png}; a RULER run
+    and a suite run never join."""
+    ruler_runs = [{**{key: value for key, value in oracle_run([context]).items() if key != "prose_documents"},
+                   "not_offline": {"niah_single_2": "essay haystack"}} for context in (450, 600)]
+    for context, run in zip((450, 600), ruler_runs):
+        suite.write(tmp_path / str(context), run)
+    main(["--suite-merge", str(tmp_path / "450" / "ruler.json"), str(tmp_path / "600" / "ruler.json"), "--out",
+          str(tmp_path / "merged")])
+    merged = json.loads((tmp_path / "merged" / "ruler.json").read_text())
+    assert merged["not_offline"] == {"niah_single_2": "essay haystack"} and merged["contexts"] == [450, 600]
+    assert not (tmp_path / "merged" / "suite.json").exists()
+    with pytest.raises(ValueError, match="differ in not_offline"):
+        suite.merge([oracle_run([450]), ruler_runs[1]])
+
+
 def test_run_measures_only_the_models_asked_for(monkeypatch, tmp_path):
-    """`--suite-models converted`: the others are loaded (one loader) but never run."""
+    """`--suite-models converted`: only that model is asked of the loader, and only it runs."""
     from types import SimpleNamespace
 
     from tptt_runtime.eval import run as run_module
 
-    named = [SimpleNamespace(name=name, max_len=None, greedy=Echo().greedy) for name in suite.MODELS]
+    asked = []
     converted = SimpleNamespace(config=SimpleNamespace(window=16, sinks=2), tokenizer=CharTokenizer())
-    monkeypatch.setattr(run_module, "load_models", lambda adapter: (converted, named))
+
+    def load_models(adapter, names):
+        asked.append(list(names))
+        return converted, [SimpleNamespace(name=name, max_len=None, greedy=Echo().greedy) for name in names]
+
+    monkeypatch.setattr(run_module, "load_models", load_models)
     results = suite.run("default", [450], 2, ["passkey"], ["raw"], 8, 1, tmp_path, ["converted"])
+    assert asked == [["converted"]]
     assert results["models"] == ["converted"] and {r["model"] for r in results["trials_run"]} == {"converted"}
+
+
+def test_load_models_loads_only_the_models_named(monkeypatch):
+    """A run of the converted model alone loads no base weights beside it (the base / window-only loaders are
+    never called), and the three come in the order base, window-only, converted when all are asked."""
+    from types import SimpleNamespace
+
+    from tptt_runtime.eval import run as run_module
+
+    calls = []
+    config = SimpleNamespace(base_model="base-dir", window=16, sinks=2)
+
+    def load(source, **overrides):
+        calls.append(("load", source, tuple(sorted(overrides))))
+        return SimpleNamespace(config=config)
+
+    def load_base_model(source):
+        calls.append(("load_base_model", source))
+        return SimpleNamespace(config=SimpleNamespace(max_position_embeddings=64))
+
+    monkeypatch.setattr(run_module, "load", load)
+    monkeypatch.setattr(run_module, "load_base_model", load_base_model)
+    monkeypatch.setattr(run_module, "base_directory", lambda source: f"/models/{source}")
+    _, models = run_module.load_models("adapter-dir", ["converted"])
+    assert [m.name for m in models] == ["converted"] and calls == [("load", "adapter-dir", ())]
+    calls.clear()
+    _, models = run_module.load_models("adapter-dir")
+    assert [m.name for m in models] == list(suite.MODELS)
+    assert calls == [("load", "adapter-dir", ()), ("load_base_model", "base-dir"),
+                     ("load", "/models/base-dir", ("mag_weight", "sinks", "window"))]
 
 
 @pytest.mark.parametrize("only_a, only_b, p", [

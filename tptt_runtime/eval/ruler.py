@@ -27,7 +27,6 @@ from lm_eval.api.model import LM
 from lm_eval.models.openai_completions import LocalCompletionsAPI
 from tqdm import tqdm
 
-from ..bench import report
 from . import suite
 
 NOT_OFFLINE = {
@@ -102,8 +101,7 @@ def run(adapter: str, contexts, trials: int, tasks, new_tokens: int, out_dir: Pa
 
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("OPENAI_API_KEY", "unused")
-    converted, loaded = load_models(adapter)
-    in_process = [model for model in loaded if model.name in models and model.name != "converted"]
+    converted, in_process = load_models(adapter, [name for name in models if name != "converted"])
     tokenizer, tokenizer_dir = converted.tokenizer, str(base_directory(converted.config.base_model or "default"))
     records, stop_ids = [], eos_token_ids(converted)
     for context in contexts:
@@ -120,5 +118,5 @@ def run(adapter: str, contexts, trials: int, tasks, new_tokens: int, out_dir: Pa
                "models": [name for name in suite.MODELS if name in models], "contexts": list(contexts),
                "trials": trials, "tasks": list(tasks), "formats": ["raw"], "new_tokens": new_tokens, "seed": 0,
                "not_offline": NOT_OFFLINE, **suite.summarize(records), "trials_run": records}
-    report.write(out_dir, "ruler", results, suite.figure(results), suite.table(results))
+    suite.write(out_dir, results)
     return results

@@ -118,14 +118,22 @@ def agreement_table(models, base, tokenizer) -> dict:
     return {name: sum(v) / len(v) for name, v in results.items()}
 
 
-def load_models(adapter: str) -> tuple:
-    """The converted model and the three compared: [base, window-only, converted]."""
+def load_models(adapter: str, names=("base", "window-only", "converted")) -> tuple:
+    """The converted model (its config and tokenizer serve every run), and those of the three compared that
+    `names` asks for, in the order base, window-only, converted; the others are never loaded."""
     converted = load(adapter)
-    base_dir = str(base_directory(converted.config.base_model or "default"))  # the base weights, no adapter
-    window_only = load(base_dir, window=converted.config.window, sinks=converted.config.sinks, mag_weight=0.0)
-    hf = load_base_model(converted.config.base_model or "default")
-    base = Base(hf, hf.config.max_position_embeddings)
-    return converted, [base, Converted(window_only, "window-only"), Converted(converted, "converted")]
+    base_model = converted.config.base_model or "default"
+    models = []
+    if "base" in names:
+        hf = load_base_model(base_model)
+        models.append(Base(hf, hf.config.max_position_embeddings))
+    if "window-only" in names:
+        base_dir = str(base_directory(base_model))  # the base weights, no adapter
+        window_only = load(base_dir, window=converted.config.window, sinks=converted.config.sinks, mag_weight=0.0)
+        models.append(Converted(window_only, "window-only"))
+    if "converted" in names:
+        models.append(Converted(converted, "converted"))
+    return converted, models
 
 
 def run(adapter: str, kl_contexts, passkey_contexts, per_context: int, trials: int, out_dir: Path) -> dict:
@@ -197,8 +205,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--suite-models", nargs="+", choices=suite.MODELS, default=list(suite.MODELS),
                    help="suite / RULER models to run (a long context for one of them; --suite-merge joins the runs)")
     p.add_argument("--suite-merge", type=Path, nargs="+", metavar="SUITE_JSON",
-                   help="instead: join suite.json files of runs of the same suite (same adapter, trials, seed, "
-                        "new tokens) at different contexts, tasks, formats or models into <out>/suite.{json,png}")
+                   help="instead: join suite.json (or ruler.json) files of runs of the same suite (same adapter, "
+                        "trials, seed, new tokens) at different contexts, tasks, formats or models into "
+                        "<out>/suite.{json,png} (RULER runs: <out>/ruler.{json,png})")
     p.add_argument("--suite-compare", type=Path, nargs=2, metavar=("A_JSON", "B_JSON"),
                    help="instead: two suite.json files of the same prompts (two adapters, say) prompt by prompt: "
                         "hits, those only one side found, an exact sign test; <out>/suite_compare.{json,png}")

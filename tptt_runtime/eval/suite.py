@@ -122,8 +122,9 @@ def settings(models, contexts, trials, tasks, formats, new_tokens, seed) -> dict
 
 # what makes two runs ask the same prompts (at a context both ran) and score them the same way, whatever the adapter
 SAME_PROMPTS = ("trials", "new_tokens", "seed", "prose_documents")
-# ... and what makes them runs of one suite, to be joined into one table
-SAME_IN_EVERY_RUN = ("adapter", "window", "sinks") + SAME_PROMPTS
+# ... and what makes them runs of one suite, to be joined into one table (RULER's runs, eval/ruler.py, carry
+# `not_offline`, the suite's do not: the two never join)
+SAME_IN_EVERY_RUN = ("adapter", "window", "sinks", "not_offline") + SAME_PROMPTS
 # what tells one trial's prompt from another's within a run, beside the model
 PROMPT_KEYS = ("task", "format", "context", "prompt_tokens", "depth", "source", "answer")
 
@@ -263,7 +264,9 @@ def _union(runs: list[dict], key: str) -> list:
 
 
 def write(out_dir: Path, results: dict) -> None:
-    report.write(out_dir, "suite", results, figure(results), table(results))
+    """<out>/suite.{json,png}, or ruler.{json,png} for RULER's results (those that list `not_offline`)."""
+    name = "ruler" if "not_offline" in results else "suite"
+    report.write(out_dir, name, results, figure(results), table(results))
 
 
 def run(adapter: str, contexts, trials: int, tasks, formats, new_tokens: int, seed: int, out_dir: Path,
@@ -272,8 +275,7 @@ def run(adapter: str, contexts, trials: int, tasks, formats, new_tokens: int, se
     <out>/suite.{json,png}."""
     from .run import load_models
 
-    converted, loaded = load_models(adapter)
-    models = [model for model in loaded if model.name in models]
+    converted, models = load_models(adapter, models)
     results = {"adapter": adapter, "window": converted.config.window, "sinks": converted.config.sinks,
                **measure(models, converted.tokenizer, contexts, trials, tasks, formats, new_tokens, seed)}
     write(out_dir, results)
