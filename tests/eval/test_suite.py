@@ -187,6 +187,18 @@ def test_cli_merges_suite_files(tmp_path):
     assert (tmp_path / "merged" / "suite.png").stat().st_size > 1000
 
 
+def test_cli_refuses_runs_that_do_not_merge_with_a_message(tmp_path, capsys):
+    """Runs of different suites, or a file that is not there, end in a one-line usage error, not a traceback."""
+    suite.write(tmp_path / "a", oracle_run([450]))
+    suite.write(tmp_path / "b", {**oracle_run([600]), "seed": 7})
+    for files in (["a/suite.json", "b/suite.json"], ["a/suite.json", "missing.json"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--suite-merge", *(str(tmp_path / f) for f in files), "--out", str(tmp_path / "merged")])
+        assert exit_info.value.code == 2
+    errors = capsys.readouterr().err
+    assert "the runs differ in seed" in errors and "missing.json" in errors and "Traceback" not in errors
+
+
 def test_runs_without_prose_documents_merge(tmp_path):
     """A RULER run (eval/ruler.py) has no held-out prose documents; its runs join as the suite's do."""
     runs = [{key: value for key, value in oracle_run([context]).items() if key != "prose_documents"}

@@ -230,12 +230,15 @@ def main(argv: list[str] | None = None) -> None:
         ruler.run(args.adapter, args.suite_contexts, args.trials or ruler.TRIALS, args.ruler_tasks,
                   args.new_tokens or ruler.NEW_TOKENS, args.out, args.suite_models)
         return
-    if args.suite_merge:
-        suite.write(args.out, suite.merge([json.loads(path.read_text()) for path in args.suite_merge]))
-        return
-    if args.suite_compare:
-        runs = [json.loads(path.read_text()) for path in args.suite_compare]
-        suite.write_comparison(args.out, suite.compare(*runs, models=args.compare_models))
+    if args.suite_merge or args.suite_compare:
+        try:
+            runs = [json.loads(path.read_text()) for path in args.suite_merge or args.suite_compare]
+            if args.suite_merge:
+                suite.write(args.out, suite.merge(runs))
+            else:
+                suite.write_comparison(args.out, suite.compare(*runs, models=args.compare_models))
+        except (OSError, ValueError) as error:  # a missing file, not JSON, or runs that do not go together
+            p.error(str(error))
         return
     if args.suite:
         suite.run(args.adapter, args.suite_contexts, args.trials or suite.TRIALS, args.tasks, args.formats,
