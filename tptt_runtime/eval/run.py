@@ -26,6 +26,7 @@ from tqdm import tqdm
 from ..bench import report
 from ..loading import base_directory, load, load_base_model
 from ..train import data
+from . import suite
 from .passkey import passkey_found, passkey_prompt
 
 CHAT_PROMPTS = ["How do I boil an egg?", "Give me three tips for better sleep.", "What is photosynthesis?",
@@ -118,7 +119,7 @@ def agreement_table(models, base, tokenizer) -> dict:
     return {name: sum(v) / len(v) for name, v in results.items()}
 
 
-def load_models(adapter: str, names=("base", "window-only", "converted")) -> tuple:
+def load_models(adapter: str, names=suite.MODELS) -> tuple:
     """The converted model (its config and tokenizer serve every run), and those of the three compared that
     `names` asks for, in the order base, window-only, converted; the others are never loaded."""
     converted = load(adapter)
@@ -184,7 +185,7 @@ def figure(results: dict):
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    from . import needles, suite
+    from . import needles
 
     p = argparse.ArgumentParser(prog="tptt-eval", description=__doc__)
     p.add_argument("adapter", nargs="?", default="default", help='"default" or an adapter directory')

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from ..bench import report
 from . import needles
 
-MODELS = ("base", "window-only", "converted")  # eval/run.py's load_models, by name
+MODELS = ("base", "window-only", "converted")  # what eval/run.py's load_models loads, by name, in its order
 CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768)  # 65536 on request
 TRIALS = 20
 NEW_TOKENS = 24
