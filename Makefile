@@ -21,7 +21,7 @@ serve: setup
 	$(VENV)/bin/tptt-serve --compile $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
 bench: setup
 	$(VENV)/bin/tptt-bench runtime

@@ -256,7 +256,7 @@ def test_load_models_loads_only_the_models_named(monkeypatch):
 
     def load(source, **overrides):
         calls.append(("load", source, tuple(sorted(overrides))))
-        return SimpleNamespace(config=config)
+        return SimpleNamespace(config=config, hf=None, tokenizer=None)  # no EOS ids
 
     def load_base_model(source):
         calls.append(("load_base_model", source))
@@ -350,3 +350,18 @@ def test_cli_compares_suite_files(tmp_path, capsys):
     assert compared["pooled"]["echo"]["450"]["only_a"] == 2
     assert "2 / 0 (2 / 0) p 0.50" in capsys.readouterr().out
     assert (tmp_path / "compared" / "suite_compare.png").stat().st_size > 1000
+
+
+
+def test_converted_greedy_ends_at_its_first_eos(tiny_models):
+    """A continuation ends with the first EOS token, as the server's and Hugging Face generate's (the base's)
+    do: a chat model's answer is not scored with the turns it would invent after it."""
+    converted = tiny_models[2]
+    prompt = list(range(3, 40))
+    free = converted.greedy(prompt, 12)
+    assert len(free) == 12
+    default_stops, converted.stop_ids = converted.stop_ids, {free[4]}
+    try:
+        assert converted.greedy(prompt, 12) == free[:free.index(free[4]) + 1]
+    finally:
+        converted.stop_ids = default_stops

@@ -2,6 +2,8 @@
 position) of the tokens evicted before it (each kv head its own), and its window; cache keys at distance
 `window`, sinks at min(t, sinks + window) - i, window keys at their true distance."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -188,6 +190,23 @@ def test_visible_and_keep_best_agree_with_sorting():
     _, _, best_score, best_pos = exact_cache.keep_best(torch.zeros(1, 1, 12, 2), torch.zeros(1, 1, 12, 2), score, pos,
                                                        size=5)
     assert best_pos[0, 0].tolist() == [pos[0, 0, i].item() for i in ranked[:5]]
+
+
+@pytest.mark.parametrize("size", [1, 4, 9, 30])
+def test_visible_is_each_querys_top_size_of_what_it_has_evicted(size):
+    """Many queries, tied scores, empty slots: each query sees exactly the `size` best (score, then later
+    position) of the candidates with positions <= t - window, by a sort per query."""
+    gen = torch.Generator().manual_seed(size)
+    score = torch.randint(0, 5, (2, 3, 20), generator=gen).float()
+    pos = torch.stack([torch.randperm(40, generator=gen)[:20] for _ in range(6)]).reshape(2, 3, 20)
+    empty = torch.rand(2, 3, 20, generator=gen) < 0.2
+    score, pos = score.masked_fill(empty, -torch.inf), pos.masked_fill(empty, exact_cache.EMPTY_POSITION)
+    queries = torch.arange(0, 50, 3)
+    seen = exact_cache.visible(score, pos, queries, window=6, size=size)
+    for b, h, qi in itertools.product(range(2), range(3), range(len(queries))):
+        evicted = [j for j in range(20) if 0 <= pos[b, h, j] <= queries[qi] - 6]
+        ranked = sorted(evicted, key=lambda j: (score[b, h, j].item(), pos[b, h, j].item()), reverse=True)
+        assert set(torch.nonzero(seen[b, h, qi]).flatten().tolist()) == set(ranked[:size])
 
 
 @pytest.mark.parametrize("pool", [0, 2])

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..bench import report
+from ..engine.engine import eos_token_ids
 from ..loading import base_directory, load, load_base_model
 from ..train import data
 from . import suite
@@ -58,10 +59,12 @@ class Base:
 
 
 class Converted:
-    """A TitansModel (window-only or with memory), through the serving code paths."""
+    """A TitansModel (window-only or with memory), through the serving code paths. Its greedy continuation ends
+    at an EOS token, as the server's and Hugging Face generate's (the base's) do."""
 
     def __init__(self, model, name: str):
         self.model, self.name, self.max_len = model, name, None
+        self.stop_ids = eos_token_ids(model)
 
     def logits(self, ids: list[int]) -> torch.Tensor:
         state = self.model.new_session()
@@ -72,6 +75,8 @@ class Converted:
         logits = self.model.prefill(state, ids)
         for _ in range(n):
             out.append(int(logits.argmax()))
+            if out[-1] in self.stop_ids:
+                break
             logits = self.model.step(state, out[-1])
         return out
 

@@ -77,11 +77,31 @@ def visible(score: torch.Tensor, pos: torch.Tensor, query_pos: torch.Tensor, *, 
 
     score, pos: [B, Hkv, M] candidates (the held tokens and the ones evicted since; empty slots have position
     -1); query_pos: [Tq]. Exact as long as the candidates include every token held before the first query:
-    a token dropped earlier is beaten by all of those, so it could never outrank a candidate."""
+    a token dropped earlier is beaten by all of those, so it could never outrank a candidate. A candidate's
+    rank among those a query has evicted is a running count over the candidates in `best` order."""
     evicted = (pos >= 0).unsqueeze(-2) & (pos.unsqueeze(-2) <= query_pos[:, None] - window)  # [B, Hkv, Tq, M]
-    outranks = beats(score.unsqueeze(-1), pos.unsqueeze(-1), score.unsqueeze(-2), pos.unsqueeze(-2))  # [.., M, M]
-    rank = evicted.float() @ outranks.float()  # [B, Hkv, Tq, M]: how many evicted candidates beat each one
-    return evicted & (rank < size)
+    order = best(score, pos, score.shape[-1]).unsqueeze(-2).expand_as(evicted)
+    in_order = evicted.gather(-1, order)
+    better = in_order.cumsum(-1) - in_order.long()  # evicted candidates ahead of each one in `best` order
+    return evicted.scatter(-1, order, in_order & (better < size))
+
+
+def weakest(score: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The held token every other one beats (the lowest score, then the earliest position) per row and kv head
+    of score, pos [B, Hkv, M]: its score, position and slot, each [B, Hkv, 1]."""
+    low = score.min(dim=-1, keepdim=True).values
+    slot = torch.where(score == low, pos, torch.iinfo(pos.dtype).max).argmin(dim=-1, keepdim=True)
+    return low, pos.gather(-1, slot), slot
+
+
+def contenders(held_score, held_pos, score, pos) -> torch.Tensor | None:
+    """Indices [B, Hkv, n'] (best first) of the new candidates score, pos [B, Hkv, n] that may ever enter a
+    cache now holding held_score, held_pos [B, Hkv, size]: those that beat its weakest token, in the row and
+    kv head with the most of them (the others' extra indices are harmless losers). The rest can never be
+    seen: every held token beats them and is a candidate for as long as they are. None when all may enter."""
+    low, low_pos, _ = weakest(held_score, held_pos)
+    count = int(beats(score, pos, low, low_pos).sum(-1).max())
+    return None if count == score.shape[-1] else best(score, pos, count)
 
 
 def best(score: torch.Tensor, pos: torch.Tensor, size: int) -> torch.Tensor:
@@ -127,11 +147,9 @@ def insert(cache: dict[str, torch.Tensor], key, value, score, position, offered)
     where `offered` is false evict nothing). Writes one slot per row and kv head: the held keys and values
     are not read."""
     held_score, held_pos = cache["cache_score"], cache["cache_pos"]
-    weakest_score = held_score.min(dim=-1, keepdim=True).values  # [B, Hkv, 1]
-    ties = torch.where(held_score == weakest_score, held_pos, torch.iinfo(held_pos.dtype).max)
-    slot = ties.argmin(dim=-1, keepdim=True)  # the weakest: lowest score, then earliest position
+    weakest_score, weakest_pos, slot = weakest(held_score, held_pos)  # [B, Hkv, 1]
     enters = offered[:, None, None] & beats(score.unsqueeze(-1), position[:, None, None], weakest_score,
-                                            held_pos.gather(-1, slot))  # [B, Hkv, 1]
+                                            weakest_pos)  # [B, Hkv, 1]
     rows = torch.arange(slot.shape[0], device=slot.device)[:, None]
     heads = torch.arange(slot.shape[1], device=slot.device)[None, :]
     at, enters = (rows, heads, slot[..., 0]), enters[..., 0]  # one slot per row and kv head

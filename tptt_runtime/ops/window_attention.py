@@ -260,24 +260,30 @@ def _offered_scores(cache, scores, start: int, *, window: int, sinks: int, pool:
 
 def _candidates(held, cache, k, v, offered, start: int, first: int, last: int, *, window: int, sinks: int):
     """The held tokens (k, v, score, pos, each [B, Hkv, M, ...]) followed by those that queries first ..
-    last - 1 evict: positions max(sinks, first - window) .. last - 1 - window, their keys and values read from
-    the ring where they precede this chunk (`start`), else from the chunk's own k, v; their scores from
-    `offered` (`_offered_scores`)."""
+    last - 1 evict and that may enter the cache (exact_cache.contenders): positions max(sinks, first - window)
+    .. last - 1 - window, their keys and values read from the ring where they precede this chunk (`start`),
+    else from the chunk's own k, v; their scores from `offered` (`_offered_scores`)."""
     lo, hi = max(sinks, first - window), last - window
     if lo >= hi:
         return held
     positions = torch.arange(lo, hi, device=k.device)
-    parts = [held[:2]]
+    score = offered[:, :, positions - start + window]
+    pos = positions.expand(*held[3].shape[:2], -1)
+    parts = []
     if lo < start:
         slots = torch.remainder(torch.arange(lo, min(hi, start), device=k.device) - sinks, window)
         parts.append((cache["win_k"][:, :, slots], cache["win_v"][:, :, slots]))
     if hi > start:
         here = slice(max(lo, start) - start, hi - start)
         parts.append((k[:, :, here], v[:, :, here]))
-    keys, values = (torch.cat(tensors, dim=2) for tensors in zip(*parts))
-    score = torch.cat([held[2], offered[:, :, positions - start + window]], dim=-1)
-    pos = torch.cat([held[3], positions.expand(*held[3].shape[:2], -1)], dim=-1)
-    return keys, values, score, pos
+    keys, values = (torch.cat(tensors, dim=2) if len(tensors) > 1 else tensors[0] for tensors in zip(*parts))
+    chosen = exact_cache.contenders(held[2], held[3], score, pos)
+    if chosen is not None:
+        rows = chosen.unsqueeze(-1).expand(*chosen.shape, keys.shape[-1])
+        keys, values, score, pos = keys.gather(2, rows), values.gather(2, rows), score.gather(-1, chosen), \
+            pos.gather(-1, chosen)
+    return (torch.cat([held[0], keys], dim=2), torch.cat([held[1], values], dim=2),
+            torch.cat([held[2], score], dim=-1), torch.cat([held[3], pos], dim=-1))
 
 
 @dataclass
