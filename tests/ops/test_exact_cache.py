@@ -184,11 +184,12 @@ def test_visible_and_keep_best_agree_with_sorting():
     gen = torch.Generator().manual_seed(3)
     score = torch.randint(0, 4, (1, 1, 12), generator=gen).float()
     pos = torch.randperm(12, generator=gen)[None, None] + 5
-    seen = exact_cache.visible(score, pos, torch.tensor([100]), window=4, size=5)[0, 0, 0]
+    order = exact_cache.best(score, pos, 12)
+    seen = exact_cache.visible(score, pos, order, torch.tensor([100]), window=4, size=5)[0, 0, 0]
     ranked = sorted(range(12), key=lambda i: (score[0, 0, i].item(), pos[0, 0, i].item()), reverse=True)
     assert set(torch.nonzero(seen).flatten().tolist()) == set(ranked[:5])
     _, _, best_score, best_pos = exact_cache.keep_best(torch.zeros(1, 1, 12, 2), torch.zeros(1, 1, 12, 2), score, pos,
-                                                       size=5)
+                                                       order, size=5)
     assert best_pos[0, 0].tolist() == [pos[0, 0, i].item() for i in ranked[:5]]
 
 
@@ -202,7 +203,7 @@ def test_visible_is_each_querys_top_size_of_what_it_has_evicted(size):
     empty = torch.rand(2, 3, 20, generator=gen) < 0.2
     score, pos = score.masked_fill(empty, -torch.inf), pos.masked_fill(empty, exact_cache.EMPTY_POSITION)
     queries = torch.arange(0, 50, 3)
-    seen = exact_cache.visible(score, pos, queries, window=6, size=size)
+    seen = exact_cache.visible(score, pos, exact_cache.best(score, pos, 20), queries, window=6, size=size)
     for b, h, qi in itertools.product(range(2), range(3), range(len(queries))):
         evicted = [j for j in range(20) if 0 <= pos[b, h, j] <= queries[qi] - 6]
         ranked = sorted(evicted, key=lambda j: (score[b, h, j].item(), pos[b, h, j].item()), reverse=True)

@@ -71,19 +71,17 @@ def beats(score_a, pos_a, score_b, pos_b) -> torch.Tensor:
     return (score_a > score_b) | ((score_a == score_b) & (pos_a > pos_b))
 
 
-def visible(score: torch.Tensor, pos: torch.Tensor, query_pos: torch.Tensor, *, window: int, size: int,
-            order: torch.Tensor | None = None):
+def visible(score: torch.Tensor, pos: torch.Tensor, order: torch.Tensor, query_pos: torch.Tensor, *, window: int,
+            size: int):
     """Which candidates each query sees [B, Hkv, Tq, M]: those evicted before it (position <= t - window)
     that are among the `size` best of all candidates evicted by then.
 
     score, pos: [B, Hkv, M] candidates (the held tokens and the ones evicted since; empty slots have position
-    -1); query_pos: [Tq]; order: the candidates' indices in `best` order [B, Hkv, M] when the caller has them
-    (a prefill block keeps its first `size` with `keep_best`). Exact as long as the candidates include every token held before the first query:
-    a token dropped earlier is beaten by all of those, so it could never outrank a candidate. A candidate's
-    rank among those a query has evicted is a running count over the candidates in `best` order."""
+    -1); order: their indices in `best` order, `best(score, pos, M)` (a prefill block keeps the first `size` of
+    the same order); query_pos: [Tq]. Exact as long as the candidates include every token held before the first
+    query: a token dropped earlier is beaten by all of those, so it could never outrank a candidate. A
+    candidate's rank among those a query has evicted is a running count over the candidates in `best` order."""
     evicted = (pos >= 0).unsqueeze(-2) & (pos.unsqueeze(-2) <= query_pos[:, None] - window)  # [B, Hkv, Tq, M]
-    if order is None:
-        order = best(score, pos, score.shape[-1])
     order = order.unsqueeze(-2).expand_as(evicted)
     in_order = evicted.gather(-1, order)
     better = in_order.cumsum(-1) - in_order.long()  # evicted candidates ahead of each one in `best` order
@@ -116,11 +114,11 @@ def best(score: torch.Tensor, pos: torch.Tensor, size: int) -> torch.Tensor:
     return by_position.gather(-1, by_score)[..., :size]
 
 
-def keep_best(k, v, score, pos, size: int, order: torch.Tensor | None = None):
+def keep_best(k, v, score, pos, order: torch.Tensor, size: int):
     """The `size` best of M candidates (k, v [B, Hkv, M, D], score, pos [B, Hkv, M]; all evicted), best
-    first, empty slots last (order: the candidates' indices in `best` order, when the caller has them).
-    Returns (k, v, score, pos) with `size` slots."""
-    order = best(score, pos, size) if order is None else order[..., :size]
+    first, empty slots last; order: the candidates' indices in `best` order. Returns (k, v, score, pos) with
+    `size` slots."""
+    order = order[..., :size]
     rows = order.unsqueeze(-1).expand(*order.shape, k.shape[-1])
     return k.gather(2, rows), v.gather(2, rows), score.gather(-1, order), pos.gather(-1, order)
 
@@ -139,11 +137,12 @@ def held_over_time(score: torch.Tensor, *, window: int, sinks: int, size: int, b
         cand_score = torch.cat([held_score, score[..., evicted]], dim=-1)
         cand_pos = torch.cat([held_pos, evicted.expand(batch, heads, -1)], dim=-1)
         order = best(cand_score, cand_pos, cand_score.shape[-1])
-        seen = visible(cand_score, cand_pos, torch.arange(a, b, device=score.device), window=window, size=size,
-                       order=order)
+        seen = visible(cand_score, cand_pos, order, torch.arange(a, b, device=score.device), window=window,
+                       size=size)
         index = cand_pos.clamp(min=0).unsqueeze(-2).expand_as(seen)  # empty slots add 0 at position 0
         seen_at[:, :, a:b].scatter_add_(-1, index, seen.to(torch.int8))
-        held_score, held_pos = cand_score.gather(-1, order[..., :size]), cand_pos.gather(-1, order[..., :size])
+        kept = order[..., :size]
+        held_score, held_pos = cand_score.gather(-1, kept), cand_pos.gather(-1, kept)
     return seen_at > 0
 
 

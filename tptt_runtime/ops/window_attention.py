@@ -221,11 +221,11 @@ def prefill(q, k, v, cache, start: int, *, window, sinks, scaling, cos, sin, sof
             candidates = _candidates(held, cache, k, v, offered, start, start + a, start + b, window=window,
                                      sinks=sinks)
             order = exact_cache.best(candidates[2], candidates[3], candidates[2].shape[-1])
-            seen = exact_cache.visible(candidates[2], candidates[3], positions[a:b], window=window,
-                                       size=held[0].shape[2], order=order)
+            seen = exact_cache.visible(candidates[2], candidates[3], order, positions[a:b], window=window,
+                                       size=held[0].shape[2])
             seen_cache = (candidates[0], candidates[1], seen)
             if candidates[0].shape[2] > held[0].shape[2]:
-                held = exact_cache.keep_best(*candidates, size=held[0].shape[2], order=order)
+                held = exact_cache.keep_best(*candidates, order, size=held[0].shape[2])
         out[:, :, a:b] = window_attention(
             q[:, :, a:b], positions[a:b].expand(batch, -1), cache["sink_k"], cache["sink_v"], sink_pos, win_k,
             win_v, win_pos, window=window, sinks=sinks, scaling=scaling, cos=cos, sin=sin, softcap=softcap,
