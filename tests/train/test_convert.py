@@ -11,7 +11,7 @@ from tptt_runtime.adapters import adapter_state_dict
 from tests.conftest import tiny_model
 from tptt_runtime.config import TpttConfig
 from tptt_runtime.model import TitansModel
-from tptt_runtime.train.distill import Trainer, TrainConfig, distillation_loss
+from tptt_runtime.train.distill import Trainer, TrainConfig, answer_cross_entropy, distillation_loss
 from tptt_runtime.train.schedules import MagSchedule
 from tptt_runtime.layers.full_attention import split_attention
 from tptt_runtime.train.transfer import AttentionTransfer, transfer_loss
@@ -263,6 +263,45 @@ def test_weighted_distillation_loss():
     torch.testing.assert_close(plain, per_token.mean())
     torch.testing.assert_close(weighted, (per_token * weights).sum() / weights.sum())
     assert kl == same_kl == plain.item()
+
+
+def test_answer_cross_entropy_is_the_mean_over_the_marked_positions():
+    """The cross-entropy of the token after each marked position, averaged over the marks (a loop over them as
+    the reference); 0 without marks; a mark on the last position has no next token and adds nothing."""
+    gen = torch.Generator().manual_seed(0)
+    logits, ids = torch.randn(2, 6, 11, generator=gen), torch.randint(0, 11, (2, 6), generator=gen)
+    reads = torch.zeros(2, 6, dtype=torch.bool)
+    reads[0, 2] = reads[1, 0] = reads[1, 4] = reads[1, 5] = True
+    marked = [(0, 2), (1, 0), (1, 4)]
+    reference = sum(-logits[b, t].log_softmax(-1)[ids[b, t + 1]] for b, t in marked) / len(marked)
+    torch.testing.assert_close(answer_cross_entropy(logits, ids, reads), reference)
+    assert answer_cross_entropy(logits, ids, torch.zeros(2, 6, dtype=torch.bool)).item() == 0.0
+
+
+def test_answer_cross_entropy_joins_the_distillation_loss(tmp_path):
+    """With answer_ce, a step's loss is the distillation loss plus answer_ce times the answers' cross-entropy, on
+    the rows the step trains; and it needs retrieval documents."""
+    torch.manual_seed(0)
+    sequences = torch.randint(3, 97, (4, 48))
+    reads = torch.zeros(4, 48, dtype=torch.bool)
+    reads[:, 40:44] = True
+
+    def trainer(answer_ce):
+        torch.manual_seed(0)
+        train = TrainConfig(steps=2, seq_len=48, lr=1e-2, warmup_steps=1, retrieval=1.0, answer_ce=answer_ce,
+                            schedule=MagSchedule("constant", target=0.5))
+        return Trainer(peaked_model(), TitansModel(peaked_model(), TPTT), train, sequences, tmp_path, reads)
+
+    plain, with_answers = trainer(0.0), trainer(2.0)
+    ids = sequences[plain.order[0]]
+    plain.student.set_mag_weight(0.5)
+    plain.student.hf.train()
+    expected = answer_cross_entropy(plain.student.hf(input_ids=ids).logits, ids, reads[plain.order[0]]).item()
+    assert expected > 0.1
+    difference = with_answers.train_step()["loss"] - plain.train_step()["loss"]
+    assert abs(difference - 2.0 * expected) < 1e-4 * expected
+    with pytest.raises(ValueError, match="retrieval"):
+        TrainConfig(answer_ce=1.0)
 
 
 def test_transfer_weights_pick_the_positions_of_the_loss():

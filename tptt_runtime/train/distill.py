@@ -13,8 +13,8 @@ get. Only the memory's own parameters move (learned feature maps and gates). The
 output on, so every layer learns on the inputs the teacher would give it (as LoLCATs does), and the forward is
 the teacher's own: no second model runs.
 
-Stage 2, loss per step = KL(base || converted) per token (+ `ce_weight` * next-token cross-entropy), with the
-converted model running exactly the serving semantics (window + sinks softmax, DeltaProduct memory, MaG with
+Stage 2, loss per step = KL(base || converted) per token (+ `ce_weight` * next-token cross-entropy, + `answer_ce`
+* the cross-entropy of the retrieval answers' tokens alone: an objective on recall itself), with the converted model running exactly the serving semantics (window + sinks softmax, DeltaProduct memory, MaG with
 the schedule's weight at that step, or learned gates). LoRA weights train at `lr`, the memory's own
 parameters at `gate_lr`. Every `checkpoint_every` steps the LoRA weights,
 optimizer, step and loss history are written atomically to <out>/checkpoint.pt; `resume=True` continues from
@@ -75,6 +75,7 @@ class TrainConfig:
     init_changes: dict = field(default_factory=dict)  # TpttConfig fields changed from init's (read_scale,
                                           # gate_input, alpha_gate, decay): parameters the change adds start fresh
     recall_weight: float = 0.0            # positions that read a retrieval answer weigh 1 + this, both stages
+    answer_ce: float = 0.0                # stage 2: + this x the cross-entropy of the answer tokens (retrieval)
     recompute: bool = False               # gradient checkpointing: keep only each decoder layer's input and
                                           # recompute the layer in the backward pass (~1/3 more compute,
                                           # activations of one layer at a time: long sequences fit in RAM)
@@ -90,6 +91,10 @@ class TrainConfig:
             raise ValueError("transfer_steps must be in [0, steps)")
         if self.recall_weight < 0:
             raise ValueError("recall_weight must be >= 0")
+        if self.answer_ce < 0:
+            raise ValueError("answer_ce must be >= 0")
+        if self.answer_ce and not self.retrieval:
+            raise ValueError("answer_ce needs retrieval documents (retrieval > 0): only they have answers")
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ids: torch.Tensor,
@@ -104,6 +109,15 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     if ce_weight:
         loss = loss + ce_weight * F.cross_entropy(student[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     return loss, kl.item()
+
+
+def answer_cross_entropy(student_logits: torch.Tensor, ids: torch.Tensor, reads: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the positions `reads` [B, T] marks (those whose next token belongs to a
+    retrieval answer); logits [B, T, V], ids [B, T]. 0 when no position is marked (a batch of plain prose)."""
+    at = reads[:, :-1]
+    if not at.any():
+        return student_logits.new_zeros(())
+    return F.cross_entropy(student_logits[:, :-1][at].float(), ids[:, 1:][at])
 
 
 READ_SCALE_LR = 5.0  # times gate_lr: a log read scale starts 1-4x from its target (raw reads vs o_far in
@@ -174,7 +188,7 @@ class Trainer:
         if stage == "transfer":
             loss, kl = transfer_loss(self.student, ids, weights), None
         else:
-            loss, kl = self._distillation_loss(ids, weights)
+            loss, kl = self._distillation_loss(ids, weights, None if self.reads is None else self.reads[rows])
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate(self.step) * group["lr_scale"]
         self.optimizer.zero_grad(set_to_none=True)
@@ -197,11 +211,15 @@ class Trainer:
             return None
         return (1.0 + self.train.recall_weight * self.reads[rows].float()).to(self.student.device)
 
-    def _distillation_loss(self, ids: torch.Tensor, weights) -> tuple[torch.Tensor, float]:
+    def _distillation_loss(self, ids: torch.Tensor, weights, reads: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+        """`reads` [B, T]: the rows' answer-reading positions (None without retrieval documents)."""
         with torch.no_grad():
             teacher_logits = self.teacher(input_ids=ids, use_cache=False).logits
         logits = self.student.hf(input_ids=ids, use_cache=False).logits
-        return distillation_loss(logits, teacher_logits, ids, self.train.ce_weight, weights)
+        loss, kl = distillation_loss(logits, teacher_logits, ids, self.train.ce_weight, weights)
+        if self.train.answer_ce and reads is not None:
+            loss = loss + self.train.answer_ce * answer_cross_entropy(logits, ids, reads.to(ids.device))
+        return loss, kl
 
     def mean_memory_weight(self) -> float:
         """mu for a constant gate; for learned gates, sigmoid of their mean bias (what mu is where W x = 0)."""
