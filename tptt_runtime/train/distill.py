@@ -14,8 +14,9 @@ output on, so every layer learns on the inputs the teacher would give it (as LoL
 the teacher's own: no second model runs.
 
 Stage 2, loss per step = KL(base || converted) per token (+ `ce_weight` * next-token cross-entropy, + `answer_ce`
-* the cross-entropy of the retrieval answers' tokens alone: an objective on recall itself), with the converted model running exactly the serving semantics (window + sinks softmax, DeltaProduct memory, MaG with
-the schedule's weight at that step, or learned gates). LoRA weights train at `lr`, the memory's own
+* the cross-entropy of the retrieval answers' tokens alone: an objective on recall itself), with the converted
+model running exactly the serving semantics (window + sinks softmax, DeltaProduct memory, MaG with the
+schedule's weight at that step, or learned gates). LoRA weights train at `lr`, the memory's own
 parameters at `gate_lr`. Every `checkpoint_every` steps the LoRA weights,
 optimizer, step and loss history are written atomically to <out>/checkpoint.pt; `resume=True` continues from
 there and, because data order and schedules are functions of the step, ends where an uninterrupted run would.
