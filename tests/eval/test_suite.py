@@ -225,6 +225,27 @@ def test_merged_ruler_runs_keep_what_does_not_run_offline(tmp_path):
         suite.merge([oracle_run([450]), ruler_runs[1]])
 
 
+def test_ruler_runs_compare_prompt_by_prompt(tmp_path, capsys):
+    """RULER's trials (eval/ruler.record) have no depth or source and a list of answers; two RULER runs of the
+    same samples still compare prompt by prompt, from the command line too."""
+    def ruler_run(adapter, hits):
+        records = [{"model": "converted", "task": "niah_single_1", "format": "raw", "context": 1024,
+                    "prompt_tokens": 1000 + i, "answer": [str(1234567 + i)], "output": "", "hit": hit}
+                   for i, hit in enumerate(hits)]
+        return {"adapter": adapter, "models": ["converted"], "contexts": [1024], "tasks": ["niah_single_1"],
+                "formats": ["raw"], "trials": len(hits), "new_tokens": 40, "seed": 0, "not_offline": {},
+                **suite.summarize(records), "trials_run": records}
+
+    a, b = ruler_run("s7", [True, True, False, True]), ruler_run("s9", [True, False, True, True])
+    assert suite.compare(a, b)["pooled"]["converted"]["1024"] == {"trials": 4, "hits_a": 3, "hits_b": 3,
+                                                                  "only_a": 1, "only_b": 1, "p": 1.0}
+    for name, run in (("a", a), ("b", b)):
+        suite.write(tmp_path / name, run)
+    main(["--suite-compare", str(tmp_path / "a" / "ruler.json"), str(tmp_path / "b" / "ruler.json"), "--out",
+          str(tmp_path / "compared")])
+    assert json.loads((tmp_path / "compared" / "suite_compare.json").read_text())["b"] == "s9"
+
+
 def test_run_measures_only_the_models_asked_for(monkeypatch, tmp_path):
     """`--suite-models converted`: only that model is asked of the loader, and only it runs."""
     from types import SimpleNamespace

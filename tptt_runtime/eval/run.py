@@ -215,8 +215,9 @@ def main(argv: list[str] | None = None) -> None:
                         "trials, seed, new tokens) at different contexts, tasks, formats or models into "
                         "<out>/suite.{json,png} (RULER runs: <out>/ruler.{json,png})")
     p.add_argument("--suite-compare", type=Path, nargs=2, metavar=("A_JSON", "B_JSON"),
-                   help="instead: two suite.json files of the same prompts (two adapters, say) prompt by prompt: "
-                        "hits, those only one side found, an exact sign test; <out>/suite_compare.{json,png}")
+                   help="instead: two suite.json (or two ruler.json) files of the same prompts (two adapters, "
+                        "say) prompt by prompt: hits, those only one side found, an exact sign test; "
+                        "<out>/suite_compare.{json,png}")
     p.add_argument("--compare-models", nargs=2, metavar=("A_MODEL", "B_MODEL"),
                    help="with --suite-compare: this model of A against that model of B (default: each model "
                         "against its namesake), e.g. converted base")

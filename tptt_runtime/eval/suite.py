@@ -125,7 +125,8 @@ SAME_PROMPTS = ("trials", "new_tokens", "seed", "prose_documents")
 # ... and what makes them runs of one suite, to be joined into one table (RULER's runs, eval/ruler.py, carry
 # `not_offline`, the suite's do not: the two never join)
 SAME_IN_EVERY_RUN = ("adapter", "window", "sinks", "not_offline") + SAME_PROMPTS
-# what tells one trial's prompt from another's within a run, beside the model
+# what tells one trial's prompt from another's within a run, beside the model (RULER's trials have no depth or
+# source, and a list of answers)
 PROMPT_KEYS = ("task", "format", "context", "prompt_tokens", "depth", "source", "answer")
 
 
@@ -197,10 +198,15 @@ def _trials(run: dict, model: str | None, label: str | None) -> dict:
     if not records:
         raise ValueError(f"the run of {run['adapter']} has no trials of model {model!r}; it has "
                          f"{sorted({r['model'] for r in run['trials_run']})}")
-    trials = {(label or r["model"],) + tuple(r[key] for key in PROMPT_KEYS): r for r in records}
+    trials = {(label or r["model"],) + _prompt(r): r for r in records}
     if len(trials) != len(records):
         raise ValueError("a run holds the same trial twice (model, task, format, context and prompt)")
     return trials
+
+
+def _prompt(record: dict) -> tuple:
+    """The record's PROMPT_KEYS, None for those it lacks, lists as tuples (hashable)."""
+    return tuple(tuple(value) if isinstance(value, list) else value for value in map(record.get, PROMPT_KEYS))
 
 
 def _pairs(tree):
@@ -221,12 +227,13 @@ def comparison_table(comparison: dict) -> str:
              "(found only by a / only by b), exact sign test p"]
     for model, by_context in comparison["pooled"].items():
         contexts = sorted(by_context, key=int)
-        lines.append(f"{model:<16}" + "".join(f"{c:>28}" for c in contexts))
         rows = [("all tasks", by_context)] + [
             (name, {c: comparison["cells"][model][c].get(name) for c in contexts})
             for name in dict.fromkeys(n for c in contexts for n in comparison["cells"][model][c])]
+        width = max(14, *(len(name) for name, _ in rows))  # RULER's task names are longer than the suite's
+        lines.append(f"{model:<{width + 2}}" + "".join(f"{c:>28}" for c in contexts))
         for name, row in rows:
-            lines.append(f"  {name:<14}" + "".join(f"{_pair_text(row.get(c)):>28}" for c in contexts))
+            lines.append(f"  {name:<{width}}" + "".join(f"{_pair_text(row.get(c)):>28}" for c in contexts))
     return "\n".join(lines)
 
 
