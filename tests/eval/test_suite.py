@@ -225,7 +225,7 @@ def test_merged_ruler_runs_keep_what_does_not_run_offline(tmp_path):
         suite.merge([oracle_run([450]), ruler_runs[1]])
 
 
-def test_ruler_runs_compare_prompt_by_prompt(tmp_path, capsys):
+def test_ruler_runs_compare_prompt_by_prompt(tmp_path):
     """RULER's trials (eval/ruler.record) have no depth or source and a list of answers; two RULER runs of the
     same samples still compare prompt by prompt, from the command line too."""
     def ruler_run(adapter, hits):
