@@ -293,21 +293,22 @@ def _cell_text(c: dict | None) -> str:
     return "-" if c is None else f"{c['accuracy']:.2f} [{c['ci95'][0]:.2f},{c['ci95'][1]:.2f}]"
 
 
-def _rows(lines: list[str], title: str, by_model: dict, models, contexts) -> None:
-    lines.append(f"{title:<16}" + "".join(f"{c:>18}" for c in contexts))
+def _rows(lines: list[str], title: str, by_model: dict, models, contexts, width: int) -> None:
+    lines.append(f"{title:<{width}}" + "".join(f"{c:>18}" for c in contexts))
     for name in models:
         row = by_model.get(name, {})
-        lines.append(f"  {name:<14}" + "".join(f"{_cell_text(row.get(str(c))):>18}" for c in contexts))
+        lines.append(f"  {name:<{width - 2}}" + "".join(f"{_cell_text(row.get(str(c))):>18}" for c in contexts))
 
 
 def table(results: dict) -> str:
     models, contexts = results["models"], results["contexts"]
+    cells = [(f"{task} / {fmt}", results["accuracy"].get(task, {}).get(fmt, {}))
+             for task in results["tasks"] for fmt in results["formats"]] + [("all tasks", results["pooled"])]
+    width = max(16, *(len(title) for title, _ in cells))  # RULER's task names are longer than the suite's
     lines = [f"needle suite: {results['trials']} trials per cell, {results['new_tokens']} new tokens, "
              f"seed {results['seed']}; accuracy [95 % Wilson interval]; - = not run"]
-    for task in results["tasks"]:
-        for fmt in results["formats"]:
-            _rows(lines, f"{task} / {fmt}", results["accuracy"].get(task, {}).get(fmt, {}), models, contexts)
-    _rows(lines, "all tasks", results["pooled"], models, contexts)
+    for title, by_model in cells:
+        _rows(lines, title, by_model, models, contexts, width)
     return "\n".join(lines)
 
 
