@@ -278,30 +278,39 @@ def test_answer_cross_entropy_is_the_mean_over_the_marked_positions():
     assert answer_cross_entropy(logits, ids, torch.zeros(2, 6, dtype=torch.bool)).item() == 0.0
 
 
-def test_answer_cross_entropy_joins_the_distillation_loss(tmp_path):
-    """With answer_ce, a step's loss is the distillation loss plus answer_ce times the answers' cross-entropy, on
-    the rows the step trains; and it needs retrieval documents."""
+@pytest.mark.parametrize("weight_name, mask_name", [("answer_ce", "reads"), ("reply_ce", "replies")])
+def test_marked_cross_entropy_joins_the_distillation_loss(tmp_path, weight_name, mask_name):
+    """With answer_ce (reply_ce), a step's loss is the distillation loss plus that weight times the cross-entropy
+    of the positions the reads (replies) mark, on the rows the step trains; and each needs its documents."""
     torch.manual_seed(0)
     sequences = torch.randint(3, 97, (4, 48))
-    reads = torch.zeros(4, 48, dtype=torch.bool)
-    reads[:, 40:44] = True
+    marked = torch.zeros(4, 48, dtype=torch.bool)
+    marked[:, 40:44] = True
 
-    def trainer(answer_ce):
+    def trainer(weight):
         torch.manual_seed(0)
-        train = TrainConfig(steps=2, seq_len=48, lr=1e-2, warmup_steps=1, retrieval=1.0, answer_ce=answer_ce,
-                            schedule=MagSchedule("constant", target=0.5))
-        return Trainer(peaked_model(), TitansModel(peaked_model(), TPTT), train, sequences, tmp_path, reads)
+        train = TrainConfig(steps=2, seq_len=48, lr=1e-2, warmup_steps=1, retrieval=1.0, chat_retrieval=1.0,
+                            schedule=MagSchedule("constant", target=0.5), **{weight_name: weight})
+        return Trainer(peaked_model(), TitansModel(peaked_model(), TPTT), train, sequences, tmp_path,
+                       **{mask_name: marked})
 
-    plain, with_answers = trainer(0.0), trainer(2.0)
+    plain, weighted = trainer(0.0), trainer(2.0)
     ids = sequences[plain.order[0]]
     plain.student.set_mag_weight(0.5)
     plain.student.hf.train()
-    expected = answer_cross_entropy(plain.student.hf(input_ids=ids).logits, ids, reads[plain.order[0]]).item()
+    expected = answer_cross_entropy(plain.student.hf(input_ids=ids).logits, ids, marked[plain.order[0]]).item()
     assert expected > 0.1
-    difference = with_answers.train_step()["loss"] - plain.train_step()["loss"]
+    difference = weighted.train_step()["loss"] - plain.train_step()["loss"]
     assert abs(difference - 2.0 * expected) < 1e-4 * expected
     with pytest.raises(ValueError, match="retrieval"):
-        TrainConfig(answer_ce=1.0)
+        TrainConfig(**{weight_name: 1.0})
+
+
+def test_reply_cross_entropy_needs_chat_documents():
+    with pytest.raises(ValueError, match="chat"):
+        TrainConfig(retrieval=1.0, reply_ce=1.0)
+    with pytest.raises(ValueError, match=">= 0"):
+        TrainConfig(retrieval=1.0, chat_retrieval=1.0, reply_ce=-1.0)
 
 
 def test_transfer_weights_pick_the_positions_of_the_loss():

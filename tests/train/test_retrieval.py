@@ -42,7 +42,7 @@ def split(tokenizer, document, reads):
 
 @pytest.mark.parametrize("seed", range(12))
 def test_every_question_is_answered_by_a_fact_stated_earlier(tokenizer, prose, seed):
-    document, reads, _ = retrieval_document(tokenizer, prose, random.Random(seed))
+    document, reads, _, _ = retrieval_document(tokenizer, prose, random.Random(seed))
     assert len(document) == len(prose)
     body, questions = split(tokenizer, document, reads)
     assert 1 <= len(questions) <= 4
@@ -70,7 +70,7 @@ def test_a_share_of_the_facts_is_about_a_person_and_the_statements_are_marked(to
     each run of them decodes to a sentence that holds one asked answer and its subject."""
     kinds = set()
     for seed in range(12):
-        document, reads, stated = retrieval_document(tokenizer, prose, random.Random(seed))
+        document, reads, stated, _ = retrieval_document(tokenizer, prose, random.Random(seed))
         _, questions = split(tokenizer, document, reads)
         kinds |= {answer.isdigit() for _, answer in questions}
         runs = [[stated[0]]]
@@ -87,7 +87,7 @@ def test_a_share_of_the_facts_is_about_a_person_and_the_statements_are_marked(to
 @pytest.mark.parametrize("seed", range(6))
 def test_reads_are_the_positions_before_each_answer_token(tokenizer, prose, seed):
     """Each read is followed by a token of an answer and the questions' lines end with those answers."""
-    document, reads, _ = retrieval_document(tokenizer, prose, random.Random(seed))
+    document, reads, _, _ = retrieval_document(tokenizer, prose, random.Random(seed))
     _, questions = split(tokenizer, document, reads)
     read_tokens = tokenizer.decode([document[position + 1] for position in reads])
     assert read_tokens.split() == " ".join(answer for _, answer in questions).split()
@@ -105,7 +105,7 @@ def test_documents_are_a_function_of_the_seed(tokenizer, prose):
 def test_chat_documents_are_a_conversation_whose_assistant_answers_from_the_user_message(tokenizer, prose, seed):
     """Chat form: the user's first message (system prompt and all, as the template renders it) holds the facts,
     each question is a user turn that the assistant's next turn answers, and the reads sit on the answers."""
-    document, reads, _ = retrieval_document(tokenizer, prose, random.Random(seed), chat=True)
+    document, reads, _, _ = retrieval_document(tokenizer, prose, random.Random(seed), chat=True)
     assert len(document) == len(prose)
     text = tokenizer.decode(document)
     head = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False).split("x")[0]
@@ -127,6 +127,22 @@ def test_chat_documents_are_a_conversation_whose_assistant_answers_from_the_user
         assert subject in question.lower() and number not in question
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_chat_replies_mark_each_assistant_turn_up_to_its_answer(tokenizer, prose, seed):
+    """In chat form the replies lead to every token of each assistant turn from its first through the answer
+    (not the closing "." and end of turn), so they hold the reads; plain text has none."""
+    document, reads, _, replies = retrieval_document(tokenizer, prose, random.Random(seed), chat=True)
+    text = tokenizer.decode(document)
+    turns = [turn.removeprefix("assistant\n").split(".<|im_end|>")[0]
+             for turn in text.split("<|im_start|>") if turn.startswith("assistant\n")]
+    runs = [[replies[0]]]
+    for position in replies[1:]:
+        runs.append([position]) if position != runs[-1][-1] + 1 else runs[-1].append(position)
+    assert [tokenizer.decode([document[position + 1] for position in run]) for run in runs] == turns
+    assert set(reads) <= set(replies)
+    assert retrieval_document(tokenizer, prose, random.Random(seed)).replies == []
+
+
 def test_chat_turns_ask_without_the_answer():
     fields = dict(kind="PIN", role="caretaker", subject="red door", Subject="Red door")
     for question, reply in CHAT_TURNS + PERSON_CHAT_TURNS:
@@ -136,24 +152,25 @@ def test_chat_turns_ask_without_the_answer():
 
 def test_with_retrieval_rebuilds_the_asked_share_of_rows(tokenizer, prose):
     sequences = torch.tensor([prose] * 10)
-    mixed, reads, stated = with_retrieval(tokenizer, sequences, 0.3, seed=0)
+    mixed, reads, stated, replies = with_retrieval(tokenizer, sequences, 0.3, seed=0)
+    assert not replies.any()  # no chat documents
     assert mixed.shape == sequences.shape == reads.shape
     rebuilt = (mixed != sequences).any(dim=1)
     assert rebuilt.sum() == 3
     assert torch.equal(reads.any(dim=1), rebuilt)  # reads only in retrieval documents, in each of them
-    again, again_reads, again_stated = with_retrieval(tokenizer, sequences, 0.3, seed=0)
+    again, again_reads, again_stated, _ = with_retrieval(tokenizer, sequences, 0.3, seed=0)
     assert torch.equal(again, mixed) and torch.equal(again_reads, reads) and torch.equal(again_stated, stated)
     assert torch.equal(stated.any(dim=1), rebuilt) and not (stated & reads).any()
     with pytest.raises(ValueError):
         with_retrieval(tokenizer, sequences, 1.5, seed=0)
-    chats, _, _ = with_retrieval(tokenizer, sequences, 0.6, seed=0, chat_share=0.5)
+    chats, _, _, replies = with_retrieval(tokenizer, sequences, 0.6, seed=0, chat_share=0.5)
     in_chat_form = [tokenizer.decode(row[:3].tolist()).startswith("<|im_start|>") for row in chats]
-    assert 0 < sum(in_chat_form) < 6
+    assert 0 < sum(in_chat_form) < 6 and replies.any(dim=1).tolist() == in_chat_form
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_same_kind_documents_tell_their_numbers_apart_by_subject_alone(tokenizer, prose, seed):
-    document, reads, stated = retrieval_document(tokenizer, prose, random.Random(seed), same_kind=True)
+    document, reads, stated, _ = retrieval_document(tokenizer, prose, random.Random(seed), same_kind=True)
     assert len(document) == len(prose)
     body, questions = split(tokenizer, document, reads)
     assert 3 <= len(questions) <= 4 and all(number.isdigit() for _, number in questions)
@@ -167,10 +184,10 @@ def test_same_kind_documents_tell_their_numbers_apart_by_subject_alone(tokenizer
 
 def test_with_retrieval_makes_the_asked_share_same_kind(tokenizer, prose):
     sequences = torch.tensor([prose] * 12)
-    plain, plain_reads, _ = with_retrieval(tokenizer, sequences, 1.0, seed=3)
-    same, same_reads, _ = with_retrieval(tokenizer, sequences, 1.0, seed=3, same_kind_share=0.0)
+    plain, plain_reads, *_ = with_retrieval(tokenizer, sequences, 1.0, seed=3)
+    same, same_reads, *_ = with_retrieval(tokenizer, sequences, 1.0, seed=3, same_kind_share=0.0)
     assert torch.equal(plain, same) and torch.equal(plain_reads, same_reads)  # share 0: the documents as before
-    mixed, reads, _ = with_retrieval(tokenizer, sequences, 1.0, seed=3, same_kind_share=0.5)
+    mixed, reads, *_ = with_retrieval(tokenizer, sequences, 1.0, seed=3, same_kind_share=0.5)
     questions = [split(tokenizer, row.tolist(), torch.nonzero(row_reads).flatten().tolist())[1]
                  for row, row_reads in zip(mixed, reads)]
     one_kind = [len(q) >= 3 and len({k for line, _ in q for k in KINDS if k in line}) == 1

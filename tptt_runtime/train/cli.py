@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--answer-ce", type=float, default=0.0,
                    help="stage 2: add this times the cross-entropy of the retrieval answers' tokens (the positions "
                         "--recall-weight weighs), a loss on recall itself beside the distillation; needs --retrieval")
+    p.add_argument("--reply-ce", type=float, default=0.0,
+                   help="stage 2: add this times the cross-entropy of the chat documents' assistant replies, their "
+                        "opening words and the answer (a loss on answering at all); needs --chat-retrieval")
     p.add_argument("--init", help='start from this adapter ("default" or a directory): its config replaces the '
                                   "model flags above (but the changes --read-scale, --gate-input, --alpha-gate, "
                                   "--decay, --cache-tokens, --cache-score, --retain-weight, --cache-pool) and its "
@@ -118,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
                             ("cache_tokens", args.cache_tokens), ("cache_score", args.cache_score),
                             ("retain_weight", args.retain_weight), ("cache_pool", args.cache_pool))
                             if value is not None},
-                        recall_weight=args.recall_weight, answer_ce=args.answer_ce, recompute=args.recompute)
+                        recall_weight=args.recall_weight, answer_ce=args.answer_ce, reply_ce=args.reply_ce,
+                        recompute=args.recompute)
     out = convert(args.base, args.out, tptt, train, resume=args.resume, device=args.device)
     print(f"adapter written to {out}")
 

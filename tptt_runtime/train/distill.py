@@ -14,7 +14,9 @@ output on, so every layer learns on the inputs the teacher would give it (as LoL
 the teacher's own: no second model runs.
 
 Stage 2, loss per step = KL(base || converted) per token (+ `ce_weight` * next-token cross-entropy, + `answer_ce`
-* the cross-entropy of the retrieval answers' tokens alone: an objective on recall itself), with the converted
+* the cross-entropy of the retrieval answers' tokens alone: an objective on recall itself, + `reply_ce` * that
+of the chat documents' whole assistant replies, their opening words and the answer: an objective on answering at
+all, which a chat turn that recites the user's text instead fails), with the converted
 model running exactly the serving semantics (window + sinks softmax, DeltaProduct memory, MaG with the
 schedule's weight at that step, or learned gates). LoRA weights train at `lr`, the memory's own
 parameters at `gate_lr`. Every `checkpoint_every` steps the LoRA weights,
@@ -77,6 +79,8 @@ class TrainConfig:
                                           # gate_input, alpha_gate, decay): parameters the change adds start fresh
     recall_weight: float = 0.0            # positions that read a retrieval answer weigh 1 + this, both stages
     answer_ce: float = 0.0                # stage 2: + this x the cross-entropy of the answer tokens (retrieval)
+    reply_ce: float = 0.0                 # stage 2: + this x the cross-entropy of chat documents' assistant
+                                          # replies (opening words and answer)
     recompute: bool = False               # gradient checkpointing: keep only each decoder layer's input and
                                           # recompute the layer in the backward pass (~1/3 more compute,
                                           # activations of one layer at a time: long sequences fit in RAM)
@@ -92,10 +96,13 @@ class TrainConfig:
             raise ValueError("transfer_steps must be in [0, steps)")
         if self.recall_weight < 0:
             raise ValueError("recall_weight must be >= 0")
-        if self.answer_ce < 0:
-            raise ValueError("answer_ce must be >= 0")
+        if min(self.answer_ce, self.reply_ce) < 0:
+            raise ValueError("answer_ce and reply_ce must be >= 0")
         if self.answer_ce and not self.retrieval:
             raise ValueError("answer_ce needs retrieval documents (retrieval > 0): only they have answers")
+        if self.reply_ce and not (self.retrieval and self.chat_retrieval):
+            raise ValueError("reply_ce needs chat retrieval documents (retrieval and chat_retrieval > 0): only they "
+                             "have replies")
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ids: torch.Tensor,
@@ -112,10 +119,11 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return loss, kl.item()
 
 
-def answer_cross_entropy(student_logits: torch.Tensor, ids: torch.Tensor, reads: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the positions `reads` [B, T] marks (those whose next token belongs to a
-    retrieval answer); logits [B, T, V], ids [B, T]. 0 when no position is marked (a batch of plain prose)."""
-    at = reads[:, :-1]
+def answer_cross_entropy(student_logits: torch.Tensor, ids: torch.Tensor, marked: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the positions `marked` [B, T] (those whose next token belongs to a
+    retrieval answer, or to a reply); logits [B, T, V], ids [B, T]. 0 when no position is marked (a batch of plain
+    prose)."""
+    at = marked[:, :-1]
     if not at.any():
         return student_logits.new_zeros(())
     return F.cross_entropy(student_logits[:, :-1][at].float(), ids[:, 1:][at])
@@ -144,10 +152,11 @@ def _param_groups(named: dict[str, torch.nn.Parameter], trainable: list[str], tr
 
 class Trainer:
     def __init__(self, teacher: torch.nn.Module, student: TitansModel, train: TrainConfig, sequences: torch.Tensor,
-                 out: Path, reads: torch.Tensor | None = None):
-        """`reads` [N, T]: the positions of `sequences` that read a retrieval answer (weighted by recall_weight)."""
+                 out: Path, reads: torch.Tensor | None = None, replies: torch.Tensor | None = None):
+        """`reads` [N, T]: the positions of `sequences` that read a retrieval answer (weighted by recall_weight);
+        `replies` [N, T]: those whose next token belongs to a chat document's assistant reply (for reply_ce)."""
         self.teacher, self.student, self.train, self.sequences, self.out = teacher, student, train, sequences, out
-        self.reads = reads
+        self.reads, self.replies = reads, replies
         if student.config.lora_targets:
             add_lora(student.hf, student.config)
         trainable = trainable_names(student.hf)
@@ -189,7 +198,7 @@ class Trainer:
         if stage == "transfer":
             loss, kl = transfer_loss(self.student, ids, weights), None
         else:
-            loss, kl = self._distillation_loss(ids, weights, None if self.reads is None else self.reads[rows])
+            loss, kl = self._distillation_loss(ids, weights, rows)
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate(self.step) * group["lr_scale"]
         self.optimizer.zero_grad(set_to_none=True)
@@ -212,14 +221,15 @@ class Trainer:
             return None
         return (1.0 + self.train.recall_weight * self.reads[rows].float()).to(self.student.device)
 
-    def _distillation_loss(self, ids: torch.Tensor, weights, reads: torch.Tensor | None) -> tuple[torch.Tensor, float]:
-        """`reads` [B, T]: the rows' answer-reading positions (None without retrieval documents)."""
+    def _distillation_loss(self, ids: torch.Tensor, weights, rows: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """`ids` [B, T]: the sequences of `rows`."""
         with torch.no_grad():
             teacher_logits = self.teacher(input_ids=ids, use_cache=False).logits
         logits = self.student.hf(input_ids=ids, use_cache=False).logits
         loss, kl = distillation_loss(logits, teacher_logits, ids, self.train.ce_weight, weights)
-        if self.train.answer_ce and reads is not None:
-            loss = loss + self.train.answer_ce * answer_cross_entropy(logits, ids, reads.to(ids.device))
+        for weight, marks in ((self.train.answer_ce, self.reads), (self.train.reply_ce, self.replies)):
+            if weight and marks is not None:
+                loss = loss + weight * answer_cross_entropy(logits, ids, marks[rows].to(ids.device))
         return loss, kl
 
     def mean_memory_weight(self) -> float:
@@ -289,14 +299,14 @@ def convert(base: str, out: str | Path, tptt: TpttConfig, train: TrainConfig, re
         tptt = TpttConfig.load(init).replace(**train.init_changes)
     student = TitansModel(load_base_model(directory).to(device), tptt.replace(base_model=str(base)), tokenizer)
     prose = data.sequences(tokenizer, train.seq_len, patterns=train.text, max_tokens=train.max_corpus_tokens)
-    sequences, reads = prose, None
+    sequences, reads, replies = prose, None, None
     if train.retrieval:
-        sequences, reads, _ = with_retrieval(tokenizer, prose, train.retrieval, train.seed, train.chat_retrieval,
-                                             train.same_kind_retrieval)
+        sequences, reads, _, replies = with_retrieval(tokenizer, prose, train.retrieval, train.seed,
+                                                      train.chat_retrieval, train.same_kind_retrieval)
     log.info("%d training sequences of %d tokens (%.0f %% retrieval documents, %.0f %% of them chats, %.0f %% "
              "of one kind)", len(sequences), train.seq_len, 100 * train.retrieval, 100 * train.chat_retrieval,
              100 * train.same_kind_retrieval)
-    trainer = Trainer(teacher, student, train, sequences, out, reads)
+    trainer = Trainer(teacher, student, train, sequences, out, reads, replies)
     if init is not None:
         load_adapter_weights(student.hf, init, missing_ok=bool(train.init_changes))
     resumed = resume and trainer.load_checkpoint()

@@ -43,8 +43,8 @@ def retain_documents(tokenizer, sequences: torch.Tensor, count: int, seed: int) 
     generator = torch.Generator().manual_seed(seed)
     rows = torch.randperm(len(sequences), generator=generator)[:count]
     chat_share = CHAT_SHARE if getattr(tokenizer, "chat_template", None) else 0.0
-    documents, _, stated = with_retrieval(tokenizer, sequences[rows], 1.0, seed, chat_share=chat_share)
-    return documents, stated
+    documents = with_retrieval(tokenizer, sequences[rows], 1.0, seed, chat_share=chat_share)
+    return documents.ids, documents.stated
 
 
 def fit_retaining_heads(model, documents: torch.Tensor, stated: torch.Tensor, seed: int = 0) -> dict:

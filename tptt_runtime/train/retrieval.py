@@ -6,14 +6,16 @@ documents, a few plain sentences repeated) as filler, hides 1-4 facts ("The acce
 4821.", "The caretaker of the red door is Marta Holm.") at random depths, and ends with the questions and their
 answers; it also says which positions read an answer, so that training can weigh them up (they are ~1 % of the
 tokens), and which tokens state a fact (what the exact-token cache's retaining heads learn to keep,
-train/retain.py). A share of the documents can hold 3-4 numbers of one kind instead ("The PIN for the red door is
-4821." ... "The PIN for the west tower is 7310."): only the subject tells them apart, so an answer takes binding
-each number to its subject, not only recalling a number. A share of the documents can take chat form: the filler and
-facts are a user's message through the model's chat template, each question a user turn and each answer the
-assistant's, the way users ask a served model about their own text. The teacher (full attention) answers them from
-the facts; the student can only do so through its memory once the facts are beyond its window. Phrasings, subjects
-and filler sentences are disjoint from the evaluations' (eval/passkey.py, eval/needles.py), so the evaluation stays
-held out. Everything is a function of the seed.
+train/retain.py), and in chat documents which positions lead to the assistant's replies (their opening words and
+answers: a reply that answers at all is what a chat about the user's own text needs first). A share of the documents
+can hold 3-4 numbers of one kind instead ("The PIN for the red door is 4821." ... "The PIN for the west tower is
+7310."): only the subject tells them apart, so an answer takes binding each number to its subject, not only
+recalling a number. A share of the documents can take chat form: the filler and facts are a user's message through
+the model's chat template, each question a user turn and each answer the assistant's, the way users ask a served
+model about their own text. The teacher (full attention) answers them from the facts; the student can only do so
+through its memory once the facts are beyond its window. Phrasings, subjects and filler sentences are disjoint from
+the evaluations' (eval/passkey.py, eval/needles.py), so the evaluation stays held out. Everything is a function of
+the seed.
 """
 
 from __future__ import annotations
@@ -140,22 +142,31 @@ def _chat_frame(tokenizer) -> tuple[list[int], list[int], list[int]]:
     return _encode(tokenizer, head), _encode(tokenizer, user_end), _encode(tokenizer, answer_end)
 
 
-def _raw_questions(tokenizer, facts: list[Fact]) -> list[tuple[list[int], list[int], list[int]]]:
-    """(lead, answer, end) ids of each question in plain text: a line that the answer completes."""
-    return [(_encode(tokenizer, "\n" + fact.question), _encode(tokenizer, " " + fact.answer),
-             _encode(tokenizer, ".\n")) for fact in facts]
+class Question(NamedTuple):
+    """A question's ids, in the order the document holds them."""
+    ask: list[int]      # the question (plain text: a line; chat: the user's turn up to the assistant's)
+    opening: list[int]  # the assistant reply's words before the answer (chat only; may be empty)
+    answer: list[int]
+    end: list[int]
 
 
-def _chat_questions(tokenizer, rng: random.Random, facts: list[Fact]) -> list[tuple[list[int], list[int], list[int]]]:
-    """(lead, answer, end) ids of each question as a turn of a chat: the first question closes the user's
-    message that holds the document, each later one is a user message of its own, the assistant answers."""
+def _raw_questions(tokenizer, facts: list[Fact]) -> list[Question]:
+    """Each question in plain text: a line that the answer completes."""
+    return [Question(_encode(tokenizer, "\n" + fact.question), [], _encode(tokenizer, " " + fact.answer),
+                     _encode(tokenizer, ".\n")) for fact in facts]
+
+
+def _chat_questions(tokenizer, rng: random.Random, facts: list[Fact]) -> list[Question]:
+    """Each question as a turn of a chat: the first question closes the user's message that holds the document,
+    each later one is a user message of its own, the assistant answers."""
     _, user_end, answer_end = _chat_frame(tokenizer)
     questions = []
     for i, fact in enumerate(facts):
         question, reply = (part.format(**fact.fields) for part in rng.choice(fact.chat_turns))
         answer = f" {fact.answer}" if reply else fact.answer
-        lead = _encode(tokenizer, ("\n\n" if i == 0 else "") + question) + user_end + _encode(tokenizer, reply)
-        questions.append((lead, _encode(tokenizer, answer), _encode(tokenizer, ".") + answer_end))
+        questions.append(Question(_encode(tokenizer, ("\n\n" if i == 0 else "") + question) + user_end,
+                                  _encode(tokenizer, reply), _encode(tokenizer, answer),
+                                  _encode(tokenizer, ".") + answer_end))
     return questions
 
 
@@ -167,13 +178,20 @@ def _facts(rng: random.Random, same_kind: bool) -> list[Fact]:
     return [_fact(rng, subject) for subject in rng.sample(SUBJECTS, rng.randint(1, 4))]
 
 
+class Document(NamedTuple):
+    """A retrieval document's ids and the positions it marks."""
+    ids: list[int]
+    reads: list[int]    # positions whose next token belongs to an answer (where the model must recall a fact)
+    stated: list[int]   # positions of the tokens that state the facts
+    replies: list[int]  # positions whose next token belongs to an assistant's reply, its opening words and the
+                        # answer (chat documents; none in plain text)
+
+
 def retrieval_document(tokenizer, prose: list[int], rng: random.Random, chat: bool = False,
-                       same_kind: bool = False) -> tuple[list[int], list[int], list[int]]:
-    """A document of len(prose) tokens (filler with 1-4 facts at depths in [0, 0.9], the questions last), its
-    reads: the positions whose next token belongs to an answer (where the model must recall a fact), and its
-    statements: the positions of the tokens that state the facts. `chat`: the filler is a user's message
-    through the chat template and the questions are turns of the chat. `same_kind`: the facts are 3-4 numbers
-    of one kind about different subjects."""
+                       same_kind: bool = False) -> Document:
+    """A document of len(prose) tokens: filler with 1-4 facts at depths in [0, 0.9], the questions last.
+    `chat`: the filler is a user's message through the chat template and the questions are turns of the chat.
+    `same_kind`: the facts are 3-4 numbers of one kind about different subjects."""
     facts = _facts(rng, same_kind)
     statements = [_encode(tokenizer, fact.statement) for fact in facts]
     asked = rng.sample(facts, len(facts))
@@ -192,31 +210,44 @@ def retrieval_document(tokenizer, prose: list[int], rng: random.Random, chat: bo
         document += statement
         last = cut
     document += filler[last:]
-    reads = []
-    for lead, answer, end in questions:
-        document += lead
-        reads += range(len(document) - 1, len(document) + len(answer) - 1)
-        document += answer + end
-    return document, reads, stated
+    reads, replies = [], []
+    for question in questions:
+        document += question.ask
+        reply_start = len(document)
+        document += question.opening
+        reads += range(len(document) - 1, len(document) + len(question.answer) - 1)
+        document += question.answer
+        if chat:
+            replies += range(reply_start - 1, len(document) - 1)
+        document += question.end
+    return Document(document, reads, stated, replies)
+
+
+class Documents(NamedTuple):
+    """Training sequences [N, T], some of them retrieval documents, and their masks [N, T] (see Document)."""
+    ids: torch.Tensor
+    reads: torch.Tensor
+    stated: torch.Tensor
+    replies: torch.Tensor
 
 
 def with_retrieval(tokenizer, sequences: torch.Tensor, share: float, seed: int, chat_share: float = 0.0,
-                   same_kind_share: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   same_kind_share: float = 0.0) -> Documents:
     """A copy of `sequences` [N, T] in which a seeded `share` of the rows became retrieval documents built on
-    their own text (`chat_share` of them in chat form, `same_kind_share` of them 3-4 numbers of one kind), and
-    the masks [N, T] of their reads and of their statements' tokens (False in the other rows). With
-    `same_kind_share` 0 the documents are those of earlier versions for the same seed."""
+    their own text (`chat_share` of them in chat form, `same_kind_share` of them 3-4 numbers of one kind), with
+    their masks (False in the other rows). With `same_kind_share` 0 the documents are those of earlier versions
+    for the same seed."""
     if not all(0.0 <= value <= 1.0 for value in (share, chat_share, same_kind_share)):
         raise ValueError(f"retrieval shares must be in [0, 1], got {share}, {chat_share} and {same_kind_share}")
     rng = random.Random(seed)
     out = sequences.clone()
-    reads, stated = (torch.zeros(sequences.shape, dtype=torch.bool) for _ in range(2))
+    reads, stated, replies = (torch.zeros(sequences.shape, dtype=torch.bool) for _ in range(3))
     for row in sorted(rng.sample(range(len(sequences)), round(share * len(sequences)))):
         chat = bool(chat_share) and rng.random() < chat_share
         same_kind = bool(same_kind_share) and rng.random() < same_kind_share
-        document, read_positions, stated_positions = retrieval_document(tokenizer, sequences[row].tolist(), rng,
-                                                                        chat=chat, same_kind=same_kind)
-        out[row] = torch.tensor(document)
-        reads[row, read_positions] = True
-        stated[row, stated_positions] = True
-    return out, reads, stated
+        document = retrieval_document(tokenizer, sequences[row].tolist(), rng, chat=chat, same_kind=same_kind)
+        out[row] = torch.tensor(document.ids)
+        reads[row, document.reads] = True
+        stated[row, document.stated] = True
+        replies[row, document.replies] = True
+    return Documents(out, reads, stated, replies)
