@@ -11,7 +11,7 @@ from tptt_runtime.adapters import adapter_state_dict
 from tests.conftest import tiny_model
 from tptt_runtime.config import TpttConfig
 from tptt_runtime.model import TitansModel
-from tptt_runtime.train.distill import Trainer, TrainConfig, answer_cross_entropy, distillation_loss
+from tptt_runtime.train.distill import Trainer, TrainConfig, distillation_loss, marked_cross_entropy
 from tptt_runtime.train.schedules import MagSchedule
 from tptt_runtime.layers.full_attention import split_attention
 from tptt_runtime.train.transfer import AttentionTransfer, transfer_loss
@@ -265,7 +265,7 @@ def test_weighted_distillation_loss():
     assert kl == same_kl == plain.item()
 
 
-def test_answer_cross_entropy_is_the_mean_over_the_marked_positions():
+def test_marked_cross_entropy_is_the_mean_over_the_marked_positions():
     """The cross-entropy of the token after each marked position, averaged over the marks (a loop over them as
     the reference); 0 without marks; a mark on the last position has no next token and adds nothing."""
     gen = torch.Generator().manual_seed(0)
@@ -274,8 +274,8 @@ def test_answer_cross_entropy_is_the_mean_over_the_marked_positions():
     reads[0, 2] = reads[1, 0] = reads[1, 4] = reads[1, 5] = True
     marked = [(0, 2), (1, 0), (1, 4)]
     reference = sum(-logits[b, t].log_softmax(-1)[ids[b, t + 1]] for b, t in marked) / len(marked)
-    torch.testing.assert_close(answer_cross_entropy(logits, ids, reads), reference)
-    assert answer_cross_entropy(logits, ids, torch.zeros(2, 6, dtype=torch.bool)).item() == 0.0
+    torch.testing.assert_close(marked_cross_entropy(logits, ids, reads), reference)
+    assert marked_cross_entropy(logits, ids, torch.zeros(2, 6, dtype=torch.bool)).item() == 0.0
 
 
 @pytest.mark.parametrize("weight_name, mask_name", [("answer_ce", "reads"), ("reply_ce", "replies")])
@@ -298,7 +298,7 @@ def test_marked_cross_entropy_joins_the_distillation_loss(tmp_path, weight_name,
     ids = sequences[plain.order[0]]
     plain.student.set_mag_weight(0.5)
     plain.student.hf.train()
-    expected = answer_cross_entropy(plain.student.hf(input_ids=ids).logits, ids, marked[plain.order[0]]).item()
+    expected = marked_cross_entropy(plain.student.hf(input_ids=ids).logits, ids, marked[plain.order[0]]).item()
     assert expected > 0.1
     difference = weighted.train_step()["loss"] - plain.train_step()["loss"]
     assert abs(difference - 2.0 * expected) < 1e-4 * expected

@@ -119,7 +119,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return loss, kl.item()
 
 
-def answer_cross_entropy(student_logits: torch.Tensor, ids: torch.Tensor, marked: torch.Tensor) -> torch.Tensor:
+def marked_cross_entropy(student_logits: torch.Tensor, ids: torch.Tensor, marked: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over the positions `marked` [B, T] (those whose next token belongs to a
     retrieval answer, or to a reply); logits [B, T, V], ids [B, T]. 0 when no position is marked (a batch of plain
     prose)."""
@@ -229,7 +229,7 @@ class Trainer:
         loss, kl = distillation_loss(logits, teacher_logits, ids, self.train.ce_weight, weights)
         for weight, marks in ((self.train.answer_ce, self.reads), (self.train.reply_ce, self.replies)):
             if weight and marks is not None:
-                loss = loss + weight * answer_cross_entropy(logits, ids, marks[rows].to(ids.device))
+                loss = loss + weight * marked_cross_entropy(logits, ids, marks[rows].to(ids.device))
         return loss, kl
 
     def mean_memory_weight(self) -> float:
