@@ -114,14 +114,14 @@ def fresh_passkey_plan() -> list[tuple[float, str]]:
 
 def test_finds_passkeys_beyond_its_window_in_fresh_chat_prompts_as_often_as_the_base(default_model):
     """Passkeys stated once in ~600-token chat messages, in wording no training text uses (eval/needles.py, which
-    train/ never imports), more than a window before the question: the converted model finds at least as many
-    as the base model with full attention, and the base finds enough for that to mean something. Measured on
-    these 24 prompts: base 11, the default adapter (s9: distilled with the answers' cross-entropy) 15, the one
-    before it (s7, retain_weight 0.25, a cache of 176 with cache_pool 6, the memory gate's biases lowered by ln 4)
-    14, s8 (distilled again without the answers' cross-entropy) 11, s7 with the gate as trained 11, with its
-    earlier cache (128, no pool) 11, s7 with weight 1 12, s6 (no retaining heads) 11, pool 6 with 128 slots 10,
-    the window alone 0. Per prompt no adapter finds every key the base finds (each misses some of the base's 11
-    and finds others): the criterion is the count, as the suite's is."""
+    train/ never imports), more than a window before the question: the converted model finds at least as many as the
+    base model with full attention, and the base finds enough for that to mean something. Measured on these 24
+    prompts: base 11, the default adapter (s16: distilled with the chat replies' cross-entropy) 17, s9 (distilled
+    with the answers' cross-entropy) 15, the one before it (s7, retain_weight 0.25, a cache of 176 with cache_pool
+    6, the memory gate's biases lowered by ln 4) 14, s8 (distilled again without the answers' cross-entropy) 11, s7
+    with the gate as trained 11, with its earlier cache (128, no pool) 11, s7 with weight 1 12, s6 (no retaining
+    heads) 11, pool 6 with 128 slots 10, the window alone 0. Per prompt no adapter finds every key the base finds
+    (each misses some of the base's 11 and finds others): the criterion is the count, as the suite's is."""
     from tptt_runtime.eval import needles
 
     hf = load_base_model("default")
