@@ -8,8 +8,9 @@ import re
 import pytest
 import torch
 
-from tptt_runtime.train.retrieval import (CHAT_TURNS, FIRST_NAMES, KINDS, LAST_NAMES, PERSON_CHAT_TURNS,
-                                          PERSON_TEMPLATES, SUBJECTS, TEMPLATES, retrieval_document, with_retrieval)
+from tptt_runtime.train.retrieval import (CHAT_TURNS, FILLER_SENTENCES, FIRST_NAMES, KINDS, LAST_NAMES,
+                                          PERSON_CHAT_TURNS, PERSON_TEMPLATES, SUBJECTS, TEMPLATES,
+                                          retrieval_document, with_retrieval)
 
 
 def is_answer(text: str) -> bool:
@@ -195,6 +196,43 @@ def test_with_retrieval_makes_the_asked_share_same_kind(tokenizer, prose):
     assert 0 < sum(one_kind) < len(questions)
     with pytest.raises(ValueError):
         with_retrieval(tokenizer, sequences, 1.0, seed=0, same_kind_share=2.0)
+
+
+def filler_sentences(tokenizer, document, reads, stated) -> list[str]:
+    """The complete sentences of a document's filler: its tokens before the first question, statements taken out."""
+    first_question = max(i for i in range(min(reads)) if "\n" in tokenizer.decode([document[i]]))
+    stated = set(stated)
+    text = tokenizer.decode([t for i, t in enumerate(document[:first_question]) if i not in stated])
+    return [sentence.strip() for sentence in re.split(r"(?<=\.)[ \n]+", text)][:-1]  # the last may be cut
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_filler_is_prose_repeated_sentences_or_sentences_in_random_order(tokenizer, prose, seed):
+    def sentences(repeated, shuffled):
+        document, reads, stated, _ = retrieval_document(tokenizer, prose, random.Random(seed), repeated=repeated,
+                                                        shuffled=shuffled)
+        return filler_sentences(tokenizer, document, reads, stated)
+
+    assert all(s.startswith("Paragraph") for s in sentences(0.0, 0.0))
+    block = sentences(1.0, 0.0)
+    assert set(block) <= set(FILLER_SENTENCES) and len(set(block)) <= 6
+    period = len(set(block))
+    assert block[period:] == block[:-period]  # the same few sentences over and over
+    shuffled = sentences(0.0, 1.0)
+    assert set(shuffled) <= set(FILLER_SENTENCES) and len(set(shuffled)) > 6
+    assert all(shuffled[p:] != shuffled[:-p] for p in range(1, 13))  # no period: drawn one by one
+
+
+def test_filler_shares_are_checked(tokenizer, prose):
+    sequences = torch.tensor([prose] * 8)
+    before = with_retrieval(tokenizer, sequences, 1.0, seed=5)
+    assert all(torch.equal(a, b) for a, b in zip(before, with_retrieval(tokenizer, sequences, 1.0, seed=5,
+                                                                          shuffled_filler=0.0)))
+    mixed = with_retrieval(tokenizer, sequences, 1.0, seed=5, repeated_filler=0.0, shuffled_filler=0.5)
+    assert not torch.equal(before.ids, mixed.ids) and torch.equal(before.reads.any(1), mixed.reads.any(1))
+    for repeated, shuffled in ((0.7, 0.5), (-0.1, 0.0), (0.0, 1.2)):
+        with pytest.raises(ValueError, match="filler shares"):
+            with_retrieval(tokenizer, sequences, 1.0, seed=0, repeated_filler=repeated, shuffled_filler=shuffled)
 
 
 def test_sequences_too_short_for_the_facts_are_refused(tokenizer, prose):

@@ -10,6 +10,7 @@ import torch
 from ..config import ALPHA_GATES, CACHE_SCORES, FEATURE_MAPS, GATE_INPUTS, MAG_GATES, READ_SCALES, TpttConfig
 from .data import DEFAULT_SOURCES
 from .distill import TrainConfig, convert
+from .retrieval import REPEATED_FILLER_SHARE
 from .schedules import SCHEDULES, MagSchedule
 
 
@@ -83,6 +84,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--same-kind-retrieval", type=float, default=0.0,
                    help="share of the retrieval documents whose facts are 3-4 numbers of one kind about different "
                         "subjects (only the subject tells them apart, as in multi-key retrieval)")
+    p.add_argument("--repeated-filler", type=float, default=REPEATED_FILLER_SHARE,
+                   help="share of the retrieval documents whose filler is a few plain sentences repeated instead of "
+                        "the sequence's own text")
+    p.add_argument("--shuffled-filler", type=float, default=0.0,
+                   help="share of the retrieval documents whose filler is plain sentences in random order instead "
+                        "of the sequence's own text")
     p.add_argument("--recall-weight", type=float, default=0.0,
                    help="extra weight of the positions that read a retrieval document's answers (both stages; "
                         "they are ~1 %% of the tokens)")
@@ -114,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
                         ce_weight=args.ce_weight, checkpoint_every=args.checkpoint_every, seed=args.seed,
                         schedule=MagSchedule(args.schedule, target=args.mag_weight), text=tuple(args.text),
                         retrieval=args.retrieval, chat_retrieval=args.chat_retrieval,
-                        same_kind_retrieval=args.same_kind_retrieval, init=args.init,
+                        same_kind_retrieval=args.same_kind_retrieval, repeated_filler=args.repeated_filler,
+                        shuffled_filler=args.shuffled_filler, init=args.init,
                         init_changes={name: value for name, value in (
                             ("read_scale", args.read_scale), ("gate_input", args.gate_input),
                             ("alpha_gate", args.alpha_gate), ("decay", args.decay),

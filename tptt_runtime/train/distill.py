@@ -46,7 +46,7 @@ from ..config import TpttConfig
 from ..model import TitansModel
 from . import data
 from .retain import fit_retaining_heads, retain_documents
-from .retrieval import with_retrieval
+from .retrieval import REPEATED_FILLER_SHARE, with_retrieval
 from .schedules import MagSchedule
 from .transfer import transfer_loss
 
@@ -74,6 +74,8 @@ class TrainConfig:
     retrieval: float = 0.0                # share of sequences rebuilt as retrieval documents
     chat_retrieval: float = 0.0           # share of those documents in chat form
     same_kind_retrieval: float = 0.0      # share of those documents whose 3-4 facts are numbers of one kind
+    repeated_filler: float = REPEATED_FILLER_SHARE  # share of them on a few plain sentences repeated, not prose
+    shuffled_filler: float = 0.0          # share of them on plain sentences in random order, not prose
     init: str | None = None               # adapter directory to start from (its config and weights)
     init_changes: dict = field(default_factory=dict)  # TpttConfig fields changed from init's (read_scale,
                                           # gate_input, alpha_gate, decay): parameters the change adds start fresh
@@ -302,10 +304,12 @@ def convert(base: str, out: str | Path, tptt: TpttConfig, train: TrainConfig, re
     sequences, reads, replies = prose, None, None
     if train.retrieval:
         sequences, reads, _, replies = with_retrieval(tokenizer, prose, train.retrieval, train.seed,
-                                                      train.chat_retrieval, train.same_kind_retrieval)
+                                                      train.chat_retrieval, train.same_kind_retrieval,
+                                                      train.repeated_filler, train.shuffled_filler)
     log.info("%d training sequences of %d tokens (%.0f %% retrieval documents, %.0f %% of them chats, %.0f %% "
-             "of one kind)", len(sequences), train.seq_len, 100 * train.retrieval, 100 * train.chat_retrieval,
-             100 * train.same_kind_retrieval)
+             "of one kind, %.0f %% on repeated and %.0f %% on shuffled plain sentences)", len(sequences),
+             train.seq_len, 100 * train.retrieval, 100 * train.chat_retrieval, 100 * train.same_kind_retrieval,
+             100 * train.repeated_filler, 100 * train.shuffled_filler)
     trainer = Trainer(teacher, student, train, sequences, out, reads, replies)
     if init is not None:
         load_adapter_weights(student.hf, init, missing_ok=bool(train.init_changes))

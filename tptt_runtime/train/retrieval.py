@@ -2,7 +2,7 @@
 
 Prose alone rarely makes the next token depend on something hundreds of tokens back, so distillation on it teaches
 the memory little about exact recall. A retrieval document takes a training sequence's own text (or, for some
-documents, a few plain sentences repeated) as filler, hides 1-4 facts ("The access code for the north gate is
+documents, a few plain sentences repeated, or plain sentences in random order) as filler, hides 1-4 facts ("The access code for the north gate is
 4821.", "The caretaker of the red door is Marta Holm.") at random depths, and ends with the questions and their
 answers; it also says which positions read an answer, so that training can weigh them up (they are ~1 % of the
 tokens), and which tokens state a fact (what the exact-token cache's retaining heads learn to keep,
@@ -36,7 +36,7 @@ FILLER_SENTENCES = ("The river runs past the mill.", "Birds sing in the tall tre
                     "Children walk to school together.", "The clock on the wall ticks.",
                     "Clouds drift over the hills.", "A ship waits in the harbor.", "The road bends to the left.",
                     "Snow covers the empty field.", "Lamps glow along the street.")
-REPEATED_FILLER_SHARE = 0.3  # share of documents whose filler is repeated plain sentences instead of prose
+REPEATED_FILLER_SHARE = 0.3  # share of documents whose filler is a few plain sentences repeated instead of prose
 
 
 # facts about a person: "{role}" of the subject is "{name}" (first and last name)
@@ -130,6 +130,26 @@ def _repeated_filler(tokenizer, rng: random.Random, length: int) -> list[int]:
     return (ids * (length // len(ids) + 1))[:length]
 
 
+def _shuffled_filler(tokenizer, rng: random.Random, length: int) -> list[int]:
+    """`length` tokens of FILLER_SENTENCES drawn at random, now and then a line break between them."""
+    ids = []
+    while len(ids) < length:
+        ids += _encode(tokenizer, rng.choice(FILLER_SENTENCES) + ("\n" if rng.random() < 0.2 else " "))
+    return ids[:length]
+
+
+def _filler(tokenizer, prose: list[int], rng: random.Random, length: int, repeated: float,
+            shuffled: float) -> list[int]:
+    """`length` tokens of filler: a few plain sentences repeated (share `repeated`), plain sentences in random
+    order (share `shuffled`) or else the start of the training sequence's own text `prose`."""
+    draw = rng.random()
+    if draw < repeated:
+        return _repeated_filler(tokenizer, rng, length)
+    if draw < repeated + shuffled:
+        return _shuffled_filler(tokenizer, rng, length)
+    return prose[:length]
+
+
 def _chat_frame(tokenizer) -> tuple[list[int], list[int], list[int]]:
     """The chat template's tokens around a conversation: (before the first user message, between a user message
     and the assistant's answer, between an answer and the next user message)."""
@@ -188,10 +208,12 @@ class Document(NamedTuple):
 
 
 def retrieval_document(tokenizer, prose: list[int], rng: random.Random, chat: bool = False,
-                       same_kind: bool = False) -> Document:
+                       same_kind: bool = False, repeated: float = REPEATED_FILLER_SHARE,
+                       shuffled: float = 0.0) -> Document:
     """A document of len(prose) tokens: filler with 1-4 facts at depths in [0, 0.9], the questions last.
     `chat`: the filler is a user's message through the chat template and the questions are turns of the chat.
-    `same_kind`: the facts are 3-4 numbers of one kind about different subjects."""
+    `same_kind`: the facts are 3-4 numbers of one kind about different subjects. `repeated`, `shuffled`: the
+    chances that the filler is plain sentences repeated or in random order instead of `prose` (`_filler`)."""
     facts = _facts(rng, same_kind)
     statements = [_encode(tokenizer, fact.statement) for fact in facts]
     asked = rng.sample(facts, len(facts))
@@ -201,7 +223,7 @@ def retrieval_document(tokenizer, prose: list[int], rng: random.Random, chat: bo
               - sum(map(len, statements)))
     if budget < len(prose) // 2:
         raise ValueError(f"sequences of {len(prose)} tokens are too short for retrieval documents")
-    filler = _repeated_filler(tokenizer, rng, budget) if rng.random() < REPEATED_FILLER_SHARE else prose[:budget]
+    filler = _filler(tokenizer, prose, rng, budget, repeated, shuffled)
     cuts = sorted(int(rng.uniform(0.0, 0.9) * budget) for _ in statements)
     document, last, stated = list(head), 0, []
     for cut, statement in zip(cuts, statements):
@@ -232,20 +254,25 @@ class Documents(NamedTuple):
 
 
 def with_retrieval(tokenizer, sequences: torch.Tensor, share: float, seed: int, chat_share: float = 0.0,
-                   same_kind_share: float = 0.0) -> Documents:
+                   same_kind_share: float = 0.0, repeated_filler: float = REPEATED_FILLER_SHARE,
+                   shuffled_filler: float = 0.0) -> Documents:
     """A copy of `sequences` [N, T] in which a seeded `share` of the rows became retrieval documents built on
-    their own text (`chat_share` of them in chat form, `same_kind_share` of them 3-4 numbers of one kind), with
-    their masks (False in the other rows). With `same_kind_share` 0 the documents are those of earlier versions
-    for the same seed."""
-    if not all(0.0 <= value <= 1.0 for value in (share, chat_share, same_kind_share)):
-        raise ValueError(f"retrieval shares must be in [0, 1], got {share}, {chat_share} and {same_kind_share}")
+    their own text (`chat_share` of them in chat form, `same_kind_share` of them 3-4 numbers of one kind,
+    `repeated_filler` and `shuffled_filler` of them on plain sentences repeated or in random order instead of
+    their text), with their masks (False in the other rows). With `same_kind_share` and `shuffled_filler` 0 and
+    `repeated_filler` at its default the documents are those of earlier versions for the same seed."""
+    shares = (share, chat_share, same_kind_share, repeated_filler, shuffled_filler)
+    if not all(0.0 <= value <= 1.0 for value in shares) or repeated_filler + shuffled_filler > 1.0:
+        raise ValueError("retrieval shares must be in [0, 1] and the filler shares add up to at most 1, got "
+                         f"{share}, {chat_share}, {same_kind_share}, {repeated_filler} and {shuffled_filler}")
     rng = random.Random(seed)
     out = sequences.clone()
     reads, stated, replies = (torch.zeros(sequences.shape, dtype=torch.bool) for _ in range(3))
     for row in sorted(rng.sample(range(len(sequences)), round(share * len(sequences)))):
         chat = bool(chat_share) and rng.random() < chat_share
         same_kind = bool(same_kind_share) and rng.random() < same_kind_share
-        document = retrieval_document(tokenizer, sequences[row].tolist(), rng, chat=chat, same_kind=same_kind)
+        document = retrieval_document(tokenizer, sequences[row].tolist(), rng, chat=chat, same_kind=same_kind,
+                                      repeated=repeated_filler, shuffled=shuffled_filler)
         out[row] = torch.tensor(document.ids)
         reads[row, document.reads] = True
         stated[row, document.stated] = True
