@@ -2,8 +2,8 @@
 
 Prose alone rarely makes the next token depend on something hundreds of tokens back, so distillation on it teaches
 the memory little about exact recall. A retrieval document takes a training sequence's own text (or, for some
-documents, a few plain sentences repeated, or plain sentences in random order) as filler, hides 1-4 facts ("The access code for the north gate is
-4821.", "The caretaker of the red door is Marta Holm.") at random depths, and ends with the questions and their
+documents, a few plain sentences repeated, or plain sentences in random order) as filler, hides 1-4 facts ("The
+access code for the north gate is 4821.", "The caretaker of the red door is Marta Holm.") at random depths, and ends with the questions and their
 answers; it also says which positions read an answer, so that training can weigh them up (they are ~1 % of the
 tokens), and which tokens state a fact (what the exact-token cache's retaining heads learn to keep,
 train/retain.py), and in chat documents which positions lead to the assistant's replies (their opening words and
