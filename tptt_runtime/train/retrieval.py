@@ -3,19 +3,19 @@
 Prose alone rarely makes the next token depend on something hundreds of tokens back, so distillation on it teaches
 the memory little about exact recall. A retrieval document takes a training sequence's own text (or, for some
 documents, a few plain sentences repeated, or plain sentences in random order) as filler, hides 1-4 facts ("The
-access code for the north gate is 4821.", "The caretaker of the red door is Marta Holm.") at random depths, and ends with the questions and their
-answers; it also says which positions read an answer, so that training can weigh them up (they are ~1 % of the
-tokens), and which tokens state a fact (what the exact-token cache's retaining heads learn to keep,
-train/retain.py), and in chat documents which positions lead to the assistant's replies (their opening words and
-answers: a reply that answers at all is what a chat about the user's own text needs first). A share of the documents
-can hold 3-4 numbers of one kind instead ("The PIN for the red door is 4821." ... "The PIN for the west tower is
-7310."): only the subject tells them apart, so an answer takes binding each number to its subject, not only
-recalling a number. A share of the documents can take chat form: the filler and facts are a user's message through
-the model's chat template, each question a user turn and each answer the assistant's, the way users ask a served
-model about their own text. The teacher (full attention) answers them from the facts; the student can only do so
-through its memory once the facts are beyond its window. Phrasings, subjects and filler sentences are disjoint from
-the evaluations' (eval/passkey.py, eval/needles.py), so the evaluation stays held out. Everything is a function of
-the seed.
+access code for the north gate is 4821.", "The caretaker of the red door is Marta Holm.") at random depths, and
+ends with the questions and their answers; it also says which positions read an answer, so that training can weigh
+them up (they are ~1 % of the tokens), and which tokens state a fact (what the exact-token cache's retaining heads
+learn to keep, train/retain.py), and in chat documents which positions lead to the assistant's replies (their
+opening words and answers: a reply that answers at all is what a chat about the user's own text needs first). A
+share of the documents can hold 3-4 numbers of one kind instead ("The PIN for the red door is 4821." ... "The PIN
+for the west tower is 7310."): only the subject tells them apart, so an answer takes binding each number to its
+subject, not only recalling a number. A share of the documents can take chat form: the filler and facts are a
+user's message through the model's chat template, each question a user turn and each answer the assistant's, the
+way users ask a served model about their own text. The teacher (full attention) answers them from the facts; the
+student can only do so through its memory once the facts are beyond its window. Phrasings, subjects and filler
+sentences are disjoint from the evaluations' (eval/passkey.py, eval/needles.py), so the evaluation stays held out.
+Everything is a function of the seed.
 """
 
 from __future__ import annotations
