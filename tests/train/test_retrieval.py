@@ -30,15 +30,20 @@ def prose(tokenizer):
     return tokenizer(text, add_special_tokens=False)["input_ids"][:1024]
 
 
+def questions_start(tokenizer, document, reads) -> int:
+    """Where a retrieval document's questions start: the last line break before its first answer."""
+    return max(i for i in range(min(reads)) if "\n" in tokenizer.decode([document[i]]))
+
+
 def split(tokenizer, document, reads):
     """(body text, [(question line, answer)]) of a retrieval document, from its reads."""
-    first_question = max(i for i in range(min(reads)) if "\n" in tokenizer.decode([document[i]]))
-    answers, lines = [], [line for line in tokenizer.decode(document[first_question:]).split("\n") if line]
+    start = questions_start(tokenizer, document, reads)
+    answers, lines = [], [line for line in tokenizer.decode(document[start:]).split("\n") if line]
     for position in reads:
         if position - 1 not in reads:
             answers.append("")
         answers[-1] += tokenizer.decode([document[position + 1]])
-    return tokenizer.decode(document[:first_question]), list(zip(lines, (a.strip() for a in answers)))
+    return tokenizer.decode(document[:start]), list(zip(lines, (a.strip() for a in answers)))
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -200,9 +205,9 @@ def test_with_retrieval_makes_the_asked_share_same_kind(tokenizer, prose):
 
 def filler_sentences(tokenizer, document, reads, stated) -> list[str]:
     """The complete sentences of a document's filler: its tokens before the first question, statements taken out."""
-    first_question = max(i for i in range(min(reads)) if "\n" in tokenizer.decode([document[i]]))
     stated = set(stated)
-    text = tokenizer.decode([t for i, t in enumerate(document[:first_question]) if i not in stated])
+    text = tokenizer.decode([t for i, t in enumerate(document[:questions_start(tokenizer, document, reads)])
+                             if i not in stated])
     return [sentence.strip() for sentence in re.split(r"(?<=\.)[ \n]+", text)][:-1]  # the last may be cut
 
 
