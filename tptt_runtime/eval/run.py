@@ -4,7 +4,8 @@
     window-only  the base weights restricted to the same window + sinks, no memory (mag_weight = 0)
     converted    the adapter under test
 
-Measures (a) mean KL to the base per token on held-out text at --kl-contexts, (b) passkey retrieval at
+Measures (a) mean KL to the base per token on held-out text at --kl-contexts, overall and by position (the
+first sinks + window positions, then spans that end at powers of two), (b) passkey retrieval at
 --passkey-contexts (depths 0.1 / 0.5 / 0.9), (c) top-1 agreement with the base's greedy continuation of held-out
 chat prompts (teacher-forced over its first 16 tokens). Table on stdout, JSON + PNG in --out.
 
@@ -16,6 +17,7 @@ no training text uses, raw and chat formats, accuracy with 95 % Wilson intervals
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -81,20 +83,36 @@ class Converted:
         return out
 
 
-def mean_kl(model_logits: torch.Tensor, base_logits: torch.Tensor) -> float:
+def kl_per_position(model_logits: torch.Tensor, base_logits: torch.Tensor) -> torch.Tensor:
+    """[T]: KL(base || model) in nats at each position."""
     return F.kl_div(model_logits.log_softmax(-1), base_logits.log_softmax(-1), log_target=True,
-                    reduction="sum").item() / base_logits.shape[0]
+                    reduction="none").sum(-1)
 
 
-def kl_table(models, base, tokenizer, contexts, per_context: int) -> dict:
-    results = {m.name: {} for m in models}
+def position_edges(length: int, exact_span: int) -> list[int]:
+    """Where the KL by position splits a `length`-token sequence: the first `exact_span` positions (sinks +
+    window, where every earlier token is still attended exactly), then spans ending at each power of two."""
+    doublings = [2 ** k for k in range(exact_span.bit_length(), length.bit_length()) if 2 ** k < length]
+    return [0] + ([exact_span] if exact_span < length else []) + doublings + [length]
+
+
+def kl_table(models, base, tokenizer, contexts, per_context: int, exact_span: int) -> tuple[dict, dict]:
+    """Mean KL to the base per token at each context, and the same by position (spans of `position_edges`):
+    where in a long context the converted model drifts from the base."""
+    per_position = {m.name: {} for m in models}
     for length in tqdm(contexts, desc="KL"):
-        sequences = data.sequences(tokenizer, length, held_out=True)[:per_context]
-        for ids in sequences.tolist():
+        for ids in data.sequences(tokenizer, length, held_out=True)[:per_context].tolist():
             reference = base.logits(ids)
             for model in models:
-                results[model.name].setdefault(str(length), []).append(mean_kl(model.logits(ids), reference))
-    return {name: {k: sum(v) / len(v) for k, v in rows.items()} for name, rows in results.items()}
+                per_position[model.name].setdefault(length, []).append(kl_per_position(model.logits(ids), reference))
+    kl, by_position = {}, {}
+    for name, rows in per_position.items():
+        means = {length: torch.stack(row).mean(0) for length, row in rows.items()}  # over the sequences
+        kl[name] = {str(length): row.mean().item() for length, row in means.items()}
+        by_position[name] = {str(length): {f"{a}-{b}": row[a:b].mean().item()
+                                           for a, b in itertools.pairwise(position_edges(length, exact_span))}
+                             for length, row in means.items()}
+    return kl, by_position
 
 
 def passkey_table(models, tokenizer, contexts, trials: int) -> dict:
@@ -145,10 +163,11 @@ def load_models(adapter: str, names=suite.MODELS) -> tuple:
 def run(adapter: str, kl_contexts, passkey_contexts, per_context: int, trials: int, out_dir: Path) -> dict:
     converted, models = load_models(adapter)
     base, tokenizer = models[0], converted.tokenizer
-    results = {"adapter": adapter, "window": converted.config.window, "sinks": converted.config.sinks,
-               "mag_weight": converted.config.mag_weight,
-               "kl": kl_table(models[1:], base, tokenizer, [c for c in kl_contexts if c <= base.max_len],
-                              per_context),
+    config = converted.config
+    kl, kl_by_position = kl_table(models[1:], base, tokenizer, [c for c in kl_contexts if c <= base.max_len],
+                                  per_context, config.sinks + config.window)
+    results = {"adapter": adapter, "window": config.window, "sinks": config.sinks, "mag_weight": config.mag_weight,
+               "kl": kl, "kl_by_position": kl_by_position,
                "passkey": passkey_table(models, tokenizer, passkey_contexts, trials),
                "agreement": agreement_table(models[1:], base, tokenizer)}
     report.write(out_dir, "eval", results, figure(results), table(results))
@@ -160,6 +179,8 @@ def table(results: dict) -> str:
              "KL to base (nats/token):"]
     for name, row in results["kl"].items():
         lines.append(f"  {name:<12} " + "  ".join(f"{k}: {v:.3f}" for k, v in row.items()))
+    for name, (length, spans) in _longest_kl_by_position(results).items():
+        lines.append(f"  {name:<12} by position at {length}: " + "  ".join(f"{k}: {v:.3f}" for k, v in spans.items()))
     lines.append("passkey accuracy:")
     for name, row in results["passkey"].items():
         lines.append(f"  {name:<12} " + "  ".join(f"{k}: {v:.2f}" for k, v in row.items()))
@@ -169,14 +190,27 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _longest_kl_by_position(results: dict) -> dict[str, tuple[str, dict]]:
+    """Each model's (context, KL by position) at its longest KL context."""
+    return {name: max(rows.items(), key=lambda item: int(item[0]))
+            for name, rows in results["kl_by_position"].items() if rows}
+
+
 def figure(results: dict):
-    fig, (left, right) = report.subplots(1, 2, figsize=(11, 4))
+    fig, (left, middle, right) = report.subplots(1, 3, figsize=(16, 4))
     for name, row in results["kl"].items():
         left.plot([int(k) for k in row], list(row.values()), "o-", label=name)
     left.set_xscale("log", base=2)
     left.set_xlabel("context tokens")
     left.set_ylabel("KL to base (nats/token)")
     left.legend()
+    for name, (length, spans) in _longest_kl_by_position(results).items():
+        ends = [int(span.split("-")[1]) for span in spans]
+        middle.step(ends, list(spans.values()), where="pre", marker="o", label=f"{name} ({length} tokens)")
+    middle.set_xscale("log", base=2)
+    middle.set_xlabel("position (each span up to the marked end)")
+    middle.set_ylabel("KL to base (nats/token)")
+    middle.legend()
     for name, row in results["passkey"].items():
         right.plot([int(k) for k in row], list(row.values()), "o-", label=name)
     right.set_xscale("log", base=2)
