@@ -9,14 +9,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.conftest import tiny_model
+from tests.eval.conftest import TINY_CONFIG
 from tests.eval.test_suite import CharTokenizer
-from tptt_runtime import TitansModel, TpttConfig
 from tptt_runtime.eval import run as run_module
-from tptt_runtime.eval.run import Base, Converted, kl_per_position, kl_table, position_edges
+from tptt_runtime.eval.run import kl_per_position, kl_table, position_edges
 
 LENGTH = 70
-WINDOW, SINKS = 16, 2
+EXACT_SPAN = TINY_CONFIG.sinks + TINY_CONFIG.window  # 18
 
 
 def test_kl_per_position_is_the_sum_by_hand():
@@ -43,14 +42,6 @@ def test_position_edges(length, exact_span, edges):
     assert position_edges(length, exact_span) == edges
 
 
-@pytest.fixture(scope="module")
-def tiny_models():
-    config = TpttConfig(window=WINDOW, sinks=SINKS, mag_weight=0.5)
-    return [Base(tiny_model("llama"), max_len=500),
-            Converted(TitansModel(tiny_model("llama"), config.replace(mag_weight=0.0)), "window-only"),
-            Converted(TitansModel(tiny_model("llama"), config), "converted")]
-
-
 @pytest.fixture
 def sequences(monkeypatch):
     """Two random held-out 'sequences' of any asked length, in the tiny models' vocabulary."""
@@ -62,7 +53,7 @@ def sequences(monkeypatch):
 
 def test_kl_by_position_is_zero_where_the_window_holds_everything(tiny_models, sequences):
     base, *models = tiny_models
-    kl, by_position = kl_table(models, base, CharTokenizer(), [LENGTH], per_context=2, exact_span=SINKS + WINDOW)
+    kl, by_position = kl_table(models, base, CharTokenizer(), [LENGTH], per_context=2, exact_span=EXACT_SPAN)
     window_only = by_position["window-only"][str(LENGTH)]
     assert list(window_only) == ["0-18", "18-32", "32-64", "64-70"]
     assert window_only["0-18"] < 1e-6 and min(list(window_only.values())[1:]) > 1e-4
@@ -73,8 +64,7 @@ def test_kl_by_position_is_zero_where_the_window_holds_everything(tiny_models, s
 
 
 def test_run_reports_the_kl_by_position(tiny_models, sequences, monkeypatch, tmp_path, capsys):
-    config = TpttConfig(window=WINDOW, sinks=SINKS, mag_weight=0.5)
-    converted = SimpleNamespace(config=config, tokenizer=CharTokenizer())
+    converted = SimpleNamespace(config=TINY_CONFIG, tokenizer=CharTokenizer())
     monkeypatch.setattr(run_module, "load_models", lambda adapter: (converted, tiny_models))
     results = run_module.run("tiny", [LENGTH, 40], [], per_context=2, trials=1, out_dir=tmp_path)
     saved = json.loads((tmp_path / "eval.json").read_text())

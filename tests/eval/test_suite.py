@@ -7,10 +7,8 @@ import json
 import pytest
 import torch
 
-from tests.conftest import tiny_model
-from tptt_runtime import TitansModel, TpttConfig
 from tptt_runtime.eval import needles, suite
-from tptt_runtime.eval.run import Base, Converted, main
+from tptt_runtime.eval.run import main
 
 Z = 1.959963984540054
 
@@ -98,15 +96,6 @@ def test_a_multikey_miss_that_gives_another_key_is_recorded_as_such():
     assert not by["mute", "multikey"]["names_another"]
     assert by["echo", "passkey"]["hit"] and by["echo", "passkey"]["others"] == []
     assert not by["echo", "passkey"]["names_another"]
-
-
-@pytest.fixture(scope="module")
-def tiny_models():
-    config = TpttConfig(window=16, sinks=2, mag_weight=0.5)
-    base = tiny_model("llama")
-    return [Base(base, max_len=500),
-            Converted(TitansModel(tiny_model("llama"), config.replace(mag_weight=0.0)), "window-only"),
-            Converted(TitansModel(tiny_model("llama"), config), "converted")]
 
 
 def test_end_to_end_on_tiny_models(tiny_models, tmp_path):
